@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Every test of the workspace: host (x86_64 or aarch64), aarch64 under qemu-user, the scalar
+# backend, and the no_std core builds. The only CI entry point (.ci/run calls it); run it locally too.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+step() { printf '\n== %s\n' "$*"; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+step "tools (idempotent)"
+need=()
+command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
+if [ ${#need[@]} -gt 0 ]; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+installed=$(rustup target list --installed)
+for t in aarch64-unknown-linux-gnu thumbv7em-none-eabihf aarch64-unknown-none; do
+  grep -qx "$t" <<<"$installed" || rustup target add "$t"
+done
+rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+
+export PROPTEST_CASES="${PROPTEST_CASES:-512}"
+
+step "format"
+cargo fmt --all -- --check
+
+step "host tests (runtime, CLI, integration on models/species)"
+cargo test --workspace
+
+step "clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "scalar backend (--cfg bitdelta_backend=\"scalar\")"
+RUSTFLAGS="${RUSTFLAGS:-} --cfg bitdelta_backend=\"scalar\"" CARGO_TARGET_DIR=target/scalar \
+  cargo test -p bitdelta --lib
+
+step "aarch64 under qemu-user (NEON kernels against the scalar oracle)"
+cargo test -p bitdelta --lib --target aarch64-unknown-linux-gnu
+
+step "no_std core"
+cargo build -p bitdelta --no-default-features --target thumbv7em-none-eabihf
+cargo build -p bitdelta --no-default-features --target aarch64-unknown-none
+cargo test -p bitdelta --lib --no-default-features
+
+step "all green"

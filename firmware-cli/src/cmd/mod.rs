@@ -1,0 +1,58 @@
+//! One module per subcommand.
+
+pub(crate) mod apply;
+pub(crate) mod bench;
+pub(crate) mod compress;
+pub(crate) mod demo;
+pub(crate) mod info;
+pub(crate) mod inspect;
+pub(crate) mod verify;
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use bitdelta::{DeltaFile, FormatError};
+
+/// A format error with tensor indices replaced by names where the table is readable.
+pub(crate) fn describe(err: &FormatError, file: Option<&DeltaFile<'_>>) -> String {
+    let index = match *err {
+        FormatError::BadTensorName { index }
+        | FormatError::NamesNotSorted { index }
+        | FormatError::UnknownCodec { index, .. }
+        | FormatError::UnknownDType { index, .. }
+        | FormatError::DimsOutOfBounds { index }
+        | FormatError::ZeroDim { index }
+        | FormatError::BadGroups { index, .. }
+        | FormatError::BadScale { index, .. }
+        | FormatError::FieldNotZero { index }
+        | FormatError::PayloadLength { index, .. }
+        | FormatError::PayloadOffset { index, .. }
+        | FormatError::PayloadChecksum { index, .. }
+        | FormatError::SignPaddingNotZero { index }
+        | FormatError::Q8OutOfRange { index } => Some(index),
+        _ => None,
+    };
+    match (index, file) {
+        (Some(i), Some(f)) => match f.tensor(i as usize) {
+            Some(e) => format!("{err} (tensor {:?})", e.name),
+            None => err.to_string(),
+        },
+        _ => err.to_string(),
+    }
+}
+
+/// Parses a delta and checks every payload; errors name the file and the tensor.
+pub(crate) fn parse_checked<'a>(path: &Path, bytes: &'a [u8]) -> Result<DeltaFile<'a>> {
+    let file = DeltaFile::parse(bytes).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), describe(&e, None)))?;
+    file.verify_payloads().map_err(|e| anyhow::anyhow!("{}: {}", path.display(), describe(&e, Some(&file))))?;
+    Ok(file)
+}
+
+/// Writes JSON to stdout with a trailing newline.
+pub(crate) fn print_json(v: &serde_json::Value) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v).context("writing JSON")?;
+    writeln!(out).context("writing JSON")?;
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! `bitdelta`: compress, verify, apply and run fine-tuned model variants as small deltas.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod card;
+mod cmd;
+mod data;
+mod files;
+
+/// Ship fine-tuned model variants as tiny deltas against one base model.
+///
+/// Typical flow: `compress` a fine-tuned ONNX against its base on a workstation, copy the
+/// `.bdelta` to the device, `verify` it there against the base, then `apply` (or run) it.
+/// Exit codes: 0 ok, 1 verification failed, 2 error.
+#[derive(Parser)]
+#[command(name = "bitdelta", version, propagate_version = true, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Compress(cmd::compress::Args),
+    Inspect(cmd::inspect::Args),
+    Verify(cmd::verify::Args),
+    Apply(cmd::apply::Args),
+    Bench(cmd::bench::Args),
+    Info(cmd::info::Args),
+    Demo(cmd::demo::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Compress(a) => cmd::compress::run(a),
+        Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Verify(a) => cmd::verify::run(a),
+        Command::Apply(a) => cmd::apply::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
+        Command::Info(a) => cmd::info::run(a),
+        Command::Demo(a) => cmd::demo::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}

@@ -1,0 +1,207 @@
+//! Reconstruction: base + one delta, or base + sum of alpha_i * delta_i (DeltaSoup), in one pass.
+//!
+//! The output is produced chunk by chunk: each chunk is filled from the base and then every delta
+//! adds its contribution while the chunk is still in cache, so memory is walked once whatever the
+//! number of deltas. The arithmetic is the one `docs/FORMAT.md` specifies (f32, non-fused), so the
+//! result is bit-identical on every backend and every CPU.
+
+use crate::format::{Payload, Scales};
+use crate::kernels;
+
+/// Elements per chunk (16 KiB of f32): small enough for L1/L2, large enough for SIMD bodies.
+pub const CHUNK: usize = 4096;
+
+/// The base tensor values.
+#[derive(Clone, Copy, Debug)]
+pub enum Base<'a> {
+    /// Native f32 values.
+    F32(&'a [f32]),
+    /// Little-endian f32 bytes (any alignment, e.g. straight from an ONNX file).
+    F32Le(&'a [u8]),
+    /// Little-endian IEEE f16 bytes.
+    F16Le(&'a [u8]),
+}
+
+impl Base<'_> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::F32Le(b) => b.len() / 4,
+            Self::F16Le(b) => b.len() / 2,
+        }
+    }
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn read(&self, start: usize, out: &mut [f32]) {
+        match self {
+            Self::F32(v) => out.copy_from_slice(&v[start..start + out.len()]),
+            Self::F32Le(b) => {
+                let src = &b[start * 4..(start + out.len()) * 4];
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            Self::F16Le(b) => {
+                let src = &b[start * 2..(start + out.len()) * 2];
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+        }
+    }
+    fn at(&self, i: usize) -> f32 {
+        let mut v = [0f32];
+        self.read(i, &mut v);
+        v[0]
+    }
+}
+
+/// Why a composition could not run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ComposeError {
+    /// A payload's element count differs from the output length.
+    LengthMismatch {
+        /// Output length.
+        expected: usize,
+        /// Payload element count.
+        found: usize,
+    },
+    /// An alpha is NaN or infinite.
+    BadAlpha,
+}
+
+impl core::fmt::Display for ComposeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::LengthMismatch { expected, found } => {
+                write!(f, "payload length mismatch: expected {expected} elements, found {found}")
+            }
+            Self::BadAlpha => write!(f, "alpha is NaN or infinite"),
+        }
+    }
+}
+
+impl core::error::Error for ComposeError {}
+
+fn payload_elems(p: &Payload<'_>, n: usize) -> Option<usize> {
+    Some(match p {
+        Payload::Unchanged => n,
+        Payload::RawF32(b) => b.len() / 4,
+        Payload::RawF16(b) => b.len() / 2,
+        Payload::Sign { bits, .. } | Payload::SignGroups { bits, .. } => {
+            if bits.len() != n.div_ceil(8) {
+                return None;
+            }
+            n
+        }
+        Payload::Q8Groups { q, .. } => q.len(),
+    })
+}
+
+/// Reconstructs one tensor: `out = base + sum(alpha_i * delta_i)`, in one pass over memory.
+///
+/// With a single delta at alpha 1 this is the delta's exact reconstruction. Raw payloads are
+/// replacements: a raw payload that comes first with alpha 1 sets the value; elsewhere it
+/// contributes `alpha * (raw - base)`.
+pub fn reconstruct(base: Base<'_>, deltas: &[(Payload<'_>, f32)], out: &mut [f32]) -> Result<(), ComposeError> {
+    let n = out.len();
+    if base.len() != n {
+        return Err(ComposeError::LengthMismatch { expected: n, found: base.len() });
+    }
+    for (p, alpha) in deltas {
+        if !alpha.is_finite() {
+            return Err(ComposeError::BadAlpha);
+        }
+        match payload_elems(p, n) {
+            Some(m) if m == n => {}
+            Some(m) => return Err(ComposeError::LengthMismatch { expected: n, found: m }),
+            None => return Err(ComposeError::LengthMismatch { expected: n, found: 0 }),
+        }
+        let groups = match p {
+            Payload::SignGroups { scales, .. } | Payload::Q8Groups { scales, .. } => scales.len(),
+            _ => 1,
+        };
+        if groups == 0 || n % groups != 0 {
+            return Err(ComposeError::LengthMismatch { expected: n, found: groups });
+        }
+    }
+    let mut start = 0;
+    while start < n {
+        let end = (start + CHUNK).min(n);
+        let chunk = &mut out[start..end];
+        let mut filled = false;
+        for (k, (p, alpha)) in deltas.iter().enumerate() {
+            let alpha = *alpha;
+            match p {
+                Payload::Unchanged => {}
+                Payload::Sign { scale, bits } => {
+                    let s = alpha * scale;
+                    match (filled, base) {
+                        (false, Base::F32(b)) => kernels::apply_signs(chunk, &b[start..end], bits, start, s),
+                        _ => {
+                            fill(&base, start, chunk, &mut filled);
+                            kernels::add_signs(chunk, bits, start, s);
+                        }
+                    }
+                    filled = true;
+                }
+                Payload::SignGroups { scales, bits } => {
+                    fill(&base, start, chunk, &mut filled);
+                    for_groups(scales, n, start, end, |lo, hi, sc| {
+                        kernels::add_signs(&mut chunk[lo - start..hi - start], bits, lo, alpha * sc);
+                    });
+                }
+                Payload::Q8Groups { scales, q } => {
+                    fill(&base, start, chunk, &mut filled);
+                    let q: &[i8] = bytemuck::cast_slice(q);
+                    for_groups(scales, n, start, end, |lo, hi, sc| {
+                        kernels::add_q8(&mut chunk[lo - start..hi - start], &q[lo..hi], sc, alpha);
+                    });
+                }
+                Payload::RawF32(_) | Payload::RawF16(_) => {
+                    let raw = match p {
+                        Payload::RawF32(b) => Base::F32Le(b),
+                        Payload::RawF16(b) => Base::F16Le(b),
+                        _ => unreachable!("matched raw payloads above"),
+                    };
+                    if k == 0 && alpha == 1.0 {
+                        raw.read(start, chunk);
+                    } else {
+                        fill(&base, start, chunk, &mut filled);
+                        for (i, o) in chunk.iter_mut().enumerate() {
+                            let d = raw.at(start + i) - base.at(start + i);
+                            *o += alpha * d;
+                        }
+                    }
+                    filled = true;
+                }
+            }
+        }
+        fill(&base, start, chunk, &mut filled);
+        start = end;
+    }
+    Ok(())
+}
+
+fn fill(base: &Base<'_>, start: usize, chunk: &mut [f32], filled: &mut bool) {
+    if !*filled {
+        base.read(start, chunk);
+        *filled = true;
+    }
+}
+
+/// Calls `f(lo, hi, scale)` for each group segment `[lo, hi)` intersecting `[start, end)`.
+fn for_groups(scales: &Scales<'_>, n: usize, start: usize, end: usize, mut f: impl FnMut(usize, usize, f32)) {
+    let gsize = n / scales.len();
+    let mut lo = start;
+    while lo < end {
+        let g = lo / gsize;
+        let hi = ((g + 1) * gsize).min(end);
+        f(lo, hi, scales.get(g));
+        lo = hi;
+    }
+}

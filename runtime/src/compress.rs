@@ -1,0 +1,189 @@
+//! Compressing a fine-tuned ONNX model against its base into a delta, one tensor at a time.
+
+use std::fmt;
+use std::string::String;
+use std::vec::Vec;
+
+use crate::apply::{self, ApplyError};
+use crate::codec;
+use crate::format::{write_delta, Codec, DType, DeltaFile, Encoded, Manifest, TensorRecord, WriteError, DEFAULT_ALIGN};
+use crate::onnx::{Initializer, OnnxWeights};
+
+/// How codecs are chosen per tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// The literal seed recipe (ZIP-0427): `sign` with one mean-abs scale on every float tensor.
+    Seed,
+    /// The data-free default rule (see [`auto_codec`]).
+    Auto,
+}
+
+/// What the data-free rule picks for a tensor of this shape (see `docs/FORMAT.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// No change.
+    Unchanged,
+    /// 8-bit deltas with one f16 scale per tensor (biases, 1-D tensors).
+    Q8Tensor,
+    /// 8-bit deltas with one f16 scale per output channel (small tensors, <= 4096 elements).
+    Q8Channel,
+    /// Sign bits with one f16 scale per output channel (>= 64 elements per channel).
+    SignChannel,
+    /// Sign bits with one scale per tensor.
+    SignTensor,
+}
+
+/// Largest tensor the data-free rule stores as 8-bit deltas.
+pub const AUTO_Q8_MAX_ELEMENTS: u64 = 4096;
+/// Smallest channel the data-free rule gives its own sign scale.
+pub const AUTO_MIN_CHANNEL: u64 = 64;
+
+/// The data-free rule: small sensitive tensors get 8 bits, large ones 1 bit with f16 scales.
+pub fn auto_codec(dims: &[u64], unchanged: bool) -> Choice {
+    let n: u64 = dims.iter().product();
+    if unchanged {
+        Choice::Unchanged
+    } else if dims.len() <= 1 {
+        Choice::Q8Tensor
+    } else if n <= AUTO_Q8_MAX_ELEMENTS {
+        Choice::Q8Channel
+    } else if n / dims[0] >= AUTO_MIN_CHANNEL {
+        Choice::SignChannel
+    } else {
+        Choice::SignTensor
+    }
+}
+
+/// Options of [`compress_onnx`].
+#[derive(Clone, Debug)]
+pub struct Options<'a> {
+    /// Variant name.
+    pub name: &'a str,
+    /// Description.
+    pub description: &'a str,
+    /// Labels when they differ from the base's, one per line.
+    pub labels: &'a str,
+    /// Sequence number.
+    pub sequence: u64,
+    /// Codec policy.
+    pub policy: Policy,
+}
+
+/// Why compression failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum CompressError {
+    /// Base and fine-tuned models do not have the same float tensors.
+    Mismatch {
+        /// Tensor name.
+        name: String,
+        /// What differs.
+        what: &'static str,
+    },
+    /// A fine-tuned or base value is NaN or infinite.
+    NonFinite {
+        /// Tensor name.
+        name: String,
+    },
+    /// Writing failed.
+    Write(WriteError),
+    /// The written delta did not read back (a bug).
+    Readback(ApplyError),
+}
+
+impl fmt::Display for CompressError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Mismatch { name, what } => write!(f, "tensor {name:?}: {what}"),
+            Self::NonFinite { name } => write!(f, "tensor {name:?}: NaN or infinite value"),
+            Self::Write(e) => write!(f, "{e}"),
+            Self::Readback(e) => write!(f, "written delta does not read back: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for CompressError {}
+
+/// Reads an initializer as f32 values.
+pub fn read_f32(model: &[u8], init: &Initializer) -> Vec<f32> {
+    let mut v = vec![0f32; init.numel() as usize];
+    // reconstruct with no delta is a plain read of the base
+    crate::compose::reconstruct(apply::base_view(model, init), &[], &mut v)
+        .expect("lengths come from the same initializer");
+    v
+}
+
+/// Encodes one tensor with a policy.
+pub fn encode(policy: Policy, dims: &[u64], base: &[f32], fine: &[f32]) -> Encoded {
+    let unchanged = base.iter().zip(fine).all(|(a, b)| a.to_bits() == b.to_bits());
+    match policy {
+        Policy::Seed => codec::sign_tensor(base, fine),
+        Policy::Auto => match auto_codec(dims, unchanged) {
+            Choice::Unchanged => Encoded::Unchanged,
+            Choice::Q8Tensor => codec::q8_groups(base, fine, 1, true),
+            Choice::Q8Channel => codec::q8_groups(base, fine, dims[0] as usize, true),
+            Choice::SignChannel => codec::sign_groups(base, fine, dims[0] as usize, true),
+            Choice::SignTensor => codec::sign_tensor(base, fine),
+        },
+    }
+}
+
+/// Compresses `fine` against `base` (both ONNX files with the same float initializers).
+/// `progress(done, total)` is called after each tensor.
+pub fn compress_onnx(
+    base: &[u8],
+    base_w: &OnnxWeights,
+    fine: &[u8],
+    fine_w: &OnnxWeights,
+    opts: &Options<'_>,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<u8>, CompressError> {
+    let mismatch = |name: &str, what| Err(CompressError::Mismatch { name: name.into(), what });
+    if let Some(f) = fine_w.initializers.iter().find(|f| base_w.get(&f.name).is_none()) {
+        return mismatch(&f.name, "is in the fine-tuned model but not in the base");
+    }
+    let mut records = Vec::with_capacity(base_w.initializers.len());
+    let total = base_w.initializers.len();
+    for (k, b) in base_w.initializers.iter().enumerate() {
+        let Some(f) = fine_w.get(&b.name) else { return mismatch(&b.name, "is missing from the fine-tuned model") };
+        if f.dims != b.dims {
+            return mismatch(&b.name, "has another shape in the fine-tuned model");
+        }
+        if f.dtype != b.dtype {
+            return mismatch(&b.name, "has another dtype in the fine-tuned model");
+        }
+        let bv = read_f32(base, b);
+        let fv = read_f32(fine, f);
+        if bv.iter().chain(&fv).any(|x| !x.is_finite()) {
+            return Err(CompressError::NonFinite { name: b.name.clone() });
+        }
+        let dims = b.dims.iter().map(|&d| u32::try_from(d)).collect::<Result<Vec<_>, _>>();
+        let Ok(dims) = dims else { return mismatch(&b.name, "has a dimension over 2^32") };
+        records.push(TensorRecord { name: b.name.clone(), dtype: b.dtype, dims, encoded: encode(opts.policy, &b.dims, &bv, &fv) });
+        progress(k + 1, total);
+    }
+    let tool = concat!("bitdelta ", env!("CARGO_PKG_VERSION"));
+    let mut manifest = Manifest {
+        name: opts.name,
+        description: opts.description,
+        labels: opts.labels,
+        tool,
+        sequence: opts.sequence,
+        params: 0,
+        base_fingerprint: base_w.fingerprint(base),
+        result_fingerprint: [0; 32],
+    };
+    let draft = write_delta(&manifest, &mut records, DEFAULT_ALIGN).map_err(CompressError::Write)?;
+    // The result fingerprint is computed by the same path a device uses to apply the delta.
+    let parsed = DeltaFile::parse(&draft).map_err(|error| {
+        CompressError::Readback(ApplyError::Format { delta: 0, tensor: None, error })
+    })?;
+    manifest.result_fingerprint =
+        apply::rebuild_unchecked(base, base_w, &[(&parsed, 1.0)], |_, _| {}).map_err(CompressError::Readback)?;
+    write_delta(&manifest, &mut records, DEFAULT_ALIGN).map_err(CompressError::Write)
+}
+
+/// Codec names per tensor of a delta, for reports.
+pub fn codec_summary(delta: &DeltaFile<'_>) -> Vec<(String, Codec, DType)> {
+    delta.tensors().map(|e| (e.name.into(), e.codec, e.dtype)).collect()
+}

@@ -1,0 +1,56 @@
+//! Fingerprints: BLAKE3 over tensor names, dtypes, shapes and bytes.
+//!
+//! A fingerprint binds a delta to the exact base it was made against, and lets a device check
+//! that its rebuilt weights are the ones the producer saw. Tensors are fed in ascending byte order
+//! of their names; each contributes `u32 name length, name, u8 dtype id, u8 rank, u64 dims...,
+//! u64 byte length, bytes` (little-endian), after the domain string `bitdelta-fingerprint-v1` and one NUL byte.
+
+use crate::format::DType;
+
+/// A 32-byte BLAKE3 fingerprint.
+pub type Fingerprint = [u8; 32];
+
+/// Incremental fingerprint of a tensor set.
+#[derive(Clone, Debug)]
+pub struct Fingerprinter(blake3::Hasher);
+
+impl Default for Fingerprinter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fingerprinter {
+    /// Starts a fingerprint.
+    pub fn new() -> Self {
+        let mut h = blake3::Hasher::new();
+        h.update(b"bitdelta-fingerprint-v1\0");
+        Self(h)
+    }
+    /// Adds one tensor. Callers add tensors in ascending byte order of their names.
+    pub fn add(&mut self, name: &str, dtype: DType, dims: &[u64], data: &[u8]) {
+        let h = &mut self.0;
+        h.update(&(name.len() as u32).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(&[dtype as u8, dims.len() as u8]);
+        for d in dims {
+            h.update(&d.to_le_bytes());
+        }
+        h.update(&(data.len() as u64).to_le_bytes());
+        h.update(data);
+    }
+    /// The fingerprint.
+    pub fn finish(&self) -> Fingerprint {
+        *self.0.finalize().as_bytes()
+    }
+}
+
+/// Lowercase hex of a fingerprint's first `n` bytes.
+pub fn short_hex(fp: &Fingerprint, n: usize) -> heapless::String<64> {
+    use core::fmt::Write;
+    let mut s = heapless::String::new();
+    for b in fp.iter().take(n.min(32)) {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}

@@ -1,0 +1,458 @@
+//! Parsing and checking a delta from a byte slice, without allocation.
+
+use super::header::{u16_at, u32_at, u64_at};
+use super::{
+    is_valid_variant_name, Codec, DType, Header, Manifest, ENTRY_LEN, FLAG_SCALES_F16, HEADER_LEN,
+    MAX_ELEMENTS, MAX_MANIFEST_LEN, MAX_NAMES_LEN, MAX_NAME_LEN, MAX_RANK, MAX_SCALE, MAX_TENSORS,
+};
+use crate::error::{Cap, Field, FormatError};
+
+/// A parsed delta file borrowing its bytes. Construction checks the whole structure.
+#[derive(Clone, Debug)]
+pub struct DeltaFile<'a> {
+    bytes: &'a [u8],
+    header: Header,
+    manifest: Manifest<'a>,
+    table: &'a [u8],
+    dims: &'a [u8],
+    names: &'a [u8],
+}
+
+/// Group scales of a payload, borrowed from the file.
+#[derive(Clone, Copy, Debug)]
+pub enum Scales<'a> {
+    /// Little-endian IEEE f16 scales.
+    F16(&'a [u8]),
+    /// Little-endian f32 scales.
+    F32(&'a [u8]),
+}
+
+impl Scales<'_> {
+    /// Number of scales.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F16(b) => b.len() / 2,
+            Self::F32(b) => b.len() / 4,
+        }
+    }
+    /// True when there is no scale.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Scale of group `g` widened to f32.
+    ///
+    /// # Panics
+    /// When `g >= self.len()`.
+    pub fn get(&self, g: usize) -> f32 {
+        match self {
+            Self::F16(b) => half::f16::from_le_bytes([b[2 * g], b[2 * g + 1]]).to_f32(),
+            Self::F32(b) => f32::from_le_bytes([b[4 * g], b[4 * g + 1], b[4 * g + 2], b[4 * g + 3]]),
+        }
+    }
+}
+
+/// The payload of one tensor, split by codec. Obtained from [`TensorEntry::payload`].
+#[derive(Clone, Copy, Debug)]
+pub enum Payload<'a> {
+    /// No change.
+    Unchanged,
+    /// Replacement values, f32 little-endian.
+    RawF32(&'a [u8]),
+    /// Replacement values, f16 little-endian.
+    RawF16(&'a [u8]),
+    /// Sign bits with one scale per tensor.
+    Sign {
+        /// The scale.
+        scale: f32,
+        /// `ceil(n/8)` bytes of sign bits.
+        bits: &'a [u8],
+    },
+    /// Sign bits with one scale per group.
+    SignGroups {
+        /// One scale per group.
+        scales: Scales<'a>,
+        /// `ceil(n/8)` bytes of sign bits.
+        bits: &'a [u8],
+    },
+    /// 8-bit deltas with one scale per group.
+    Q8Groups {
+        /// One scale per group.
+        scales: Scales<'a>,
+        /// `n` signed bytes.
+        q: &'a [u8],
+    },
+}
+
+/// One entry of the tensor table.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorEntry<'a> {
+    /// Index in the table.
+    pub index: u32,
+    /// Tensor name.
+    pub name: &'a str,
+    /// Codec.
+    pub codec: Codec,
+    /// Dtype of the base tensor.
+    pub dtype: DType,
+    /// Entry flags (`FLAG_SCALES_F16`).
+    pub flags: u8,
+    /// Scale-group count (0 for codecs without groups).
+    pub groups: u32,
+    /// Per-tensor scale (the `sign` codec), else 0.
+    pub scale: f32,
+    /// Stored CRC32 of the payload.
+    pub crc: u32,
+    /// Absolute offset of the payload in the file.
+    pub offset: u64,
+    dims: &'a [u8],
+    payload: &'a [u8],
+}
+
+impl<'a> TensorEntry<'a> {
+    /// Rank.
+    pub fn rank(&self) -> usize {
+        self.dims.len() / 4
+    }
+    /// Dimensions, outermost first.
+    pub fn dims(&self) -> impl Iterator<Item = u32> + 'a {
+        self.dims.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+    }
+    /// Number of elements (checked at parse time to fit the caps).
+    pub fn numel(&self) -> u64 {
+        self.dims().fold(1u64, |a, d| a * d as u64)
+    }
+    /// Raw payload bytes (not yet checksummed).
+    pub fn payload_bytes(&self) -> &'a [u8] {
+        self.payload
+    }
+    /// Length of the sign-bit section (0 for codecs without signs).
+    pub fn sign_bytes(&self) -> u64 {
+        match self.codec {
+            Codec::Sign | Codec::SignGroups => self.numel().div_ceil(8),
+            _ => 0,
+        }
+    }
+
+    /// Checks the payload (CRC32, scales, sign padding bits, 8-bit range) and splits it.
+    pub fn payload(&self) -> Result<Payload<'a>, FormatError> {
+        let found = crc32fast::hash(self.payload);
+        if found != self.crc {
+            return Err(FormatError::PayloadChecksum { index: self.index, expected: self.crc, found });
+        }
+        let n = self.numel() as usize;
+        let ss = if self.flags & FLAG_SCALES_F16 != 0 { 2 } else { 4 };
+        let split_scales = |p: &'a [u8]| {
+            let (s, rest) = p.split_at(self.groups as usize * ss);
+            let scales = if ss == 2 { Scales::F16(s) } else { Scales::F32(s) };
+            for g in 0..scales.len() {
+                check_scale(scales.get(g), self.index, g as u32)?;
+            }
+            Ok::<_, FormatError>((scales, rest))
+        };
+        let check_bits = |bits: &[u8]| {
+            if crate::pack::padding_bits_clear(bits, n) {
+                Ok(())
+            } else {
+                Err(FormatError::SignPaddingNotZero { index: self.index })
+            }
+        };
+        Ok(match self.codec {
+            Codec::Unchanged => Payload::Unchanged,
+            Codec::RawF32 => Payload::RawF32(self.payload),
+            Codec::RawF16 => Payload::RawF16(self.payload),
+            Codec::Sign => {
+                check_scale(self.scale, self.index, 0)?;
+                check_bits(self.payload)?;
+                Payload::Sign { scale: self.scale, bits: self.payload }
+            }
+            Codec::SignGroups => {
+                let (scales, bits) = split_scales(self.payload)?;
+                check_bits(bits)?;
+                Payload::SignGroups { scales, bits }
+            }
+            Codec::Q8Groups => {
+                let (scales, q) = split_scales(self.payload)?;
+                if q.contains(&0x80) {
+                    return Err(FormatError::Q8OutOfRange { index: self.index });
+                }
+                Payload::Q8Groups { scales, q }
+            }
+        })
+    }
+}
+
+fn check_scale(s: f32, index: u32, group: u32) -> Result<(), FormatError> {
+    if s.is_finite() && s >= 0.0 && s <= MAX_SCALE {
+        Ok(())
+    } else {
+        Err(FormatError::BadScale { index, group })
+    }
+}
+
+const fn align_up(x: u64, a: u64) -> Option<u64> {
+    match x.checked_add(a - 1) {
+        Some(v) => Some(v & !(a - 1)),
+        None => None,
+    }
+}
+
+fn cap(cap: Cap, found: u64, max: u64) -> Result<(), FormatError> {
+    if found > max {
+        Err(FormatError::CapExceeded { cap, found, max })
+    } else {
+        Ok(())
+    }
+}
+
+impl<'a> DeltaFile<'a> {
+    /// Parses and checks the structure of a whole delta file: header, caps, layout, manifest,
+    /// tensor table, names and the tiling of payloads. Payload checksums are checked per tensor by
+    /// [`TensorEntry::payload`], or all at once by [`DeltaFile::verify_payloads`].
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, FormatError> {
+        let header = Header::parse(bytes)?;
+        cap(Cap::ManifestLen, header.manifest_len.into(), MAX_MANIFEST_LEN.into())?;
+        cap(Cap::Tensors, header.tensor_count.into(), MAX_TENSORS.into())?;
+        cap(Cap::Dims, header.dims_count.into(), u64::from(MAX_TENSORS) * u64::from(MAX_RANK))?;
+        cap(Cap::NamesLen, header.names_len.into(), MAX_NAMES_LEN.into())?;
+        let file_len = bytes.len() as u64;
+        if header.file_len != file_len {
+            return Err(FormatError::LengthMismatch {
+                field: Field::FileLen,
+                expected: file_len,
+                found: header.file_len,
+            });
+        }
+        // All four counts are capped, so this sum cannot overflow u64.
+        let meta_end = HEADER_LEN as u64
+            + u64::from(header.manifest_len)
+            + u64::from(header.tensor_count) * ENTRY_LEN as u64
+            + u64::from(header.dims_count) * 4
+            + u64::from(header.names_len);
+        let align = u64::from(header.alignment);
+        let payload_offset = align_up(meta_end, align).ok_or(FormatError::SizeOverflow)?;
+        if header.payload_offset != payload_offset {
+            return Err(FormatError::LengthMismatch {
+                field: Field::PayloadOffset,
+                expected: payload_offset,
+                found: header.payload_offset,
+            });
+        }
+        if payload_offset > file_len {
+            return Err(FormatError::LengthMismatch {
+                field: Field::FileLen,
+                expected: payload_offset,
+                found: file_len,
+            });
+        }
+        let meta = bytes.get(HEADER_LEN..payload_offset as usize).ok_or(FormatError::SizeOverflow)?;
+        let found = crc32fast::hash(meta);
+        if found != header.meta_crc {
+            return Err(FormatError::MetaChecksum { expected: header.meta_crc, found });
+        }
+        let (manifest_b, rest) = meta.split_at(header.manifest_len as usize);
+        let (table, rest) = rest.split_at(header.tensor_count as usize * ENTRY_LEN);
+        let (dims, rest) = rest.split_at(header.dims_count as usize * 4);
+        let (names, padding) = rest.split_at(header.names_len as usize);
+        if let Some(p) = padding.iter().position(|&b| b != 0) {
+            return Err(FormatError::PaddingNotZero { offset: meta_end + p as u64 });
+        }
+        let manifest = match postcard::take_from_bytes::<Manifest<'a>>(manifest_b) {
+            Ok((m, [])) => m,
+            _ => return Err(FormatError::ManifestInvalid),
+        };
+        if !is_valid_variant_name(manifest.name) {
+            return Err(FormatError::BadVariantName);
+        }
+        let file = Self { bytes, header, manifest, table, dims, names };
+        file.check_table()?;
+        Ok(file)
+    }
+
+    /// Walks the table once: names sorted and valid, dims in bounds, codecs known, payload
+    /// lengths exact, payloads tiling `[payload_offset, file_len)` with zero padding.
+    fn check_table(&self) -> Result<(), FormatError> {
+        let align = u64::from(self.header.alignment);
+        let base = self.header.payload_offset;
+        let mut cursor = 0u64; // relative to payload_offset
+        let mut prev: Option<&str> = None;
+        let mut params = 0u64;
+        for i in 0..self.header.tensor_count {
+            let e = self.entry_unchecked(i)?;
+            if let Some(p) = prev {
+                if p.as_bytes() >= e.name.as_bytes() {
+                    return Err(FormatError::NamesNotSorted { index: i });
+                }
+            }
+            prev = Some(e.name);
+            let rel = e.offset - base;
+            let expected = align_up(cursor, align).ok_or(FormatError::SizeOverflow)?;
+            if rel != expected {
+                return Err(FormatError::PayloadOffset { index: i, expected, found: rel });
+            }
+            let gap = self.bytes.get((base + cursor) as usize..(base + rel) as usize).unwrap_or(&[]);
+            if let Some(p) = gap.iter().position(|&b| b != 0) {
+                return Err(FormatError::PaddingNotZero { offset: base + cursor + p as u64 });
+            }
+            cursor = rel + e.payload.len() as u64;
+            params = params.checked_add(e.numel()).ok_or(FormatError::SizeOverflow)?;
+        }
+        let total = self.bytes.len() as u64 - base;
+        if cursor != total {
+            return Err(FormatError::LengthMismatch {
+                field: Field::FileLen,
+                expected: base + cursor,
+                found: base + total,
+            });
+        }
+        if params != self.manifest.params {
+            return Err(FormatError::ManifestInvalid);
+        }
+        Ok(())
+    }
+
+    /// Decodes entry `i`, checking everything that does not depend on other entries.
+    fn entry_unchecked(&self, i: u32) -> Result<TensorEntry<'a>, FormatError> {
+        let at = i as usize * ENTRY_LEN;
+        let e = &self.table[at..at + ENTRY_LEN];
+        let entry_off = (HEADER_LEN + self.header.manifest_len as usize + at) as u64;
+        let offset_rel = u64_at(e, 0);
+        let len = u64_at(e, 8);
+        let name_off = u32_at(e, 16) as usize;
+        let name_len = u16_at(e, 20);
+        let codec_id = e[22];
+        let dtype_id = e[23];
+        let dims_start = u32_at(e, 24) as usize;
+        let rank = e[28];
+        let flags = e[29];
+        let groups = u32_at(e, 32);
+        let scale = f32::from_le_bytes([e[36], e[37], e[38], e[39]]);
+        let crc = u32_at(e, 40);
+        if u16_at(e, 30) != 0 {
+            return Err(FormatError::ReservedNotZero { offset: entry_off + 30 });
+        }
+        if name_len > MAX_NAME_LEN {
+            return Err(FormatError::CapExceeded { cap: Cap::NameLen, found: name_len.into(), max: MAX_NAME_LEN.into() });
+        }
+        if name_len == 0 {
+            return Err(FormatError::BadTensorName { index: i });
+        }
+        let name = name_off
+            .checked_add(name_len as usize)
+            .and_then(|end| self.names.get(name_off..end))
+            .and_then(|b| core::str::from_utf8(b).ok())
+            .filter(|s| !s.chars().any(char::is_control))
+            .ok_or(FormatError::BadTensorName { index: i })?;
+        let codec = Codec::from_id(codec_id).ok_or(FormatError::UnknownCodec { index: i, found: codec_id })?;
+        let dtype = DType::from_id(dtype_id).ok_or(FormatError::UnknownDType { index: i, found: dtype_id })?;
+        if rank > MAX_RANK {
+            return Err(FormatError::CapExceeded { cap: Cap::Rank, found: rank.into(), max: MAX_RANK.into() });
+        }
+        let dims = dims_start
+            .checked_mul(4)
+            .and_then(|s| Some((s, s.checked_add(rank as usize * 4)?)))
+            .and_then(|(s, end)| self.dims.get(s..end))
+            .ok_or(FormatError::DimsOutOfBounds { index: i })?;
+        let mut numel = 1u64;
+        for c in dims.chunks_exact(4) {
+            let d = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            if d == 0 {
+                return Err(FormatError::ZeroDim { index: i });
+            }
+            numel = numel.saturating_mul(d.into());
+        }
+        cap(Cap::Elements, numel, MAX_ELEMENTS)?;
+        if flags & !FLAG_SCALES_F16 != 0 {
+            return Err(FormatError::ReservedNotZero { offset: entry_off + 29 });
+        }
+        let has_groups = matches!(codec, Codec::SignGroups | Codec::Q8Groups);
+        if !has_groups && (groups != 0 || flags != 0) && codec != Codec::Sign {
+            return Err(FormatError::FieldNotZero { index: i });
+        }
+        if codec == Codec::Sign && (groups != 1 || flags != 0) {
+            return Err(FormatError::BadGroups { index: i, found: groups });
+        }
+        if codec != Codec::Sign && scale.to_bits() != 0 {
+            return Err(FormatError::FieldNotZero { index: i });
+        }
+        if has_groups && (groups == 0 || numel % u64::from(groups) != 0) {
+            return Err(FormatError::BadGroups { index: i, found: groups });
+        }
+        let ss: u64 = if flags & FLAG_SCALES_F16 != 0 { 2 } else { 4 };
+        let expected_len = match codec {
+            Codec::Unchanged => 0,
+            Codec::RawF32 => numel * 4,
+            Codec::RawF16 => numel * 2,
+            Codec::Sign => numel.div_ceil(8),
+            Codec::SignGroups => u64::from(groups) * ss + numel.div_ceil(8),
+            Codec::Q8Groups => u64::from(groups) * ss + numel,
+        };
+        if len != expected_len {
+            return Err(FormatError::PayloadLength { index: i, expected: expected_len, found: len });
+        }
+        let base = self.header.payload_offset;
+        let start = base.checked_add(offset_rel).ok_or(FormatError::SizeOverflow)?;
+        let end = start.checked_add(len).ok_or(FormatError::SizeOverflow)?;
+        let payload = usize::try_from(start)
+            .ok()
+            .zip(usize::try_from(end).ok())
+            .and_then(|(s, e)| self.bytes.get(s..e))
+            .ok_or(FormatError::PayloadOffset { index: i, expected: 0, found: offset_rel })?;
+        Ok(TensorEntry { index: i, name, codec, dtype, flags, groups, scale, crc, offset: start, dims, payload })
+    }
+
+    /// The header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest<'a> {
+        &self.manifest
+    }
+    /// The whole file.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.header.tensor_count as usize
+    }
+    /// True when the delta has no tensor.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Entry `i`, or `None` past the end.
+    pub fn tensor(&self, i: usize) -> Option<TensorEntry<'a>> {
+        let i = u32::try_from(i).ok().filter(|&i| i < self.header.tensor_count)?;
+        // parse() checked every entry, so this cannot fail.
+        self.entry_unchecked(i).ok()
+    }
+    /// All entries in table (name) order.
+    pub fn tensors(&self) -> impl Iterator<Item = TensorEntry<'a>> + '_ {
+        (0..self.len()).filter_map(|i| self.tensor(i))
+    }
+    /// The entry named `name` (binary search: names are sorted).
+    pub fn find(&self, name: &str) -> Option<TensorEntry<'a>> {
+        let (mut lo, mut hi) = (0usize, self.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let e = self.tensor(mid)?;
+            match e.name.as_bytes().cmp(name.as_bytes()) {
+                core::cmp::Ordering::Less => lo = mid + 1,
+                core::cmp::Ordering::Greater => hi = mid,
+                core::cmp::Ordering::Equal => return Some(e),
+            }
+        }
+        None
+    }
+    /// Total number of parameters covered by the table.
+    pub fn params(&self) -> u64 {
+        self.tensors().map(|e| e.numel()).sum()
+    }
+    /// Checks every payload (checksums, scales, padding bits, ranges).
+    pub fn verify_payloads(&self) -> Result<(), FormatError> {
+        for e in self.tensors() {
+            e.payload()?;
+        }
+        Ok(())
+    }
+}

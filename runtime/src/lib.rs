@@ -1,0 +1,39 @@
+//! bitdelta: ship fine-tuned model variants as small deltas against one base model.
+//!
+//! The core (format parsing, sign packing, kernels, composition) is `no_std` and allocation-free;
+//! the `alloc`, `std` and `tract` features add writers, memory-mapped sources, ONNX helpers and
+//! the tract adapter.
+//!
+//! # Crate features
+//! - `std` (default): implies `alloc`; memory-mapped sources, run-time CPU detection, ONNX helpers.
+//! - `alloc`: the delta writer and owned helpers.
+//! - `tract`: load and run ONNX models with deltas applied, through tract-onnx.
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
+pub mod kernels;
+pub mod pack;
+pub mod compose;
+#[cfg(feature = "alloc")]
+pub mod codec;
+#[cfg(feature = "std")]
+pub mod compress;
+#[cfg(feature = "std")]
+pub mod apply;
+pub mod error;
+pub mod fingerprint;
+pub mod format;
+#[cfg(feature = "std")]
+pub mod onnx;
+#[cfg(feature = "tract")]
+pub mod tract;
+
+pub use error::{Error, FormatError};
+pub use format::DeltaFile;
+
+#[cfg(target_endian = "big")]
+compile_error!("bitdelta supports little-endian targets only");

@@ -1,0 +1,285 @@
+//! ONNX weights, one tensor at a time, straight from the (memory-mapped) file bytes.
+//!
+//! The model is not decoded as a whole: the protobuf wire format is walked (with prost's
+//! decoding primitives) to find each float initializer's name, dtype, shape and the byte range of
+//! its little-endian data in the file. Reading a tensor is then a slice of the map, and writing a
+//! variant is a copy of the base file with those byte ranges overwritten: everything else in the
+//! model (graph, attributes, metadata) stays byte-identical.
+
+use std::fmt;
+use std::ops::Range;
+use std::string::String;
+use std::vec::Vec;
+
+use prost::encoding::{decode_key, decode_varint, WireType};
+
+use crate::fingerprint::{Fingerprint, Fingerprinter};
+use crate::format::DType;
+
+/// ONNX `TensorProto.DataType.FLOAT`.
+const ONNX_FLOAT: u64 = 1;
+/// ONNX `TensorProto.DataType.FLOAT16`.
+const ONNX_FLOAT16: u64 = 10;
+
+/// A float initializer of an ONNX model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Initializer {
+    /// Name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Dimensions.
+    pub dims: Vec<u64>,
+    /// Byte range of the little-endian element data in the model file.
+    pub data: Range<usize>,
+}
+
+impl Initializer {
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+/// The float initializers of a model, sorted by name.
+#[derive(Clone, Debug, Default)]
+pub struct OnnxWeights {
+    /// Float initializers (f32, f16), in ascending byte order of their names.
+    pub initializers: Vec<Initializer>,
+    /// Number of initializers of other types (integers, strings), left untouched.
+    pub other_initializers: usize,
+}
+
+/// Why an ONNX file could not be read or written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnnxError {
+    /// The protobuf structure is broken at this byte offset.
+    Malformed {
+        /// Byte offset.
+        offset: usize,
+        /// What was wrong.
+        what: &'static str,
+    },
+    /// The model has no graph.
+    NoGraph,
+    /// An initializer is stored in a way this build does not handle.
+    Unsupported {
+        /// Initializer name.
+        name: String,
+        /// How it is stored.
+        what: &'static str,
+    },
+    /// Two initializers share a name.
+    DuplicateName(String),
+}
+
+impl fmt::Display for OnnxError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Malformed { offset, what } => write!(f, "not a valid ONNX model: {what} at byte {offset}"),
+            Self::NoGraph => write!(f, "not a valid ONNX model: no graph"),
+            Self::Unsupported { name, what } => write!(f, "initializer {name:?}: {what} is not supported"),
+            Self::DuplicateName(n) => write!(f, "initializer {n:?} appears twice"),
+        }
+    }
+}
+
+impl std::error::Error for OnnxError {}
+
+/// One field of a protobuf message: number, wire type, and the value's byte range.
+struct FieldRef {
+    number: u32,
+    wire: WireType,
+    /// For varints, the decoded value.
+    varint: u64,
+    /// Byte range of the value (payload of a length-delimited field) within the walked slice.
+    range: Range<usize>,
+}
+
+/// Iterates the fields of one message `bytes`; `base` is its offset in the file, for errors.
+fn fields(bytes: &[u8], base: usize) -> impl Iterator<Item = Result<FieldRef, OnnxError>> + '_ {
+    let mut pos = 0usize;
+    std::iter::from_fn(move || {
+        if pos >= bytes.len() {
+            return None;
+        }
+        let mut buf = &bytes[pos..];
+        let before = buf.len();
+        let at = base + pos;
+        let bad = |what| OnnxError::Malformed { offset: at, what };
+        let (number, wire) = match decode_key(&mut buf) {
+            Ok(k) => k,
+            Err(_) => {
+                pos = bytes.len();
+                return Some(Err(bad("bad field key")));
+            }
+        };
+        let mut varint = 0;
+        let header = before - buf.len();
+        let len = match wire {
+            WireType::Varint => match decode_varint(&mut buf) {
+                Ok(v) => {
+                    varint = v;
+                    0
+                }
+                Err(_) => {
+                    pos = bytes.len();
+                    return Some(Err(bad("bad varint")));
+                }
+            },
+            WireType::SixtyFourBit => 8,
+            WireType::ThirtyTwoBit => 4,
+            WireType::LengthDelimited => match decode_varint(&mut buf) {
+                Ok(v) => match usize::try_from(v) {
+                    Ok(v) => v,
+                    Err(_) => {
+                        pos = bytes.len();
+                        return Some(Err(bad("length too large")));
+                    }
+                },
+                Err(_) => {
+                    pos = bytes.len();
+                    return Some(Err(bad("bad length")));
+                }
+            },
+            WireType::StartGroup | WireType::EndGroup => {
+                pos = bytes.len();
+                return Some(Err(bad("protobuf groups are not used by ONNX")));
+            }
+        };
+        let start = pos + (before - buf.len());
+        let value_start = if wire == WireType::Varint { pos + header } else { start };
+        let end = match start.checked_add(len) {
+            Some(e) if e <= bytes.len() => e,
+            _ => {
+                pos = bytes.len();
+                return Some(Err(bad("field runs past the end")));
+            }
+        };
+        let range = if wire == WireType::Varint { value_start..start } else { start..end };
+        pos = end;
+        Some(Ok(FieldRef { number, wire, varint, range }))
+    })
+}
+
+/// Finds every float initializer of the main graph. Non-float initializers are counted and left
+/// alone; subgraph initializers (inside `If`/`Loop` attributes) are not touched.
+pub fn scan(bytes: &[u8]) -> Result<OnnxWeights, OnnxError> {
+    let mut graph = None;
+    for f in fields(bytes, 0) {
+        let f = f?;
+        if f.number == 7 && f.wire == WireType::LengthDelimited {
+            graph = Some(f.range);
+        }
+    }
+    let graph = graph.ok_or(OnnxError::NoGraph)?;
+    let mut out = OnnxWeights::default();
+    for f in fields(&bytes[graph.clone()], graph.start) {
+        let f = f?;
+        if f.number == 5 && f.wire == WireType::LengthDelimited {
+            let start = graph.start + f.range.start;
+            match tensor(&bytes[start..graph.start + f.range.end], start)? {
+                Some(init) => out.initializers.push(init),
+                None => out.other_initializers += 1,
+            }
+        }
+    }
+    out.initializers.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
+    for w in out.initializers.windows(2) {
+        if w[0].name == w[1].name {
+            return Err(OnnxError::DuplicateName(w[0].name.clone()));
+        }
+    }
+    Ok(out)
+}
+
+fn tensor(bytes: &[u8], base: usize) -> Result<Option<Initializer>, OnnxError> {
+    let mut dims = Vec::new();
+    let mut data_type = 0u64;
+    let mut name = None;
+    let mut raw = None;
+    let mut float_data = None;
+    let mut external = false;
+    let mut other_data = false;
+    for f in fields(bytes, base) {
+        let f = f?;
+        match (f.number, f.wire) {
+            (1, WireType::Varint) => dims.push(f.varint),
+            (1, WireType::LengthDelimited) => {
+                let mut b = &bytes[f.range.clone()];
+                while !b.is_empty() {
+                    let d = decode_varint(&mut b)
+                        .map_err(|_| OnnxError::Malformed { offset: base + f.range.start, what: "bad dims" })?;
+                    dims.push(d);
+                }
+            }
+            (2, WireType::Varint) => data_type = f.varint,
+            (4, WireType::LengthDelimited) => float_data = Some(f.range),
+            (4, _) => other_data = true,
+            (5..=7 | 10 | 11, _) => other_data = true,
+            (8, WireType::LengthDelimited) => {
+                let s = std::str::from_utf8(&bytes[f.range.clone()])
+                    .map_err(|_| OnnxError::Malformed { offset: base + f.range.start, what: "name is not UTF-8" })?;
+                name = Some(s.to_owned());
+            }
+            (9, WireType::LengthDelimited) => raw = Some(f.range),
+            (13, _) => external = true,
+            (14, WireType::Varint) => external |= f.varint == 1,
+            _ => {}
+        }
+    }
+    let dtype = match data_type {
+        ONNX_FLOAT => DType::F32,
+        ONNX_FLOAT16 => DType::F16,
+        _ => return Ok(None),
+    };
+    let name = name.unwrap_or_default();
+    let unsupported = |what| Err(OnnxError::Unsupported { name: name.clone(), what });
+    if external {
+        return unsupported("external data");
+    }
+    if dims.iter().any(|&d| d > i64::MAX as u64) {
+        return unsupported("a negative dimension");
+    }
+    if dims.contains(&0) {
+        return Ok(None); // empty tensors carry no weights
+    }
+    let numel = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+    let Some(numel) = numel else { return unsupported("an element count that overflows") };
+    let range = match (raw, float_data, dtype) {
+        (Some(r), None, _) if !other_data => r,
+        (None, Some(r), DType::F32) if !other_data => r,
+        _ => return unsupported("data outside raw_data or packed float_data"),
+    };
+    if (range.len() as u64) != numel * dtype.size() as u64 {
+        return Err(OnnxError::Malformed { offset: base + range.start, what: "tensor data length does not match its shape" });
+    }
+    Ok(Some(Initializer { name, dtype, dims, data: base + range.start..base + range.end }))
+}
+
+impl OnnxWeights {
+    /// Reads and indexes `bytes`.
+    pub fn scan(bytes: &[u8]) -> Result<Self, OnnxError> {
+        scan(bytes)
+    }
+    /// The initializer named `name`.
+    pub fn get(&self, name: &str) -> Option<&Initializer> {
+        self.initializers
+            .binary_search_by(|i| i.name.as_bytes().cmp(name.as_bytes()))
+            .ok()
+            .map(|i| &self.initializers[i])
+    }
+    /// Total number of float parameters.
+    pub fn params(&self) -> u64 {
+        self.initializers.iter().map(Initializer::numel).sum()
+    }
+    /// Fingerprint of the float weights (see [`crate::fingerprint`]).
+    pub fn fingerprint(&self, bytes: &[u8]) -> Fingerprint {
+        let mut fp = Fingerprinter::new();
+        for i in &self.initializers {
+            fp.add(&i.name, i.dtype, &i.dims, &bytes[i.data.clone()]);
+        }
+        fp.finish()
+    }
+}
