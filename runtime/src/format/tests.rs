@@ -474,7 +474,7 @@ fn exercise(b: &[u8]) -> Result<(), FormatError> {
                 assert_eq!(scales.len(), e.groups as usize);
                 for g in 0..scales.len() {
                     let s = scales.get(g);
-                    assert!(s.is_finite() && s >= 0.0 && s <= MAX_SCALE);
+                    assert!((0.0..=MAX_SCALE).contains(&s));
                 }
             }
             Ok(_) => {}
@@ -618,7 +618,7 @@ fn check_round_trip(align: u32) {
     // the last one ending at the end of the file.
     let mut cursor = h.payload_offset;
     for e in f.tensors() {
-        assert_eq!(e.offset % u64::from(align), 0, "{}", e.name);
+        assert!(e.offset.is_multiple_of(u64::from(align)), "{}", e.name);
         assert_eq!(
             e.offset,
             cursor.next_multiple_of(u64::from(align)),
@@ -685,7 +685,7 @@ fn round_trip_empty() {
         assert_eq!(f.params(), 0);
         assert_eq!(f.manifest().params, 0);
         assert_eq!(f.header().payload_offset, b.len() as u64);
-        assert_eq!(f.header().payload_offset % u64::from(align), 0);
+        assert!(f.header().payload_offset.is_multiple_of(u64::from(align)));
         assert!(f.find("a").is_none() && f.find("").is_none());
         assert_eq!(exercise(&b), Ok(()));
     }
@@ -1065,7 +1065,7 @@ fn size_overflow_from_entry_offset() {
             b,
             l.entry(RAW_F16) + E_OFFSET,
             u64::MAX - l.payload_offset as u64,
-        )
+        );
     });
     assert_eq!(parse_err(&b), FormatError::SizeOverflow);
 }
