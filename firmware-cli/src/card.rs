@@ -22,10 +22,17 @@ pub(crate) struct Input {
 
 impl Card {
     pub(crate) fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let card: Card = serde_json::from_str(&text).with_context(|| format!("{}: not a valid model card", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let card: Card = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a valid model card", path.display()))?;
         let i = &card.input;
-        ensure!(i.shape.len() == 3, "{}: input.shape: expected [channels, height, width], found {:?}", path.display(), i.shape);
+        ensure!(
+            i.shape.len() == 3,
+            "{}: input.shape: expected [channels, height, width], found {:?}",
+            path.display(),
+            i.shape
+        );
         ensure!(
             i.mean.len() == i.shape[0] && i.std.len() == i.shape[0],
             "{}: input.mean/std: expected {} values each",
@@ -33,9 +40,16 @@ impl Card {
             i.shape[0]
         );
         if i.std.iter().any(|&s| s == 0.0 || !s.is_finite()) {
-            bail!("{}: input.std: expected non-zero finite values", path.display());
+            bail!(
+                "{}: input.std: expected non-zero finite values",
+                path.display()
+            );
         }
-        ensure!(!card.labels.is_empty(), "{}: labels: expected at least one label", path.display());
+        ensure!(
+            !card.labels.is_empty(),
+            "{}: labels: expected at least one label",
+            path.display()
+        );
         Ok(card)
     }
 
@@ -48,11 +62,19 @@ impl Card {
 
     /// Preprocesses one 8-bit grayscale image (height x width) into NCHW f32.
     pub(crate) fn preprocess_gray(&self, gray: &[u8]) -> Vec<f32> {
-        let [c, h, w] = [self.input.shape[0], self.input.shape[1], self.input.shape[2]];
+        let [c, h, w] = [
+            self.input.shape[0],
+            self.input.shape[1],
+            self.input.shape[2],
+        ];
         let mut out = Vec::with_capacity(c * h * w);
         for ch in 0..c {
             let (m, s) = (self.input.mean[ch], self.input.std[ch]);
-            out.extend(gray[..h * w].iter().map(|&p| (p as f32 * self.input.scale - m) / s));
+            out.extend(
+                gray[..h * w]
+                    .iter()
+                    .map(|&p| (p as f32 * self.input.scale - m) / s),
+            );
         }
         out
     }

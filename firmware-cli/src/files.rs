@@ -20,7 +20,11 @@ impl Model {
         let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         let map = map_readonly(&file).with_context(|| format!("{}: cannot map", path.display()))?;
         let weights = OnnxWeights::scan(&map).with_context(|| format!("{}", path.display()))?;
-        Ok(Self { path: path.to_owned(), map, weights })
+        Ok(Self {
+            path: path.to_owned(),
+            map,
+            weights,
+        })
     }
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.map
@@ -41,8 +45,13 @@ pub(crate) fn read_delta(path: &Path) -> Result<Vec<u8>> {
 
 /// Writes `bytes` to `path` through a temporary file, fsync and rename.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .with_context(|| format!("{}: not a file path", path.display()))?;
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
     let res = (|| {
         let mut f = File::create(&tmp)?;

@@ -15,7 +15,12 @@ mod files;
 /// `.bdelta` to the device, `verify` it there against the base, then `apply` (or run) it.
 /// Exit codes: 0 ok, 1 verification failed, 2 error.
 #[derive(Parser)]
-#[command(name = "bitdelta", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "bitdelta",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,6 +32,8 @@ enum Command {
     Inspect(cmd::inspect::Args),
     Verify(cmd::verify::Args),
     Apply(cmd::apply::Args),
+    Run(cmd::run::Args),
+    Serve(cmd::serve::Args),
     Bench(cmd::bench::Args),
     Info(cmd::info::Args),
     Demo(cmd::demo::Args),
@@ -39,6 +46,8 @@ fn main() -> ExitCode {
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Verify(a) => cmd::verify::run(a),
         Command::Apply(a) => cmd::apply::run(a),
+        Command::Run(a) => cmd::run::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Info(a) => cmd::info::run(a),
         Command::Demo(a) => cmd::demo::run(a),
@@ -54,5 +63,8 @@ fn main() -> ExitCode {
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

@@ -55,9 +55,15 @@ pub enum ApplyError {
 impl fmt::Display for ApplyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Format { delta: _, tensor: Some(t), error } => write!(f, "tensor {t:?}: {error}"),
+            Self::Format {
+                delta: _,
+                tensor: Some(t),
+                error,
+            } => write!(f, "tensor {t:?}: {error}"),
             Self::Format { error, .. } => write!(f, "{error}"),
-            Self::WrongBase { expected, found, .. } => write!(
+            Self::WrongBase {
+                expected, found, ..
+            } => write!(
                 f,
                 "wrong base model: the delta expects base fingerprint {}, found {}",
                 short_hex(expected, 8),
@@ -86,16 +92,31 @@ pub fn check_binding(
 ) -> Result<(), ApplyError> {
     let expected = delta.manifest().base_fingerprint;
     if &expected != base_fp {
-        return Err(ApplyError::WrongBase { delta: index, expected, found: *base_fp });
+        return Err(ApplyError::WrongBase {
+            delta: index,
+            expected,
+            found: *base_fp,
+        });
     }
     // Both lists are sorted by name; a matching fingerprint makes a mismatch here unlikely, but a
     // crafted delta must not get past this point with a different table.
-    let set = |name: &str, what| Err(ApplyError::TensorSet { delta: index, name: name.into(), what });
+    let set = |name: &str, what| {
+        Err(ApplyError::TensorSet {
+            delta: index,
+            name: name.into(),
+            what,
+        })
+    };
     let mut entries = delta.tensors();
     for init in &base.initializers {
-        let Some(e) = entries.next() else { return set(&init.name, "is missing from the delta") };
+        let Some(e) = entries.next() else {
+            return set(&init.name, "is missing from the delta");
+        };
         if e.name != init.name {
-            return set(e.name, "is in the delta but not in the base (or names differ)");
+            return set(
+                e.name,
+                "is in the delta but not in the base (or names differ)",
+            );
         }
         if e.dtype != init.dtype {
             return set(e.name, "has another dtype in the base");
@@ -151,7 +172,10 @@ pub fn rebuild(
     let found = rebuild_unchecked(base, weights, deltas, sink)?;
     if let [(d, alpha)] = deltas {
         if *alpha == 1.0 && d.manifest().result_fingerprint != found {
-            return Err(ApplyError::ResultMismatch { expected: d.manifest().result_fingerprint, found });
+            return Err(ApplyError::ResultMismatch {
+                expected: d.manifest().result_fingerprint,
+                found,
+            });
         }
     }
     Ok(found)
@@ -189,7 +213,8 @@ pub fn rebuild_unchecked(
             payloads.push((p, *alpha));
         }
         values.resize(init.numel() as usize, 0.0);
-        compose::reconstruct(base_view(base, init), &payloads, &mut values).map_err(ApplyError::Compose)?;
+        compose::reconstruct(base_view(base, init), &payloads, &mut values)
+            .map_err(ApplyError::Compose)?;
         stored.resize(init.data.len(), 0);
         store(init.dtype, &values, &mut stored);
         fp.add(&init.name, init.dtype, &init.dims, &stored);
@@ -200,8 +225,14 @@ pub fn rebuild_unchecked(
 
 /// Applies `deltas` to the ONNX `base`: the output is the base file with every float initializer's
 /// data replaced by its reconstruction, all other bytes identical.
-pub fn apply_onnx(base: &[u8], weights: &OnnxWeights, deltas: &[(&DeltaFile<'_>, f32)]) -> Result<Applied, ApplyError> {
+pub fn apply_onnx(
+    base: &[u8],
+    weights: &OnnxWeights,
+    deltas: &[(&DeltaFile<'_>, f32)],
+) -> Result<Applied, ApplyError> {
     let mut model = base.to_vec();
-    let fingerprint = rebuild(base, weights, deltas, |init, bytes| model[init.data.clone()].copy_from_slice(bytes))?;
+    let fingerprint = rebuild(base, weights, deltas, |init, bytes| {
+        model[init.data.clone()].copy_from_slice(bytes)
+    })?;
     Ok(Applied { model, fingerprint })
 }

@@ -15,14 +15,20 @@ use crate::format::{Encoded, OwnedScales};
 const F16_MIN_NORMAL: f64 = 6.103_515_625e-5;
 
 fn deltas<'a>(base: &'a [f32], fine: &'a [f32]) -> impl Iterator<Item = f64> + 'a {
-    base.iter().zip(fine).map(|(&b, &f)| f64::from(f) - f64::from(b))
+    base.iter()
+        .zip(fine)
+        .map(|(&b, &f)| f64::from(f) - f64::from(b))
 }
 
 fn pack(base: &[f32], fine: &[f32]) -> Vec<u8> {
     let mut bits = vec![0u8; crate::pack::packed_len(base.len())];
     let mut d = vec![0f32; base.len().min(crate::compose::CHUNK)];
     // pack_signs takes f32 deltas; the sign of the f32 difference equals the exact one.
-    for (k, (b, f)) in base.chunks(crate::compose::CHUNK).zip(fine.chunks(crate::compose::CHUNK)).enumerate() {
+    for (k, (b, f)) in base
+        .chunks(crate::compose::CHUNK)
+        .zip(fine.chunks(crate::compose::CHUNK))
+        .enumerate()
+    {
         let d = &mut d[..b.len()];
         for ((o, &x), &y) in d.iter_mut().zip(b).zip(f) {
             *o = y - x;
@@ -38,15 +44,25 @@ fn pack(base: &[f32], fine: &[f32]) -> Vec<u8> {
 pub fn sign_tensor(base: &[f32], fine: &[f32]) -> Encoded {
     let n = base.len().max(1) as f64;
     let scale = (deltas(base, fine).map(f64::abs).sum::<f64>() / n) as f32;
-    Encoded::Sign { scale, bits: pack(base, fine) }
+    Encoded::Sign {
+        scale,
+        bits: pack(base, fine),
+    }
 }
 
 fn scales_from(values: Vec<f64>, allow_f16: bool) -> OwnedScales {
     let f16_ok = allow_f16
-        && values.iter().all(|&v| v == 0.0 || (F16_MIN_NORMAL..=f64::from(f16::MAX.to_f32())).contains(&v));
+        && values
+            .iter()
+            .all(|&v| v == 0.0 || (F16_MIN_NORMAL..=f64::from(f16::MAX.to_f32())).contains(&v));
     if f16_ok {
         // Through f32, so every platform (F16C, FP16, software) rounds the same way.
-        OwnedScales::F16(values.into_iter().map(|v| f16::from_f32(v as f32)).collect())
+        OwnedScales::F16(
+            values
+                .into_iter()
+                .map(|v| f16::from_f32(v as f32))
+                .collect(),
+        )
     } else {
         OwnedScales::F32(values.into_iter().map(|v| v as f32).collect())
     }
@@ -65,12 +81,23 @@ fn scale_values(s: &OwnedScales) -> Vec<f32> {
 /// # Panics
 /// When `groups` is 0 or does not divide the length.
 pub fn sign_groups(base: &[f32], fine: &[f32], groups: usize, f16_scales: bool) -> Encoded {
-    assert!(groups > 0 && base.len() % groups == 0, "groups must divide the tensor length");
+    assert!(
+        groups > 0 && base.len() % groups == 0,
+        "groups must divide the tensor length"
+    );
     let g = base.len() / groups;
     let means = (0..groups)
-        .map(|k| deltas(&base[k * g..(k + 1) * g], &fine[k * g..(k + 1) * g]).map(f64::abs).sum::<f64>() / g as f64)
+        .map(|k| {
+            deltas(&base[k * g..(k + 1) * g], &fine[k * g..(k + 1) * g])
+                .map(f64::abs)
+                .sum::<f64>()
+                / g as f64
+        })
         .collect();
-    Encoded::SignGroups { scales: scales_from(means, f16_scales), bits: pack(base, fine) }
+    Encoded::SignGroups {
+        scales: scales_from(means, f16_scales),
+        bits: pack(base, fine),
+    }
 }
 
 /// 8-bit symmetric deltas: per group, `scale = max |d| / 127` (rounded to the stored type),
@@ -79,10 +106,18 @@ pub fn sign_groups(base: &[f32], fine: &[f32], groups: usize, f16_scales: bool) 
 /// # Panics
 /// When `groups` is 0 or does not divide the length.
 pub fn q8_groups(base: &[f32], fine: &[f32], groups: usize, f16_scales: bool) -> Encoded {
-    assert!(groups > 0 && base.len() % groups == 0, "groups must divide the tensor length");
+    assert!(
+        groups > 0 && base.len() % groups == 0,
+        "groups must divide the tensor length"
+    );
     let g = base.len() / groups;
     let maxes = (0..groups)
-        .map(|k| deltas(&base[k * g..(k + 1) * g], &fine[k * g..(k + 1) * g]).map(f64::abs).fold(0.0, f64::max) / 127.0)
+        .map(|k| {
+            deltas(&base[k * g..(k + 1) * g], &fine[k * g..(k + 1) * g])
+                .map(f64::abs)
+                .fold(0.0, f64::max)
+                / 127.0
+        })
         .collect();
     let scales = scales_from(maxes, f16_scales);
     let sv = scale_values(&scales);

@@ -78,7 +78,10 @@ impl core::fmt::Display for ComposeError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Self::LengthMismatch { expected, found } => {
-                write!(f, "payload length mismatch: expected {expected} elements, found {found}")
+                write!(
+                    f,
+                    "payload length mismatch: expected {expected} elements, found {found}"
+                )
             }
             Self::BadAlpha => write!(f, "alpha is NaN or infinite"),
         }
@@ -107,10 +110,17 @@ fn payload_elems(p: &Payload<'_>, n: usize) -> Option<usize> {
 /// With a single delta at alpha 1 this is the delta's exact reconstruction. Raw payloads are
 /// replacements: a raw payload that comes first with alpha 1 sets the value; elsewhere it
 /// contributes `alpha * (raw - base)`.
-pub fn reconstruct(base: Base<'_>, deltas: &[(Payload<'_>, f32)], out: &mut [f32]) -> Result<(), ComposeError> {
+pub fn reconstruct(
+    base: Base<'_>,
+    deltas: &[(Payload<'_>, f32)],
+    out: &mut [f32],
+) -> Result<(), ComposeError> {
     let n = out.len();
     if base.len() != n {
-        return Err(ComposeError::LengthMismatch { expected: n, found: base.len() });
+        return Err(ComposeError::LengthMismatch {
+            expected: n,
+            found: base.len(),
+        });
     }
     for (p, alpha) in deltas {
         if !alpha.is_finite() {
@@ -118,15 +128,28 @@ pub fn reconstruct(base: Base<'_>, deltas: &[(Payload<'_>, f32)], out: &mut [f32
         }
         match payload_elems(p, n) {
             Some(m) if m == n => {}
-            Some(m) => return Err(ComposeError::LengthMismatch { expected: n, found: m }),
-            None => return Err(ComposeError::LengthMismatch { expected: n, found: 0 }),
+            Some(m) => {
+                return Err(ComposeError::LengthMismatch {
+                    expected: n,
+                    found: m,
+                })
+            }
+            None => {
+                return Err(ComposeError::LengthMismatch {
+                    expected: n,
+                    found: 0,
+                })
+            }
         }
         let groups = match p {
             Payload::SignGroups { scales, .. } | Payload::Q8Groups { scales, .. } => scales.len(),
             _ => 1,
         };
         if groups == 0 || n % groups != 0 {
-            return Err(ComposeError::LengthMismatch { expected: n, found: groups });
+            return Err(ComposeError::LengthMismatch {
+                expected: n,
+                found: groups,
+            });
         }
     }
     let mut start = 0;
@@ -141,7 +164,9 @@ pub fn reconstruct(base: Base<'_>, deltas: &[(Payload<'_>, f32)], out: &mut [f32
                 Payload::Sign { scale, bits } => {
                     let s = alpha * scale;
                     match (filled, base) {
-                        (false, Base::F32(b)) => kernels::apply_signs(chunk, &b[start..end], bits, start, s),
+                        (false, Base::F32(b)) => {
+                            kernels::apply_signs(chunk, &b[start..end], bits, start, s)
+                        }
                         _ => {
                             fill(&base, start, chunk, &mut filled);
                             kernels::add_signs(chunk, bits, start, s);
@@ -152,7 +177,12 @@ pub fn reconstruct(base: Base<'_>, deltas: &[(Payload<'_>, f32)], out: &mut [f32
                 Payload::SignGroups { scales, bits } => {
                     fill(&base, start, chunk, &mut filled);
                     for_groups(scales, n, start, end, |lo, hi, sc| {
-                        kernels::add_signs(&mut chunk[lo - start..hi - start], bits, lo, alpha * sc);
+                        kernels::add_signs(
+                            &mut chunk[lo - start..hi - start],
+                            bits,
+                            lo,
+                            alpha * sc,
+                        );
                     });
                 }
                 Payload::Q8Groups { scales, q } => {
@@ -195,7 +225,13 @@ fn fill(base: &Base<'_>, start: usize, chunk: &mut [f32], filled: &mut bool) {
 }
 
 /// Calls `f(lo, hi, scale)` for each group segment `[lo, hi)` intersecting `[start, end)`.
-fn for_groups(scales: &Scales<'_>, n: usize, start: usize, end: usize, mut f: impl FnMut(usize, usize, f32)) {
+fn for_groups(
+    scales: &Scales<'_>,
+    n: usize,
+    start: usize,
+    end: usize,
+    mut f: impl FnMut(usize, usize, f32),
+) {
     let gsize = n / scales.len();
     let mut lo = start;
     while lo < end {

@@ -6,7 +6,10 @@ use std::vec::Vec;
 
 use crate::apply::{self, ApplyError};
 use crate::codec;
-use crate::format::{write_delta, Codec, DType, DeltaFile, Encoded, Manifest, TensorRecord, WriteError, DEFAULT_ALIGN};
+use crate::format::{
+    write_delta, Codec, DType, DeltaFile, Encoded, Manifest, TensorRecord, WriteError,
+    DEFAULT_ALIGN,
+};
 use crate::onnx::{Initializer, OnnxWeights};
 
 /// How codecs are chosen per tensor.
@@ -115,7 +118,10 @@ pub fn read_f32(model: &[u8], init: &Initializer) -> Vec<f32> {
 
 /// Encodes one tensor with a policy.
 pub fn encode(policy: Policy, dims: &[u64], base: &[f32], fine: &[f32]) -> Encoded {
-    let unchanged = base.iter().zip(fine).all(|(a, b)| a.to_bits() == b.to_bits());
+    let unchanged = base
+        .iter()
+        .zip(fine)
+        .all(|(a, b)| a.to_bits() == b.to_bits());
     match policy {
         Policy::Seed => codec::sign_tensor(base, fine),
         Policy::Auto => match auto_codec(dims, unchanged) {
@@ -138,14 +144,25 @@ pub fn compress_onnx(
     opts: &Options<'_>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<u8>, CompressError> {
-    let mismatch = |name: &str, what| Err(CompressError::Mismatch { name: name.into(), what });
-    if let Some(f) = fine_w.initializers.iter().find(|f| base_w.get(&f.name).is_none()) {
+    let mismatch = |name: &str, what| {
+        Err(CompressError::Mismatch {
+            name: name.into(),
+            what,
+        })
+    };
+    if let Some(f) = fine_w
+        .initializers
+        .iter()
+        .find(|f| base_w.get(&f.name).is_none())
+    {
         return mismatch(&f.name, "is in the fine-tuned model but not in the base");
     }
     let mut records = Vec::with_capacity(base_w.initializers.len());
     let total = base_w.initializers.len();
     for (k, b) in base_w.initializers.iter().enumerate() {
-        let Some(f) = fine_w.get(&b.name) else { return mismatch(&b.name, "is missing from the fine-tuned model") };
+        let Some(f) = fine_w.get(&b.name) else {
+            return mismatch(&b.name, "is missing from the fine-tuned model");
+        };
         if f.dims != b.dims {
             return mismatch(&b.name, "has another shape in the fine-tuned model");
         }
@@ -155,11 +172,24 @@ pub fn compress_onnx(
         let bv = read_f32(base, b);
         let fv = read_f32(fine, f);
         if bv.iter().chain(&fv).any(|x| !x.is_finite()) {
-            return Err(CompressError::NonFinite { name: b.name.clone() });
+            return Err(CompressError::NonFinite {
+                name: b.name.clone(),
+            });
         }
-        let dims = b.dims.iter().map(|&d| u32::try_from(d)).collect::<Result<Vec<_>, _>>();
-        let Ok(dims) = dims else { return mismatch(&b.name, "has a dimension over 2^32") };
-        records.push(TensorRecord { name: b.name.clone(), dtype: b.dtype, dims, encoded: encode(opts.policy, &b.dims, &bv, &fv) });
+        let dims = b
+            .dims
+            .iter()
+            .map(|&d| u32::try_from(d))
+            .collect::<Result<Vec<_>, _>>();
+        let Ok(dims) = dims else {
+            return mismatch(&b.name, "has a dimension over 2^32");
+        };
+        records.push(TensorRecord {
+            name: b.name.clone(),
+            dtype: b.dtype,
+            dims,
+            encoded: encode(opts.policy, &b.dims, &bv, &fv),
+        });
         progress(k + 1, total);
     }
     let tool = concat!("bitdelta ", env!("CARGO_PKG_VERSION"));
@@ -173,17 +203,26 @@ pub fn compress_onnx(
         base_fingerprint: base_w.fingerprint(base),
         result_fingerprint: [0; 32],
     };
-    let draft = write_delta(&manifest, &mut records, DEFAULT_ALIGN).map_err(CompressError::Write)?;
+    let draft =
+        write_delta(&manifest, &mut records, DEFAULT_ALIGN).map_err(CompressError::Write)?;
     // The result fingerprint is computed by the same path a device uses to apply the delta.
     let parsed = DeltaFile::parse(&draft).map_err(|error| {
-        CompressError::Readback(ApplyError::Format { delta: 0, tensor: None, error })
+        CompressError::Readback(ApplyError::Format {
+            delta: 0,
+            tensor: None,
+            error,
+        })
     })?;
     manifest.result_fingerprint =
-        apply::rebuild_unchecked(base, base_w, &[(&parsed, 1.0)], |_, _| {}).map_err(CompressError::Readback)?;
+        apply::rebuild_unchecked(base, base_w, &[(&parsed, 1.0)], |_, _| {})
+            .map_err(CompressError::Readback)?;
     write_delta(&manifest, &mut records, DEFAULT_ALIGN).map_err(CompressError::Write)
 }
 
 /// Codec names per tensor of a delta, for reports.
 pub fn codec_summary(delta: &DeltaFile<'_>) -> Vec<(String, Codec, DType)> {
-    delta.tensors().map(|e| (e.name.into(), e.codec, e.dtype)).collect()
+    delta
+        .tensors()
+        .map(|e| (e.name.into(), e.codec, e.dtype))
+        .collect()
 }

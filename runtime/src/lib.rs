@@ -15,20 +15,22 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
-pub mod kernels;
-pub mod pack;
-pub mod compose;
-#[cfg(feature = "alloc")]
-pub mod codec;
-#[cfg(feature = "std")]
-pub mod compress;
 #[cfg(feature = "std")]
 pub mod apply;
+#[cfg(feature = "alloc")]
+pub mod codec;
+pub mod compose;
+#[cfg(feature = "std")]
+pub mod compress;
 pub mod error;
 pub mod fingerprint;
 pub mod format;
+pub mod kernels;
+#[cfg(feature = "std")]
+pub mod mem;
 #[cfg(feature = "std")]
 pub mod onnx;
+pub mod pack;
 #[cfg(feature = "tract")]
 pub mod tract;
 

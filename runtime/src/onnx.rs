@@ -77,9 +77,13 @@ pub enum OnnxError {
 impl fmt::Display for OnnxError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Malformed { offset, what } => write!(f, "not a valid ONNX model: {what} at byte {offset}"),
+            Self::Malformed { offset, what } => {
+                write!(f, "not a valid ONNX model: {what} at byte {offset}")
+            }
             Self::NoGraph => write!(f, "not a valid ONNX model: no graph"),
-            Self::Unsupported { name, what } => write!(f, "initializer {name:?}: {what} is not supported"),
+            Self::Unsupported { name, what } => {
+                write!(f, "initializer {name:?}: {what} is not supported")
+            }
             Self::DuplicateName(n) => write!(f, "initializer {n:?} appears twice"),
         }
     }
@@ -149,7 +153,11 @@ fn fields(bytes: &[u8], base: usize) -> impl Iterator<Item = Result<FieldRef, On
             }
         };
         let start = pos + (before - buf.len());
-        let value_start = if wire == WireType::Varint { pos + header } else { start };
+        let value_start = if wire == WireType::Varint {
+            pos + header
+        } else {
+            start
+        };
         let end = match start.checked_add(len) {
             Some(e) if e <= bytes.len() => e,
             _ => {
@@ -157,9 +165,18 @@ fn fields(bytes: &[u8], base: usize) -> impl Iterator<Item = Result<FieldRef, On
                 return Some(Err(bad("field runs past the end")));
             }
         };
-        let range = if wire == WireType::Varint { value_start..start } else { start..end };
+        let range = if wire == WireType::Varint {
+            value_start..start
+        } else {
+            start..end
+        };
         pos = end;
-        Some(Ok(FieldRef { number, wire, varint, range }))
+        Some(Ok(FieldRef {
+            number,
+            wire,
+            varint,
+            range,
+        }))
     })
 }
 
@@ -185,7 +202,8 @@ pub fn scan(bytes: &[u8]) -> Result<OnnxWeights, OnnxError> {
             }
         }
     }
-    out.initializers.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
+    out.initializers
+        .sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
     for w in out.initializers.windows(2) {
         if w[0].name == w[1].name {
             return Err(OnnxError::DuplicateName(w[0].name.clone()));
@@ -209,8 +227,10 @@ fn tensor(bytes: &[u8], base: usize) -> Result<Option<Initializer>, OnnxError> {
             (1, WireType::LengthDelimited) => {
                 let mut b = &bytes[f.range.clone()];
                 while !b.is_empty() {
-                    let d = decode_varint(&mut b)
-                        .map_err(|_| OnnxError::Malformed { offset: base + f.range.start, what: "bad dims" })?;
+                    let d = decode_varint(&mut b).map_err(|_| OnnxError::Malformed {
+                        offset: base + f.range.start,
+                        what: "bad dims",
+                    })?;
                     dims.push(d);
                 }
             }
@@ -219,8 +239,12 @@ fn tensor(bytes: &[u8], base: usize) -> Result<Option<Initializer>, OnnxError> {
             (4, _) => other_data = true,
             (5..=7 | 10 | 11, _) => other_data = true,
             (8, WireType::LengthDelimited) => {
-                let s = std::str::from_utf8(&bytes[f.range.clone()])
-                    .map_err(|_| OnnxError::Malformed { offset: base + f.range.start, what: "name is not UTF-8" })?;
+                let s = std::str::from_utf8(&bytes[f.range.clone()]).map_err(|_| {
+                    OnnxError::Malformed {
+                        offset: base + f.range.start,
+                        what: "name is not UTF-8",
+                    }
+                })?;
                 name = Some(s.to_owned());
             }
             (9, WireType::LengthDelimited) => raw = Some(f.range),
@@ -235,7 +259,12 @@ fn tensor(bytes: &[u8], base: usize) -> Result<Option<Initializer>, OnnxError> {
         _ => return Ok(None),
     };
     let name = name.unwrap_or_default();
-    let unsupported = |what| Err(OnnxError::Unsupported { name: name.clone(), what });
+    let unsupported = |what| {
+        Err(OnnxError::Unsupported {
+            name: name.clone(),
+            what,
+        })
+    };
     if external {
         return unsupported("external data");
     }
@@ -246,16 +275,26 @@ fn tensor(bytes: &[u8], base: usize) -> Result<Option<Initializer>, OnnxError> {
         return Ok(None); // empty tensors carry no weights
     }
     let numel = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-    let Some(numel) = numel else { return unsupported("an element count that overflows") };
+    let Some(numel) = numel else {
+        return unsupported("an element count that overflows");
+    };
     let range = match (raw, float_data, dtype) {
         (Some(r), None, _) if !other_data => r,
         (None, Some(r), DType::F32) if !other_data => r,
         _ => return unsupported("data outside raw_data or packed float_data"),
     };
     if (range.len() as u64) != numel * dtype.size() as u64 {
-        return Err(OnnxError::Malformed { offset: base + range.start, what: "tensor data length does not match its shape" });
+        return Err(OnnxError::Malformed {
+            offset: base + range.start,
+            what: "tensor data length does not match its shape",
+        });
     }
-    Ok(Some(Initializer { name, dtype, dims, data: base + range.start..base + range.end }))
+    Ok(Some(Initializer {
+        name,
+        dtype,
+        dims,
+        data: base + range.start..base + range.end,
+    }))
 }
 
 impl OnnxWeights {

@@ -1,9 +1,31 @@
-//! tract adapter: run an ONNX classifier (a base, or a base with deltas applied).
+//! tract adapter: run an ONNX classifier, and switch it between variants of one base without a
+//! second copy of the weights.
+//!
+//! A variant is built straight from the memory-mapped base: the ONNX protobuf is decoded once,
+//! each float initializer's bytes are overwritten in place with its reconstruction (the delta
+//! kernels, tensor by tensor), and tract parses and optimizes that. On a switch the running plan
+//! is dropped *before* the next one is built and freed memory is returned to the OS
+//! (`malloc_trim` on glibc), so the peak stays that of loading one model. Every build re-verifies
+//! the delta's checksums and binding to the base. A variant that fails to build leaves the
+//! engine on the variant it had.
 
+use std::collections::BTreeMap;
+use std::string::{String, ToString};
 use std::sync::Arc;
 use std::vec::Vec;
 
+use prost::Message;
+use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::{bail, ensure, format_err};
+
+use crate::apply::{self, check_binding};
+use crate::fingerprint::Fingerprint;
+use crate::format::DeltaFile;
+use crate::onnx::OnnxWeights;
+
+/// Name of the base model as a variant.
+pub const BASE: &str = "base";
 
 /// An optimized tract plan for a single-input, single-output classifier.
 #[derive(Clone, Debug)]
@@ -15,13 +37,21 @@ pub struct Classifier {
 impl Classifier {
     /// Loads ONNX bytes, fixes the input to `input_shape` (batch included) and optimizes.
     pub fn from_onnx_bytes(bytes: &[u8], input_shape: &[usize]) -> TractResult<Self> {
-        let mut reader = std::io::Cursor::new(bytes);
-        let model = tract_onnx::onnx()
-            .model_for_read(&mut reader)?
+        let proto = ModelProto::decode(bytes)?;
+        Self::from_proto(proto, input_shape)
+    }
+
+    fn from_proto(proto: ModelProto, input_shape: &[usize]) -> TractResult<Self> {
+        let model = tract_onnx::onnx().model_for_proto_model(&proto)?;
+        drop(proto);
+        let plan = model
             .with_input_fact(0, f32::fact(input_shape).into())?
-            .into_optimized()?;
-        let plan = model.into_runnable()?;
-        Ok(Self { plan, input_shape: input_shape.to_vec() })
+            .into_optimized()?
+            .into_runnable()?;
+        Ok(Self {
+            plan,
+            input_shape: input_shape.to_vec(),
+        })
     }
 
     /// The input shape the plan was built for.
@@ -33,18 +63,194 @@ impl Classifier {
     pub fn run(&self, input: &[f32]) -> TractResult<Vec<f32>> {
         let t = Tensor::from_shape(&self.input_shape, input)?;
         let out = self.plan.run(tvec!(t.into()))?;
-        let out = out.first().ok_or_else(|| tract_onnx::prelude::TractError::msg("model has no output"))?;
+        let out = out
+            .first()
+            .ok_or_else(|| TractError::msg("model has no output"))?;
         Ok(out.to_plain_array_view::<f32>()?.iter().copied().collect())
+    }
+}
+
+/// A registered variant: its deltas (owned bytes) and alphas.
+struct Variant {
+    deltas: Vec<(Vec<u8>, f32)>,
+}
+
+/// Loads a base once and serves it or any registered variant, switching in place.
+pub struct Engine {
+    base: Box<dyn AsRef<[u8]> + Send + Sync>,
+    weights: OnnxWeights,
+    base_fingerprint: Fingerprint,
+    input_shape: Vec<usize>,
+    variants: BTreeMap<String, Variant>,
+    classifier: Option<Classifier>,
+    active: String,
+    active_fingerprint: Fingerprint,
+}
+
+impl Engine {
+    /// Opens a base model (e.g. a memory map) for `input_shape`, and builds `start` (a registered
+    /// variant name later, so at first only [`BASE`]) lazily on the first [`Engine::switch`] or
+    /// [`Engine::run`].
+    pub fn new(
+        base: Box<dyn AsRef<[u8]> + Send + Sync>,
+        input_shape: &[usize],
+    ) -> TractResult<Self> {
+        let weights = OnnxWeights::scan((*base).as_ref())?;
+        let base_fingerprint = weights.fingerprint((*base).as_ref());
+        Ok(Self {
+            base,
+            weights,
+            base_fingerprint,
+            input_shape: input_shape.to_vec(),
+            variants: BTreeMap::new(),
+            classifier: None,
+            active: String::new(),
+            active_fingerprint: [0; 32],
+        })
+    }
+
+    /// The base model's weights.
+    pub fn weights(&self) -> &OnnxWeights {
+        &self.weights
+    }
+
+    /// Registers a variant made of one or more deltas with alphas. Each delta is fully checked
+    /// now (structure, checksums, binding to this base); builds check again.
+    pub fn add_variant(&mut self, name: &str, deltas: Vec<(Vec<u8>, f32)>) -> TractResult<()> {
+        ensure!(
+            name != BASE,
+            "variant name {BASE:?} is reserved for the base model"
+        );
+        ensure!(!deltas.is_empty(), "variant {name:?}: no delta");
+        for (k, (bytes, alpha)) in deltas.iter().enumerate() {
+            ensure!(alpha.is_finite(), "variant {name:?}: alpha is not finite");
+            let file = DeltaFile::parse(bytes).map_err(|e| format_err!("variant {name:?}: {e}"))?;
+            file.verify_payloads()
+                .map_err(|e| format_err!("variant {name:?}: {e}"))?;
+            check_binding(&file, k, &self.weights, &self.base_fingerprint)
+                .map_err(|e| format_err!("variant {name:?}: {e}"))?;
+        }
+        self.variants.insert(name.to_string(), Variant { deltas });
+        Ok(())
+    }
+
+    /// Names of the registered variants (without the base).
+    pub fn variants(&self) -> impl Iterator<Item = &str> {
+        self.variants.keys().map(String::as_str)
+    }
+
+    /// The active variant's name and weights fingerprint (empty before the first build).
+    pub fn active(&self) -> (&str, &Fingerprint) {
+        (&self.active, &self.active_fingerprint)
+    }
+
+    /// Makes `name` (a registered variant or [`BASE`]) the running model. Returns `false` when it
+    /// already was. On failure the previous variant is rebuilt and stays active.
+    pub fn switch(&mut self, name: &str) -> TractResult<bool> {
+        if self.classifier.is_some() && self.active == name {
+            return Ok(false);
+        }
+        ensure!(
+            name == BASE || self.variants.contains_key(name),
+            "unknown variant {name:?}"
+        );
+        let previous = std::mem::take(&mut self.active);
+        // Drop the running plan first: its weights are the memory the next build needs.
+        self.classifier = None;
+        crate::mem::release_free_memory();
+        match self.build(name) {
+            Ok((clf, fp)) => {
+                self.classifier = Some(clf);
+                self.active = name.to_string();
+                self.active_fingerprint = fp;
+                Ok(true)
+            }
+            Err(e) => {
+                if !previous.is_empty() {
+                    if let Ok((clf, fp)) = self.build(&previous) {
+                        self.classifier = Some(clf);
+                        self.active = previous;
+                        self.active_fingerprint = fp;
+                    }
+                }
+                Err(e.context(format!("switching to variant {name:?}")))
+            }
+        }
+    }
+
+    fn build(&self, name: &str) -> TractResult<(Classifier, Fingerprint)> {
+        let base = (*self.base).as_ref();
+        let mut proto = ModelProto::decode(base)?;
+        let fp = match self.variants.get(name) {
+            None => self.base_fingerprint,
+            Some(v) => {
+                let files = v
+                    .deltas
+                    .iter()
+                    .map(|(b, _)| DeltaFile::parse(b).map_err(|e| format_err!("{e}")))
+                    .collect::<TractResult<Vec<_>>>()?;
+                let list: Vec<_> = files
+                    .iter()
+                    .zip(&v.deltas)
+                    .map(|(f, (_, a))| (f, *a))
+                    .collect();
+                let graph = proto
+                    .graph
+                    .as_mut()
+                    .ok_or_else(|| format_err!("model has no graph"))?;
+                let index: BTreeMap<String, usize> = graph
+                    .initializer
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (t.name.clone(), i))
+                    .collect();
+                let mut missing = None;
+                let fp = apply::rebuild(base, &self.weights, &list, |init, bytes| {
+                    match index.get(&init.name).map(|&i| &mut graph.initializer[i]) {
+                        Some(t) if t.raw_data.len() == bytes.len() => {
+                            t.raw_data.copy_from_slice(bytes)
+                        }
+                        Some(t) if t.float_data.len() * 4 == bytes.len() => {
+                            for (o, c) in t.float_data.iter_mut().zip(bytes.chunks_exact(4)) {
+                                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                            }
+                        }
+                        _ => missing = Some(init.name.clone()),
+                    }
+                })
+                .map_err(|e| format_err!("{e}"))?;
+                if let Some(m) = missing {
+                    bail!("initializer {m:?} not found in the decoded model");
+                }
+                fp
+            }
+        };
+        let clf = Classifier::from_proto(proto, &self.input_shape)?;
+        crate::mem::release_free_memory();
+        Ok((clf, fp))
+    }
+
+    /// Runs the active model (building the base first if nothing is active yet).
+    pub fn run(&mut self, input: &[f32]) -> TractResult<Vec<f32>> {
+        if self.classifier.is_none() {
+            self.switch(BASE)?;
+        }
+        self.classifier
+            .as_ref()
+            .expect("switch built a classifier")
+            .run(input)
     }
 }
 
 /// Index of the largest value (first one on ties), or `None` for an empty slice.
 pub fn argmax(v: &[f32]) -> Option<usize> {
-    v.iter().enumerate().fold(None, |best: Option<(usize, f32)>, (i, &x)| match best {
-        Some((_, b)) if b >= x => best,
-        _ => Some((i, x)),
-    })
-    .map(|(i, _)| i)
+    v.iter()
+        .enumerate()
+        .fold(None, |best: Option<(usize, f32)>, (i, &x)| match best {
+            Some((_, b)) if b >= x => best,
+            _ => Some((i, x)),
+        })
+        .map(|(i, _)| i)
 }
 
 /// Softmax in f64 (numerically stable), as f32 probabilities.

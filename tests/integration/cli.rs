@@ -2,7 +2,9 @@
 
 use crate::reference::{bitdelta, model, ok, p, scratch};
 
-const COMMANDS: [&str; 7] = ["compress", "inspect", "verify", "apply", "bench", "info", "demo"];
+const COMMANDS: [&str; 7] = [
+    "compress", "inspect", "verify", "apply", "bench", "info", "demo",
+];
 
 #[test]
 fn every_command_has_help() {
@@ -33,7 +35,8 @@ fn info_reports_the_kernel_backend() {
 #[test]
 fn bench_json_has_apply_vs_memcpy() {
     // A contract test of the JSON shape on a small buffer; speed itself is for `bitdelta bench`.
-    let j: serde_json::Value = serde_json::from_str(&ok(&["bench", "--json", "--size-mib", "4", "--iters", "3"])).unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(&["bench", "--json", "--size-mib", "4", "--iters", "3"])).unwrap();
     let r = j["apply_vs_memcpy"].as_f64().unwrap();
     assert!(r.is_finite() && r > 0.0);
     assert!(j["memcpy_gbps"].as_f64().unwrap() > 0.0);
@@ -41,7 +44,15 @@ fn bench_json_has_apply_vs_memcpy() {
 
 fn night_delta(dir: &std::path::Path) -> Vec<u8> {
     let delta = dir.join("night.bdelta");
-    ok(&["compress", "--base", p(&model("species-base")), "--fine", p(&model("night")), "-o", p(&delta)]);
+    ok(&[
+        "compress",
+        "--base",
+        p(&model("species-base")),
+        "--fine",
+        p(&model("night")),
+        "-o",
+        p(&delta),
+    ]);
     std::fs::read(&delta).unwrap()
 }
 
@@ -71,17 +82,28 @@ fn verify_refuses_wrong_base_truncation_and_corruption() {
     let f = dir.join("good.bdelta");
     let (code, _, err) = bitdelta(&["verify", p(&f), "--base", p(&model("fog"))]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("wrong base model") && err.contains("expects base fingerprint"), "{err}");
+    assert!(
+        err.contains("wrong base model") && err.contains("expects base fingerprint"),
+        "{err}"
+    );
 
     // Truncated in the header, in the table, in the payload.
     for cut in [10, 100, good.len() / 2, good.len() - 1] {
         let (code, err) = verify(&dir, "cut.bdelta", &good[..cut], false);
         assert_eq!(code, 1, "cut at {cut}: {err}");
-        assert!(err.contains("truncated") || err.contains("file length mismatch") || err.contains("checksum"), "{err}");
+        assert!(
+            err.contains("truncated")
+                || err.contains("file length mismatch")
+                || err.contains("checksum"),
+            "{err}"
+        );
     }
     let (code, err) = verify(&dir, "short.bdelta", &good[..10], false);
     assert_eq!(code, 1);
-    assert!(err.contains("expected at least 64 header bytes, found 10"), "{err}");
+    assert!(
+        err.contains("expected at least 64 header bytes, found 10"),
+        "{err}"
+    );
 
     // Trailing byte.
     let mut long = good.clone();
@@ -96,10 +118,18 @@ fn verify_refuses_wrong_base_truncation_and_corruption() {
     bad[at] ^= 0x10;
     let (code, err) = verify(&dir, "corrupt.bdelta", &bad, false);
     assert_eq!(code, 1);
-    assert!(err.contains("payload checksum mismatch") && err.contains("tensor \""), "{err}");
+    assert!(
+        err.contains("payload checksum mismatch") && err.contains("tensor \""),
+        "{err}"
+    );
 
     // Not a delta at all; a missing file is an error (2), not a verification failure.
-    let (code, err) = verify(&dir, "model.bdelta", &std::fs::read(model("night")).unwrap(), false);
+    let (code, err) = verify(
+        &dir,
+        "model.bdelta",
+        &std::fs::read(model("night")).unwrap(),
+        false,
+    );
     assert_eq!(code, 1);
     assert!(err.contains("not a bitdelta file"), "{err}");
     let (code, _, err) = bitdelta(&["verify", p(&dir.join("missing.bdelta"))]);
@@ -130,9 +160,19 @@ fn apply_refuses_a_delta_for_another_base_and_writes_nothing() {
     let dir = scratch("apply_wrong_base");
     night_delta(&dir);
     let out = dir.join("out.onnx");
-    let (code, _, err) = bitdelta(&["apply", "--base", p(&model("fog")), p(&dir.join("night.bdelta")), "-o", p(&out)]);
+    let (code, _, err) = bitdelta(&[
+        "apply",
+        "--base",
+        p(&model("fog")),
+        p(&dir.join("night.bdelta")),
+        "-o",
+        p(&out),
+    ]);
     assert_eq!(code, 2);
-    assert!(err.contains("night.bdelta") && err.contains("wrong base model"), "{err}");
+    assert!(
+        err.contains("night.bdelta") && err.contains("wrong base model"),
+        "{err}"
+    );
     assert!(!out.exists());
 }
 
@@ -141,7 +181,15 @@ fn compress_refuses_models_that_do_not_match() {
     let dir = scratch("compress_mismatch");
     let junk = dir.join("junk.onnx");
     std::fs::write(&junk, b"\x08\x07not a model").unwrap();
-    let (code, _, err) = bitdelta(&["compress", "--base", p(&model("species-base")), "--fine", p(&junk), "-o", p(&dir.join("x.bdelta"))]);
+    let (code, _, err) = bitdelta(&[
+        "compress",
+        "--base",
+        p(&model("species-base")),
+        "--fine",
+        p(&junk),
+        "-o",
+        p(&dir.join("x.bdelta")),
+    ]);
     assert_eq!(code, 2);
     assert!(err.contains("junk.onnx"), "{err}");
 }

@@ -14,10 +14,16 @@ fn accuracy(onnx: &Path, condition: &str) -> f64 {
     let x = npz.by_name(&format!("x_{condition}")).unwrap().unwrap();
     let shape = x.shape().to_vec();
     let x: Vec<u8> = x.into_vec().unwrap();
-    let y: Vec<i64> = npz.by_name(&format!("y_{condition}")).unwrap().unwrap().into_vec().unwrap();
+    let y: Vec<i64> = npz
+        .by_name(&format!("y_{condition}"))
+        .unwrap()
+        .unwrap()
+        .into_vec()
+        .unwrap();
     let (n, hw) = (shape[0] as usize, (shape[1] * shape[2]) as usize);
     let card: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(species().join("model-card.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(species().join("model-card.json")).unwrap())
+            .unwrap();
     let (scale, mean, std) = (
         card["input"]["scale"].as_f64().unwrap() as f32,
         card["input"]["mean"][0].as_f64().unwrap() as f32,
@@ -26,13 +32,20 @@ fn accuracy(onnx: &Path, condition: &str) -> f64 {
     let mut input = Vec::with_capacity(n * 3 * hw);
     for i in 0..n {
         for _ in 0..3 {
-            input.extend(x[i * hw..(i + 1) * hw].iter().map(|&v| (v as f32 * scale - mean) / std));
+            input.extend(
+                x[i * hw..(i + 1) * hw]
+                    .iter()
+                    .map(|&v| (v as f32 * scale - mean) / std),
+            );
         }
     }
     let plan = tract_onnx::onnx()
         .model_for_path(onnx)
         .unwrap()
-        .with_input_fact(0, f32::fact([n, 3, shape[1] as usize, shape[2] as usize]).into())
+        .with_input_fact(
+            0,
+            f32::fact([n, 3, shape[1] as usize, shape[2] as usize]).into(),
+        )
         .unwrap()
         .into_optimized()
         .unwrap()
@@ -40,7 +53,12 @@ fn accuracy(onnx: &Path, condition: &str) -> f64 {
         .unwrap();
     let t = Tensor::from_shape(&[n, 3, shape[1] as usize, shape[2] as usize], &input).unwrap();
     let out = plan.run(tvec!(t.into())).unwrap();
-    let logits: Vec<f32> = out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect();
+    let logits: Vec<f32> = out[0]
+        .to_plain_array_view::<f32>()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect();
     let classes = logits.len() / n;
     let correct = (0..n)
         .filter(|&i| {
@@ -59,11 +77,21 @@ fn default_compress_keeps_97_percent_of_the_fine_tune_at_most_2_2_bits_per_param
     for (variant, floor) in [("night", 0.900), ("fog", 0.936)] {
         let delta = dir.join(format!("{variant}.bdelta"));
         let rebuilt = dir.join(format!("{variant}.onnx"));
-        ok(&["compress", "--base", p(&base), "--fine", p(&model(variant)), "-o", p(&delta)]);
+        ok(&[
+            "compress",
+            "--base",
+            p(&base),
+            "--fine",
+            p(&model(variant)),
+            "-o",
+            p(&delta),
+        ]);
         ok(&["verify", p(&delta), "--base", p(&base)]);
         ok(&["apply", "--base", p(&base), p(&delta), "-o", p(&rebuilt)]);
-        let j: serde_json::Value = serde_json::from_str(&ok(&["inspect", p(&delta), "--json"])).unwrap();
-        let bpp = std::fs::metadata(&delta).unwrap().len() as f64 * 8.0 / j["params"].as_f64().unwrap();
+        let j: serde_json::Value =
+            serde_json::from_str(&ok(&["inspect", p(&delta), "--json"])).unwrap();
+        let bpp =
+            std::fs::metadata(&delta).unwrap().len() as f64 * 8.0 / j["params"].as_f64().unwrap();
         let fine = accuracy(&model(variant), variant);
         let got = accuracy(&rebuilt, variant);
         let base_acc = accuracy(&base, variant);
@@ -72,9 +100,16 @@ fn default_compress_keeps_97_percent_of_the_fine_tune_at_most_2_2_bits_per_param
             100.0 * got / fine
         );
         assert!(got >= floor, "{variant}: accuracy {got:.3} under {floor}");
-        assert!(got >= 0.97 * fine, "{variant}: retention {:.3} under 97 %", got / fine);
+        assert!(
+            got >= 0.97 * fine,
+            "{variant}: retention {:.3} under 97 %",
+            got / fine
+        );
         assert!(bpp <= 2.2, "{variant}: {bpp:.3} bits/param over 2.2");
-        assert!(got > base_acc + 0.5, "{variant}: the delta must actually carry the fine-tune");
+        assert!(
+            got > base_acc + 0.5,
+            "{variant}: the delta must actually carry the fine-tune"
+        );
     }
 }
 
@@ -86,9 +121,22 @@ fn seed_recipe_alone_loses_the_fine_tune_on_this_family() {
     let base = model("species-base");
     let delta = dir.join("night.bdelta");
     let rebuilt = dir.join("night.onnx");
-    ok(&["compress", "--base", p(&base), "--fine", p(&model("night")), "-o", p(&delta), "--codec", "seed"]);
+    ok(&[
+        "compress",
+        "--base",
+        p(&base),
+        "--fine",
+        p(&model("night")),
+        "-o",
+        p(&delta),
+        "--codec",
+        "seed",
+    ]);
     ok(&["apply", "--base", p(&base), p(&delta), "-o", p(&rebuilt)]);
     let acc = accuracy(&rebuilt, "night");
     println!("night with the seed recipe: {acc:.3}");
-    assert!(acc < 0.5, "seed recipe accuracy {acc:.3}: expected far below the fine-tune");
+    assert!(
+        acc < 0.5,
+        "seed recipe accuracy {acc:.3}: expected far below the fine-tune"
+    );
 }

@@ -25,11 +25,27 @@ pub(crate) fn scratch(test: &str) -> PathBuf {
 
 /// Runs the binary; returns (exit code, stdout, stderr).
 pub(crate) fn bitdelta(args: &[&str]) -> (i32, String, String) {
-    let Output { status, stdout, stderr } =
-        Command::new(env!("CARGO_BIN_EXE_bitdelta")).args(args).output().expect("binary runs");
-    let (out, err) = (String::from_utf8_lossy(&stdout).into_owned(), String::from_utf8_lossy(&stderr).into_owned());
-    assert!(!err.contains("panicked"), "bitdelta {args:?} panicked: {err}");
-    (status.code().expect("exited, not killed by a signal"), out, err)
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = Command::new(env!("CARGO_BIN_EXE_bitdelta"))
+        .args(args)
+        .output()
+        .expect("binary runs");
+    let (out, err) = (
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    );
+    assert!(
+        !err.contains("panicked"),
+        "bitdelta {args:?} panicked: {err}"
+    );
+    (
+        status.code().expect("exited, not killed by a signal"),
+        out,
+        err,
+    )
 }
 
 /// Like [`bitdelta`] but the command must succeed.
@@ -57,7 +73,10 @@ pub(crate) fn tensors(path: &Path) -> BTreeMap<String, (Vec<i64>, Vec<f32>)> {
             let v = if t.raw_data.is_empty() {
                 t.float_data.clone()
             } else {
-                t.raw_data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+                t.raw_data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
             };
             (t.name, (t.dims, v))
         })

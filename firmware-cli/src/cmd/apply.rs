@@ -41,32 +41,67 @@ pub(crate) fn parse_delta_arg(s: &str) -> Result<(PathBuf, f32)> {
 
 pub(crate) fn run(a: Args) -> Result<ExitCode> {
     let base = Model::open(&a.base)?;
-    let specs = a.deltas.iter().map(|s| parse_delta_arg(s)).collect::<Result<Vec<_>>>()?;
-    let bytes = specs.iter().map(|(p, _)| read_delta(p)).collect::<Result<Vec<_>>>()?;
+    let specs = a
+        .deltas
+        .iter()
+        .map(|s| parse_delta_arg(s))
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = specs
+        .iter()
+        .map(|(p, _)| read_delta(p))
+        .collect::<Result<Vec<_>>>()?;
     let files = specs
         .iter()
         .zip(&bytes)
         .map(|((p, _), b)| super::parse_checked(p, b))
         .collect::<Result<Vec<_>>>()?;
-    let list: Vec<_> = files.iter().zip(&specs).map(|(f, (_, alpha))| (f, *alpha)).collect();
+    let list: Vec<_> = files
+        .iter()
+        .zip(&specs)
+        .map(|(f, (_, alpha))| (f, *alpha))
+        .collect();
     let applied = apply_onnx(base.bytes(), &base.weights, &list).map_err(|e| {
         let which = match &e {
             bitdelta::apply::ApplyError::Format { delta, .. }
             | bitdelta::apply::ApplyError::WrongBase { delta, .. }
-            | bitdelta::apply::ApplyError::TensorSet { delta, .. } => specs[*delta].0.display().to_string(),
-            _ => specs.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(" + "),
+            | bitdelta::apply::ApplyError::TensorSet { delta, .. } => {
+                specs[*delta].0.display().to_string()
+            }
+            _ => specs
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" + "),
         };
         anyhow::anyhow!("{which}: {e} (base {})", a.base.display())
     })?;
     write_atomic(&a.output, &applied.model)?;
-    println!("{}: {} bytes, weights fingerprint {}", a.output.display(), applied.model.len(), hex(&applied.fingerprint));
+    println!(
+        "{}: {} bytes, weights fingerprint {}",
+        a.output.display(),
+        applied.model.len(),
+        hex(&applied.fingerprint)
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 /// Applies deltas to a base model file in memory (used by `demo`).
 pub(crate) fn apply_files(base: &Model, deltas: &[(&Path, f32)]) -> Result<Vec<u8>> {
-    let bytes = deltas.iter().map(|(p, _)| read_delta(p)).collect::<Result<Vec<_>>>()?;
-    let files = deltas.iter().zip(&bytes).map(|((p, _), b)| super::parse_checked(p, b)).collect::<Result<Vec<_>>>()?;
-    let list: Vec<_> = files.iter().zip(deltas).map(|(f, (_, alpha))| (f, *alpha)).collect();
-    Ok(apply_onnx(base.bytes(), &base.weights, &list).context("applying deltas")?.model)
+    let bytes = deltas
+        .iter()
+        .map(|(p, _)| read_delta(p))
+        .collect::<Result<Vec<_>>>()?;
+    let files = deltas
+        .iter()
+        .zip(&bytes)
+        .map(|((p, _), b)| super::parse_checked(p, b))
+        .collect::<Result<Vec<_>>>()?;
+    let list: Vec<_> = files
+        .iter()
+        .zip(deltas)
+        .map(|(f, (_, alpha))| (f, *alpha))
+        .collect();
+    Ok(apply_onnx(base.bytes(), &base.weights, &list)
+        .context("applying deltas")?
+        .model)
 }

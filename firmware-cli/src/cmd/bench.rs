@@ -33,20 +33,28 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn time(iters: usize, mut f: impl FnMut()) -> Duration {
     f(); // warm-up: page faults, caches
-    median((0..iters.max(1)).map(|_| {
-        let t = Instant::now();
-        f();
-        t.elapsed()
-    })
-    .collect())
+    median(
+        (0..iters.max(1))
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect(),
+    )
 }
 
 pub(crate) fn run(a: Args) -> Result<ExitCode> {
     anyhow::ensure!(a.size_mib > 0, "--size-mib: expected at least 1");
     let n = a.size_mib * (1 << 20) / 4;
     let base: Vec<f32> = (0..n).map(|i| (i % 1021) as f32 * 1e-3 - 0.5).collect();
-    let bits: Vec<u8> = (0..n.div_ceil(8)).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8).collect();
-    let q: Vec<i8> = (0..n).map(|i| ((i * 37) % 255) as i8).map(|v| v.max(-127)).collect();
+    let bits: Vec<u8> = (0..n.div_ceil(8))
+        .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+        .collect();
+    let q: Vec<i8> = (0..n)
+        .map(|i| ((i * 37) % 255) as i8)
+        .map(|v| v.max(-127))
+        .collect();
     let mut out = vec![0f32; n];
     let bytes = (n * 4) as f64;
     let memcpy = time(a.iters, || {
@@ -70,10 +78,21 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
             "apply_vs_memcpy": s / m, "q8_vs_memcpy": q / m,
         }))?;
     } else {
-        println!("backend {}, {} MiB output, median of {} runs", kernels::backend_name(), a.size_mib, a.iters);
+        println!(
+            "backend {}, {} MiB output, median of {} runs",
+            kernels::backend_name(),
+            a.size_mib,
+            a.iters
+        );
         println!("  memcpy          {m:>7.2} GB/s");
-        println!("  apply sign      {s:>7.2} GB/s   apply_vs_memcpy {:.3}", s / m);
-        println!("  apply q8        {q:>7.2} GB/s   q8_vs_memcpy    {:.3}", q / m);
+        println!(
+            "  apply sign      {s:>7.2} GB/s   apply_vs_memcpy {:.3}",
+            s / m
+        );
+        println!(
+            "  apply q8        {q:>7.2} GB/s   q8_vs_memcpy    {:.3}",
+            q / m
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -55,7 +55,11 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
     let fine = Model::open(&a.fine)?;
     let name = match a.name {
         Some(n) => n,
-        None => a.fine.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        None => a
+            .fine
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
     };
     anyhow::ensure!(
         bitdelta::format::is_valid_variant_name(&name),
@@ -65,15 +69,33 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         CodecArg::Auto => Policy::Auto,
         CodecArg::Seed => Policy::Seed,
     };
-    let opts = Options { name: &name, description: &a.description, labels: "", sequence: a.sequence, policy };
+    let opts = Options {
+        name: &name,
+        description: &a.description,
+        labels: "",
+        sequence: a.sequence,
+        policy,
+    };
     let bar = indicatif::ProgressBar::new(base.weights.initializers.len() as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("compress {bar:40} {pos}/{len} tensors").expect("static template"),
+        indicatif::ProgressStyle::with_template("compress {bar:40} {pos}/{len} tensors")
+            .expect("static template"),
     );
-    let bytes = compress_onnx(base.bytes(), &base.weights, fine.bytes(), &fine.weights, &opts, |done, _| {
-        bar.set_position(done as u64)
-    })
-    .with_context(|| format!("compressing {} against {}", a.fine.display(), a.base.display()))?;
+    let bytes = compress_onnx(
+        base.bytes(),
+        &base.weights,
+        fine.bytes(),
+        &fine.weights,
+        &opts,
+        |done, _| bar.set_position(done as u64),
+    )
+    .with_context(|| {
+        format!(
+            "compressing {} against {}",
+            a.fine.display(),
+            a.base.display()
+        )
+    })?;
     bar.finish_and_clear();
     write_atomic(&a.output, &bytes)?;
     let params = base.weights.params();

@@ -21,7 +21,9 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
     let backend = bitdelta::kernels::backend_name();
     let format = bitdelta::format::VERSION;
     if a.json {
-        super::print_json(&json!({"version": version, "target": target, "backend": backend, "format_version": format}))?;
+        super::print_json(
+            &json!({"version": version, "target": target, "backend": backend, "format_version": format}),
+        )?;
     } else {
         println!("bitdelta {version}\ntarget: {target}\nkernel backend: {backend}\ndelta format: v{format}");
     }

@@ -27,7 +27,13 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
     let file = super::parse_checked(&a.file, &bytes)?;
     let m = file.manifest();
     let params = file.params();
-    let bpp = |b: u64, n: u64| if n == 0 { 0.0 } else { b as f64 * 8.0 / n as f64 };
+    let bpp = |b: u64, n: u64| {
+        if n == 0 {
+            0.0
+        } else {
+            b as f64 * 8.0 / n as f64
+        }
+    };
     let mut by_codec: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
     let mut tensors = Vec::new();
     for e in file.tensors() {
@@ -58,7 +64,12 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
     if a.json {
         let codecs: serde_json::Map<_, _> = by_codec
             .iter()
-            .map(|(k, (t, n, b))| (k.to_string(), json!({"tensors": t, "params": n, "bytes": b})))
+            .map(|(k, (t, n, b))| {
+                (
+                    k.to_string(),
+                    json!({"tensors": t, "params": n, "bytes": b}),
+                )
+            })
             .collect();
         super::print_json(&json!({
             "file": a.file, "name": m.name, "description": m.description, "tool": m.tool,
@@ -71,7 +82,13 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         }))?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{}: variant {:?} (sequence {}), made by {}", a.file.display(), m.name, m.sequence, m.tool);
+    println!(
+        "{}: variant {:?} (sequence {}), made by {}",
+        a.file.display(),
+        m.name,
+        m.sequence,
+        m.tool
+    );
     if !m.description.is_empty() {
         println!("  description: {}", m.description);
     }
@@ -86,9 +103,15 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         bpp(total, params)
     );
     for (k, (t, n, b)) in &by_codec {
-        println!("  {k:<12} {t:>4} tensors {n:>10} params {b:>10} bytes {:>7.3} bits/param", bpp(*b, *n));
+        println!(
+            "  {k:<12} {t:>4} tensors {n:>10} params {b:>10} bytes {:>7.3} bits/param",
+            bpp(*b, *n)
+        );
     }
-    println!("  {:<48} {:<12} {:>9} {:>9} {:>8}", "tensor", "codec", "params", "bytes", "bits/p");
+    println!(
+        "  {:<48} {:<12} {:>9} {:>9} {:>8}",
+        "tensor", "codec", "params", "bytes", "bits/p"
+    );
     for t in &tensors {
         println!(
             "  {:<48} {:<12} {:>9} {:>9} {:>8.3}",

@@ -2,10 +2,13 @@
 
 pub(crate) mod apply;
 pub(crate) mod bench;
+pub(crate) mod classify;
 pub(crate) mod compress;
 pub(crate) mod demo;
 pub(crate) mod info;
 pub(crate) mod inspect;
+pub(crate) mod run;
+pub(crate) mod serve;
 pub(crate) mod verify;
 
 use std::path::Path;
@@ -43,8 +46,10 @@ pub(crate) fn describe(err: &FormatError, file: Option<&DeltaFile<'_>>) -> Strin
 
 /// Parses a delta and checks every payload; errors name the file and the tensor.
 pub(crate) fn parse_checked<'a>(path: &Path, bytes: &'a [u8]) -> Result<DeltaFile<'a>> {
-    let file = DeltaFile::parse(bytes).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), describe(&e, None)))?;
-    file.verify_payloads().map_err(|e| anyhow::anyhow!("{}: {}", path.display(), describe(&e, Some(&file))))?;
+    let file = DeltaFile::parse(bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), describe(&e, None)))?;
+    file.verify_payloads()
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), describe(&e, Some(&file))))?;
     Ok(file)
 }
 

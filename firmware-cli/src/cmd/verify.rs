@@ -33,21 +33,32 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
     let bytes = read_delta(&a.file)?;
     let base = a.base.as_deref().map(Model::open).transpose()?;
     let outcome = check(&bytes, base.as_ref());
-    let name = DeltaFile::parse(&bytes).ok().map(|f| f.manifest().name.to_owned());
+    let name = DeltaFile::parse(&bytes)
+        .ok()
+        .map(|f| f.manifest().name.to_owned());
     match &outcome {
         Ok(fp) => {
             if a.json {
                 super::print_json(&json!({"file": a.file, "ok": true, "variant": name,
                     "result_fingerprint": fp.as_ref().map(hex)}))?;
             } else {
-                let against = base.as_ref().map(|b| format!(" against {}", b.path.display())).unwrap_or_default();
-                println!("{}: OK (variant {:?}{against})", a.file.display(), name.unwrap_or_default());
+                let against = base
+                    .as_ref()
+                    .map(|b| format!(" against {}", b.path.display()))
+                    .unwrap_or_default();
+                println!(
+                    "{}: OK (variant {:?}{against})",
+                    a.file.display(),
+                    name.unwrap_or_default()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
         Err(msg) => {
             if a.json {
-                super::print_json(&json!({"file": a.file, "ok": false, "variant": name, "error": msg}))?;
+                super::print_json(
+                    &json!({"file": a.file, "ok": false, "variant": name, "error": msg}),
+                )?;
             }
             eprintln!("verify failed: {}: {msg}", a.file.display());
             Ok(ExitCode::from(1))
@@ -58,11 +69,13 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
 /// Every check; `Err` carries the message for the user.
 fn check(bytes: &[u8], base: Option<&Model>) -> Result<Option<[u8; 32]>, String> {
     let file = DeltaFile::parse(bytes).map_err(|e| super::describe(&e, None))?;
-    file.verify_payloads().map_err(|e| super::describe(&e, Some(&file)))?;
+    file.verify_payloads()
+        .map_err(|e| super::describe(&e, Some(&file)))?;
     let Some(base) = base else { return Ok(None) };
     let where_ = |e: ApplyError| format!("{e} (base {})", base.path.display());
     let fp = base.weights.fingerprint(base.bytes());
     check_binding(&file, 0, &base.weights, &fp).map_err(where_)?;
-    let result = rebuild(base.bytes(), &base.weights, &[(&file, 1.0)], |_, _| {}).map_err(where_)?;
+    let result =
+        rebuild(base.bytes(), &base.weights, &[(&file, 1.0)], |_, _| {}).map_err(where_)?;
     Ok(Some(result))
 }

@@ -52,14 +52,21 @@ impl Header {
         let stored = u32_at(b, 60);
         let computed = crc32fast::hash(&b[..60]);
         if stored != computed {
-            return Err(FormatError::HeaderChecksum { expected: stored, found: computed });
+            return Err(FormatError::HeaderChecksum {
+                expected: stored,
+                found: computed,
+            });
         }
         let version = u16_at(b, 8);
         if version != VERSION {
             return Err(FormatError::UnsupportedVersion { found: version });
         }
         for off in [10usize, 52, 56] {
-            let nonzero = if off == 10 { u16_at(b, off) != 0 } else { u32_at(b, off) != 0 };
+            let nonzero = if off == 10 {
+                u16_at(b, off) != 0
+            } else {
+                u32_at(b, off) != 0
+            };
             if nonzero {
                 return Err(FormatError::ReservedNotZero { offset: off as u64 });
             }
@@ -99,4 +106,3 @@ impl Header {
         b
     }
 }
-

@@ -143,7 +143,9 @@ pub fn is_valid_variant_name(name: &str) -> bool {
         && name.len() <= MAX_VARIANT_NAME
         && name != "."
         && name != ".."
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 #[cfg(test)]

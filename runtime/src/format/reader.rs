@@ -46,7 +46,9 @@ impl Scales<'_> {
     pub fn get(&self, g: usize) -> f32 {
         match self {
             Self::F16(b) => half::f16::from_le_bytes([b[2 * g], b[2 * g + 1]]).to_f32(),
-            Self::F32(b) => f32::from_le_bytes([b[4 * g], b[4 * g + 1], b[4 * g + 2], b[4 * g + 3]]),
+            Self::F32(b) => {
+                f32::from_le_bytes([b[4 * g], b[4 * g + 1], b[4 * g + 2], b[4 * g + 3]])
+            }
         }
     }
 }
@@ -115,7 +117,9 @@ impl<'a> TensorEntry<'a> {
     }
     /// Dimensions, outermost first.
     pub fn dims(&self) -> impl Iterator<Item = u32> + 'a {
-        self.dims.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        self.dims
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
     }
     /// Number of elements (checked at parse time to fit the caps).
     pub fn numel(&self) -> u64 {
@@ -137,13 +141,25 @@ impl<'a> TensorEntry<'a> {
     pub fn payload(&self) -> Result<Payload<'a>, FormatError> {
         let found = crc32fast::hash(self.payload);
         if found != self.crc {
-            return Err(FormatError::PayloadChecksum { index: self.index, expected: self.crc, found });
+            return Err(FormatError::PayloadChecksum {
+                index: self.index,
+                expected: self.crc,
+                found,
+            });
         }
         let n = self.numel() as usize;
-        let ss = if self.flags & FLAG_SCALES_F16 != 0 { 2 } else { 4 };
+        let ss = if self.flags & FLAG_SCALES_F16 != 0 {
+            2
+        } else {
+            4
+        };
         let split_scales = |p: &'a [u8]| {
             let (s, rest) = p.split_at(self.groups as usize * ss);
-            let scales = if ss == 2 { Scales::F16(s) } else { Scales::F32(s) };
+            let scales = if ss == 2 {
+                Scales::F16(s)
+            } else {
+                Scales::F32(s)
+            };
             for g in 0..scales.len() {
                 check_scale(scales.get(g), self.index, g as u32)?;
             }
@@ -163,7 +179,10 @@ impl<'a> TensorEntry<'a> {
             Codec::Sign => {
                 check_scale(self.scale, self.index, 0)?;
                 check_bits(self.payload)?;
-                Payload::Sign { scale: self.scale, bits: self.payload }
+                Payload::Sign {
+                    scale: self.scale,
+                    bits: self.payload,
+                }
             }
             Codec::SignGroups => {
                 let (scales, bits) = split_scales(self.payload)?;
@@ -210,9 +229,17 @@ impl<'a> DeltaFile<'a> {
     /// [`TensorEntry::payload`], or all at once by [`DeltaFile::verify_payloads`].
     pub fn parse(bytes: &'a [u8]) -> Result<Self, FormatError> {
         let header = Header::parse(bytes)?;
-        cap(Cap::ManifestLen, header.manifest_len.into(), MAX_MANIFEST_LEN.into())?;
+        cap(
+            Cap::ManifestLen,
+            header.manifest_len.into(),
+            MAX_MANIFEST_LEN.into(),
+        )?;
         cap(Cap::Tensors, header.tensor_count.into(), MAX_TENSORS.into())?;
-        cap(Cap::Dims, header.dims_count.into(), u64::from(MAX_TENSORS) * u64::from(MAX_RANK))?;
+        cap(
+            Cap::Dims,
+            header.dims_count.into(),
+            u64::from(MAX_TENSORS) * u64::from(MAX_RANK),
+        )?;
         cap(Cap::NamesLen, header.names_len.into(), MAX_NAMES_LEN.into())?;
         let file_len = bytes.len() as u64;
         if header.file_len != file_len {
@@ -244,17 +271,24 @@ impl<'a> DeltaFile<'a> {
                 found: file_len,
             });
         }
-        let meta = bytes.get(HEADER_LEN..payload_offset as usize).ok_or(FormatError::SizeOverflow)?;
+        let meta = bytes
+            .get(HEADER_LEN..payload_offset as usize)
+            .ok_or(FormatError::SizeOverflow)?;
         let found = crc32fast::hash(meta);
         if found != header.meta_crc {
-            return Err(FormatError::MetaChecksum { expected: header.meta_crc, found });
+            return Err(FormatError::MetaChecksum {
+                expected: header.meta_crc,
+                found,
+            });
         }
         let (manifest_b, rest) = meta.split_at(header.manifest_len as usize);
         let (table, rest) = rest.split_at(header.tensor_count as usize * ENTRY_LEN);
         let (dims, rest) = rest.split_at(header.dims_count as usize * 4);
         let (names, padding) = rest.split_at(header.names_len as usize);
         if let Some(p) = padding.iter().position(|&b| b != 0) {
-            return Err(FormatError::PaddingNotZero { offset: meta_end + p as u64 });
+            return Err(FormatError::PaddingNotZero {
+                offset: meta_end + p as u64,
+            });
         }
         let manifest = match postcard::take_from_bytes::<Manifest<'a>>(manifest_b) {
             Ok((m, [])) => m,
@@ -263,7 +297,14 @@ impl<'a> DeltaFile<'a> {
         if !is_valid_variant_name(manifest.name) {
             return Err(FormatError::BadVariantName);
         }
-        let file = Self { bytes, header, manifest, table, dims, names };
+        let file = Self {
+            bytes,
+            header,
+            manifest,
+            table,
+            dims,
+            names,
+        };
         file.check_table()?;
         Ok(file)
     }
@@ -287,14 +328,25 @@ impl<'a> DeltaFile<'a> {
             let rel = e.offset - base;
             let expected = align_up(cursor, align).ok_or(FormatError::SizeOverflow)?;
             if rel != expected {
-                return Err(FormatError::PayloadOffset { index: i, expected, found: rel });
+                return Err(FormatError::PayloadOffset {
+                    index: i,
+                    expected,
+                    found: rel,
+                });
             }
-            let gap = self.bytes.get((base + cursor) as usize..(base + rel) as usize).unwrap_or(&[]);
+            let gap = self
+                .bytes
+                .get((base + cursor) as usize..(base + rel) as usize)
+                .unwrap_or(&[]);
             if let Some(p) = gap.iter().position(|&b| b != 0) {
-                return Err(FormatError::PaddingNotZero { offset: base + cursor + p as u64 });
+                return Err(FormatError::PaddingNotZero {
+                    offset: base + cursor + p as u64,
+                });
             }
             cursor = rel + e.payload.len() as u64;
-            params = params.checked_add(e.numel()).ok_or(FormatError::SizeOverflow)?;
+            params = params
+                .checked_add(e.numel())
+                .ok_or(FormatError::SizeOverflow)?;
         }
         let total = self.bytes.len() as u64 - base;
         if cursor != total {
@@ -328,10 +380,16 @@ impl<'a> DeltaFile<'a> {
         let scale = f32::from_le_bytes([e[36], e[37], e[38], e[39]]);
         let crc = u32_at(e, 40);
         if u16_at(e, 30) != 0 {
-            return Err(FormatError::ReservedNotZero { offset: entry_off + 30 });
+            return Err(FormatError::ReservedNotZero {
+                offset: entry_off + 30,
+            });
         }
         if name_len > MAX_NAME_LEN {
-            return Err(FormatError::CapExceeded { cap: Cap::NameLen, found: name_len.into(), max: MAX_NAME_LEN.into() });
+            return Err(FormatError::CapExceeded {
+                cap: Cap::NameLen,
+                found: name_len.into(),
+                max: MAX_NAME_LEN.into(),
+            });
         }
         if name_len == 0 {
             return Err(FormatError::BadTensorName { index: i });
@@ -342,10 +400,20 @@ impl<'a> DeltaFile<'a> {
             .and_then(|b| core::str::from_utf8(b).ok())
             .filter(|s| !s.chars().any(char::is_control))
             .ok_or(FormatError::BadTensorName { index: i })?;
-        let codec = Codec::from_id(codec_id).ok_or(FormatError::UnknownCodec { index: i, found: codec_id })?;
-        let dtype = DType::from_id(dtype_id).ok_or(FormatError::UnknownDType { index: i, found: dtype_id })?;
+        let codec = Codec::from_id(codec_id).ok_or(FormatError::UnknownCodec {
+            index: i,
+            found: codec_id,
+        })?;
+        let dtype = DType::from_id(dtype_id).ok_or(FormatError::UnknownDType {
+            index: i,
+            found: dtype_id,
+        })?;
         if rank > MAX_RANK {
-            return Err(FormatError::CapExceeded { cap: Cap::Rank, found: rank.into(), max: MAX_RANK.into() });
+            return Err(FormatError::CapExceeded {
+                cap: Cap::Rank,
+                found: rank.into(),
+                max: MAX_RANK.into(),
+            });
         }
         let dims = dims_start
             .checked_mul(4)
@@ -362,20 +430,28 @@ impl<'a> DeltaFile<'a> {
         }
         cap(Cap::Elements, numel, MAX_ELEMENTS)?;
         if flags & !FLAG_SCALES_F16 != 0 {
-            return Err(FormatError::ReservedNotZero { offset: entry_off + 29 });
+            return Err(FormatError::ReservedNotZero {
+                offset: entry_off + 29,
+            });
         }
         let has_groups = matches!(codec, Codec::SignGroups | Codec::Q8Groups);
         if !has_groups && (groups != 0 || flags != 0) && codec != Codec::Sign {
             return Err(FormatError::FieldNotZero { index: i });
         }
         if codec == Codec::Sign && (groups != 1 || flags != 0) {
-            return Err(FormatError::BadGroups { index: i, found: groups });
+            return Err(FormatError::BadGroups {
+                index: i,
+                found: groups,
+            });
         }
         if codec != Codec::Sign && scale.to_bits() != 0 {
             return Err(FormatError::FieldNotZero { index: i });
         }
         if has_groups && (groups == 0 || numel % u64::from(groups) != 0) {
-            return Err(FormatError::BadGroups { index: i, found: groups });
+            return Err(FormatError::BadGroups {
+                index: i,
+                found: groups,
+            });
         }
         let ss: u64 = if flags & FLAG_SCALES_F16 != 0 { 2 } else { 4 };
         let expected_len = match codec {
@@ -387,17 +463,39 @@ impl<'a> DeltaFile<'a> {
             Codec::Q8Groups => u64::from(groups) * ss + numel,
         };
         if len != expected_len {
-            return Err(FormatError::PayloadLength { index: i, expected: expected_len, found: len });
+            return Err(FormatError::PayloadLength {
+                index: i,
+                expected: expected_len,
+                found: len,
+            });
         }
         let base = self.header.payload_offset;
-        let start = base.checked_add(offset_rel).ok_or(FormatError::SizeOverflow)?;
+        let start = base
+            .checked_add(offset_rel)
+            .ok_or(FormatError::SizeOverflow)?;
         let end = start.checked_add(len).ok_or(FormatError::SizeOverflow)?;
         let payload = usize::try_from(start)
             .ok()
             .zip(usize::try_from(end).ok())
             .and_then(|(s, e)| self.bytes.get(s..e))
-            .ok_or(FormatError::PayloadOffset { index: i, expected: 0, found: offset_rel })?;
-        Ok(TensorEntry { index: i, name, codec, dtype, flags, groups, scale, crc, offset: start, dims, payload })
+            .ok_or(FormatError::PayloadOffset {
+                index: i,
+                expected: 0,
+                found: offset_rel,
+            })?;
+        Ok(TensorEntry {
+            index: i,
+            name,
+            codec,
+            dtype,
+            flags,
+            groups,
+            scale,
+            crc,
+            offset: start,
+            dims,
+            payload,
+        })
     }
 
     /// The header.
@@ -422,7 +520,9 @@ impl<'a> DeltaFile<'a> {
     }
     /// Entry `i`, or `None` past the end.
     pub fn tensor(&self, i: usize) -> Option<TensorEntry<'a>> {
-        let i = u32::try_from(i).ok().filter(|&i| i < self.header.tensor_count)?;
+        let i = u32::try_from(i)
+            .ok()
+            .filter(|&i| i < self.header.tensor_count)?;
         // parse() checked every entry, so this cannot fail.
         self.entry_unchecked(i).ok()
     }

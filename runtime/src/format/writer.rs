@@ -35,8 +35,12 @@ impl OwnedScales {
     }
     fn write(&self, out: &mut Vec<u8>) {
         match self {
-            Self::F16(v) => v.iter().for_each(|s| out.extend_from_slice(&s.to_le_bytes())),
-            Self::F32(v) => v.iter().for_each(|s| out.extend_from_slice(&s.to_le_bytes())),
+            Self::F16(v) => v
+                .iter()
+                .for_each(|s| out.extend_from_slice(&s.to_le_bytes())),
+            Self::F32(v) => v
+                .iter()
+                .for_each(|s| out.extend_from_slice(&s.to_le_bytes())),
         }
     }
 }
@@ -92,15 +96,23 @@ impl Encoded {
             Self::RawF32(v) => v.len() * 4,
             Self::RawF16(v) => v.len() * 2,
             Self::Sign { bits, .. } => bits.len(),
-            Self::SignGroups { scales, bits } => scales.len() * if scales.is_f16() { 2 } else { 4 } + bits.len(),
-            Self::Q8Groups { scales, q } => scales.len() * if scales.is_f16() { 2 } else { 4 } + q.len(),
+            Self::SignGroups { scales, bits } => {
+                scales.len() * if scales.is_f16() { 2 } else { 4 } + bits.len()
+            }
+            Self::Q8Groups { scales, q } => {
+                scales.len() * if scales.is_f16() { 2 } else { 4 } + q.len()
+            }
         }
     }
     fn write(&self, out: &mut Vec<u8>) {
         match self {
             Self::Unchanged => {}
-            Self::RawF32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Self::RawF16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Self::RawF32(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Self::RawF16(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
             Self::Sign { bits, .. } => out.extend_from_slice(bits),
             Self::SignGroups { scales, bits } => {
                 scales.write(out);
@@ -146,12 +158,18 @@ pub enum WriteError {
 impl fmt::Display for WriteError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::BadVariantName => write!(f, "bad variant name: expected 1 to 64 characters from [A-Za-z0-9._-]"),
+            Self::BadVariantName => write!(
+                f,
+                "bad variant name: expected 1 to 64 characters from [A-Za-z0-9._-]"
+            ),
             Self::DuplicateName(n) => write!(f, "duplicate tensor name {n:?}"),
             Self::Inconsistent(n) => {
                 write!(f, "tensor {n:?}: payload does not fit its shape, or a scale/value/name is out of range")
             }
-            Self::BadAlignment(a) => write!(f, "bad alignment {a}: expected a power of two from 1 to 4096"),
+            Self::BadAlignment(a) => write!(
+                f,
+                "bad alignment {a}: expected a power of two from 1 to 4096"
+            ),
             Self::TooLarge => write!(f, "delta too large for format version 1"),
         }
     }
@@ -161,7 +179,11 @@ impl core::error::Error for WriteError {}
 
 /// Writes a complete delta file. Tensors are sorted by name; `manifest.params` is filled in.
 /// The output parses with [`super::DeltaFile::parse`].
-pub fn write_delta(manifest: &Manifest<'_>, tensors: &mut [TensorRecord], alignment: u32) -> Result<Vec<u8>, WriteError> {
+pub fn write_delta(
+    manifest: &Manifest<'_>,
+    tensors: &mut [TensorRecord],
+    alignment: u32,
+) -> Result<Vec<u8>, WriteError> {
     if !is_valid_variant_name(manifest.name) {
         return Err(WriteError::BadVariantName);
     }
@@ -185,7 +207,9 @@ pub fn write_delta(manifest: &Manifest<'_>, tensors: &mut [TensorRecord], alignm
                 Encoded::RawF16(v) => v.len() as u64 == n,
                 Encoded::Sign { bits, .. } => bits.len() as u64 == n.div_ceil(8),
                 Encoded::SignGroups { scales, bits } => {
-                    !scales.is_empty() && n % scales.len() as u64 == 0 && bits.len() as u64 == n.div_ceil(8)
+                    !scales.is_empty()
+                        && n % scales.len() as u64 == 0
+                        && bits.len() as u64 == n.div_ceil(8)
                 }
                 Encoded::Q8Groups { scales, q } => {
                     !scales.is_empty() && n % scales.len() as u64 == 0 && q.len() as u64 == n
@@ -201,12 +225,20 @@ pub fn write_delta(manifest: &Manifest<'_>, tensors: &mut [TensorRecord], alignm
             _ => true,
         };
         let q_ok = !matches!(&t.encoded, Encoded::Q8Groups { q, .. } if q.contains(&i8::MIN));
-        if !ok || !scales_ok || !q_ok || t.name.is_empty() || t.name.len() > usize::from(super::MAX_NAME_LEN) {
+        if !ok
+            || !scales_ok
+            || !q_ok
+            || t.name.is_empty()
+            || t.name.len() > usize::from(super::MAX_NAME_LEN)
+        {
             return Err(WriteError::Inconsistent(t.name.clone()));
         }
         params += n;
     }
-    let manifest = Manifest { params, ..manifest.clone() };
+    let manifest = Manifest {
+        params,
+        ..manifest.clone()
+    };
     let manifest_b = postcard::to_allocvec(&manifest).map_err(|_| WriteError::TooLarge)?;
 
     let a = alignment as usize;
@@ -222,9 +254,11 @@ pub fn write_delta(manifest: &Manifest<'_>, tensors: &mut [TensorRecord], alignm
         let len = payloads.len() - off;
         let (groups, scale, flags) = match &t.encoded {
             Encoded::Sign { scale, .. } => (1u32, *scale, 0u8),
-            Encoded::SignGroups { scales, .. } | Encoded::Q8Groups { scales, .. } => {
-                (scales.len() as u32, 0.0, if scales.is_f16() { FLAG_SCALES_F16 } else { 0 })
-            }
+            Encoded::SignGroups { scales, .. } | Encoded::Q8Groups { scales, .. } => (
+                scales.len() as u32,
+                0.0,
+                if scales.is_f16() { FLAG_SCALES_F16 } else { 0 },
+            ),
             _ => (0, 0.0, 0),
         };
         let name_len = u16::try_from(t.name.len()).map_err(|_| WriteError::TooLarge)?;
