@@ -8,6 +8,7 @@ mod card;
 mod cmd;
 mod data;
 mod files;
+mod synth;
 
 /// Ship fine-tuned model variants as tiny deltas against one base model.
 ///

@@ -6,3 +6,4 @@ mod cli;
 mod quality;
 mod reference;
 mod seed;
+mod serve;

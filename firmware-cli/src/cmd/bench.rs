@@ -1,12 +1,18 @@
 //! `bitdelta bench`.
 
 use std::hint::black_box;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use bitdelta::kernels;
-use serde_json::json;
+use serde_json::{json, Value};
+
+use bitdelta::compress::{compress_onnx, Options, Policy};
+use bitdelta::mem::{release_free_memory, reset_peak_rss, rss};
+use bitdelta::onnx::OnnxWeights;
+use bitdelta::tract::{Classifier, Engine, BASE};
 
 /// Measure delta kernels against memcpy over the same output bytes, in one run.
 ///
@@ -24,6 +30,18 @@ pub(crate) struct Args {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Species family folder for the switching measurements.
+    #[arg(long, default_value = super::demo::default_models())]
+    models: PathBuf,
+    /// Hidden width of the generated MLP family (4096 gives 117 MB of f32 weights); 0 skips it.
+    #[arg(long, default_value_t = 4096)]
+    mlp_hidden: i64,
+    /// Switches in the RSS-flatness run on the species family.
+    #[arg(long, default_value_t = 1000)]
+    switches: usize,
+    /// Only the kernel measurements (no models).
+    #[arg(long)]
+    kernels_only: bool,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -70,14 +88,15 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         black_box(&out);
     });
     let gbps = |d: Duration| bytes / d.as_secs_f64() / 1e9;
-    let (m, s, q) = (gbps(memcpy), gbps(sign), gbps(q8));
-    if a.json {
-        super::print_json(&json!({
-            "backend": kernels::backend_name(), "size_mib": a.size_mib, "iters": a.iters,
-            "memcpy_gbps": m, "apply_sign_gbps": s, "apply_q8_gbps": q,
-            "apply_vs_memcpy": s / m, "q8_vs_memcpy": q / m,
-        }))?;
-    } else {
+    let (m, s, qg) = (gbps(memcpy), gbps(sign), gbps(q8));
+    drop((base, bits, q, out));
+    let q = qg;
+    let mut report = json!({
+        "backend": kernels::backend_name(), "size_mib": a.size_mib, "iters": a.iters,
+        "memcpy_gbps": m, "apply_sign_gbps": s, "apply_q8_gbps": q,
+        "apply_vs_memcpy": s / m, "q8_vs_memcpy": q / m,
+    });
+    if !a.json {
         println!(
             "backend {}, {} MiB output, median of {} runs",
             kernels::backend_name(),
@@ -94,5 +113,157 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
             q / m
         );
     }
+    if !a.kernels_only {
+        let dir = &a.models;
+        let read = |f: &str| {
+            std::fs::read(dir.join(f)).with_context(|| format!("{}", dir.join(f).display()))
+        };
+        let species = switching(
+            "species",
+            read("species-base.onnx")?,
+            read("night.onnx")?,
+            &[1, 3, 32, 32],
+            9,
+            a.switches,
+            !a.json,
+        )?;
+        report["species"] = species.clone();
+        for k in [
+            "switch_vs_cold_load",
+            "switch_peak_rss_vs_one",
+            "infer_after_switch_vs_fine",
+            "cold_start_vs_fine_load",
+        ] {
+            report[k] = species[k].clone();
+        }
+        report["rss_growth_over_switches"] = species["rss_growth_over_switches"].clone();
+        if a.mlp_hidden > 0 {
+            let base = crate::synth::mlp(a.mlp_hidden, None);
+            let fine = crate::synth::mlp(a.mlp_hidden, Some(11));
+            report["mlp"] = switching("mlp", base, fine, &[1, 3, 32, 32], 3, 10, !a.json)?;
+        }
+    }
+    if a.json {
+        super::print_json(&report)?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+fn median_of(k: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?; // warm-up
+    let mut v = Vec::with_capacity(k);
+    for _ in 0..k.max(1) {
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed());
+    }
+    Ok(median(v).as_secs_f64())
+}
+
+/// Switching measurements for one family, all in this process: cold load of the fine-tuned ONNX
+/// by tract, cold start from base + delta, switch base <-> variant, inference, and peak RSS (the
+/// kernel's high-water mark, reset between phases).
+fn switching(
+    label: &str,
+    base: Vec<u8>,
+    fine: Vec<u8>,
+    shape: &[usize],
+    k: usize,
+    switches: usize,
+    text: bool,
+) -> Result<Value> {
+    let bw = OnnxWeights::scan(&base)?;
+    let fw = OnnxWeights::scan(&fine)?;
+    let opts = Options {
+        name: "variant",
+        description: "",
+        labels: "",
+        sequence: 1,
+        policy: Policy::Auto,
+    };
+    let delta = compress_onnx(&base, &bw, &fine, &fw, &opts, |_, _| {})?;
+    let weights_mb = bw.params() as f64 * 4.0 / 1e6;
+    let input = vec![0.1f32; shape.iter().product()];
+    // tract on the fine-tuned ONNX: the reference for load time and inference time.
+    let cold_fine = median_of(k, || Classifier::from_onnx_bytes(&fine, shape).map(drop))?;
+    let clf = Classifier::from_onnx_bytes(&fine, shape)?;
+    let infer_fine = median_of(k * 20, || clf.run(&input).map(drop))?;
+    drop(clf);
+    drop(fine);
+    let base: std::sync::Arc<[u8]> = base.into();
+    let engine = |b: &std::sync::Arc<[u8]>| -> Result<Engine> {
+        let mut e = Engine::new(Box::new(b.clone()), shape)?;
+        e.add_variant("variant", vec![(delta.clone(), 1.0)])?;
+        Ok(e)
+    };
+    // Cold start: base + delta to the first inference.
+    let cold_start = median_of(k, || {
+        let mut e = engine(&base)?;
+        e.switch("variant")?;
+        e.run(&input).map(drop)
+    })?;
+    release_free_memory();
+    // Peak RSS with one variant, then while switching.
+    reset_peak_rss();
+    let mut e = engine(&base)?;
+    e.switch("variant")?;
+    e.run(&input)?;
+    let peak_one = rss().map(|r| r.1).unwrap_or(0);
+    reset_peak_rss();
+    let mut times = Vec::new();
+    for i in 0..k.max(2) * 2 {
+        let t = Instant::now();
+        e.switch(if i % 2 == 0 { BASE } else { "variant" })?;
+        times.push(t.elapsed());
+        e.run(&input)?;
+    }
+    let peak_switch = rss().map(|r| r.1).unwrap_or(0);
+    let switch = median(times).as_secs_f64();
+    let infer_after = median_of(k * 20, || e.run(&input).map(drop))?;
+    // RSS flatness over many switches.
+    let rss_at = |e: &mut Engine, n: usize| -> Result<u64> {
+        for i in 0..n {
+            e.switch(if i % 2 == 0 { BASE } else { "variant" })?;
+        }
+        e.switch("variant")?;
+        e.run(&input)?;
+        Ok(rss().map(|r| r.0).unwrap_or(0))
+    };
+    let rss_early = rss_at(&mut e, 10)?;
+    let rss_late = rss_at(&mut e, switches)?;
+    let r = json!({
+        "weights_mb": weights_mb, "delta_bytes": delta.len(),
+        "cold_load_fine_ms": cold_fine * 1e3, "cold_start_ms": cold_start * 1e3, "switch_ms": switch * 1e3,
+        "infer_fine_ms": infer_fine * 1e3, "infer_after_switch_ms": infer_after * 1e3,
+        "peak_rss_one_mb": peak_one as f64 / 1e6, "peak_rss_switching_mb": peak_switch as f64 / 1e6,
+        "switches_for_rss": switches, "rss_after_10_mb": rss_early as f64 / 1e6, "rss_after_n_mb": rss_late as f64 / 1e6,
+        "switch_vs_cold_load": switch / cold_fine,
+        "switch_peak_rss_vs_one": peak_switch as f64 / peak_one.max(1) as f64,
+        "infer_after_switch_vs_fine": infer_after / infer_fine,
+        "cold_start_vs_fine_load": cold_start / cold_fine,
+        "rss_growth_over_switches": rss_late as f64 / rss_early.max(1) as f64,
+    });
+    if text {
+        println!(
+            "{label}: {weights_mb:.1} MB of weights, delta {} bytes",
+            delta.len()
+        );
+        for key in [
+            "switch_vs_cold_load",
+            "switch_peak_rss_vs_one",
+            "infer_after_switch_vs_fine",
+            "cold_start_vs_fine_load",
+            "rss_growth_over_switches",
+        ] {
+            println!("  {key:<28} {:.3}", r[key].as_f64().unwrap_or(f64::NAN));
+        }
+        println!(
+            "  switch {:.1} ms, cold load {:.1} ms, peak RSS {:.1} MB one / {:.1} MB switching",
+            switch * 1e3,
+            cold_fine * 1e3,
+            peak_one as f64 / 1e6,
+            peak_switch as f64 / 1e6
+        );
+    }
+    Ok(r)
 }

@@ -34,7 +34,7 @@ pub(crate) struct Args {
     variants: Vec<String>,
 }
 
-fn default_models() -> &'static str {
+pub(crate) fn default_models() -> &'static str {
     concat!(env!("CARGO_MANIFEST_DIR"), "/../models/species")
 }
 

@@ -1,0 +1,309 @@
+//! `serve` and `run`: answers equal tract on the applied ONNX of each variant; memory stays that
+//! of one model while switching.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use tract_onnx::prelude::*;
+
+use crate::reference::{model, ok, p, scratch, species};
+
+/// Softmax of tract's logits for one image, computed here from the model file (the reference).
+fn reference_probs(onnx: &Path, image: &Path) -> Vec<f32> {
+    let img = image::open(image).unwrap().to_luma8();
+    let (w, h) = img.dimensions();
+    let mut input = Vec::new();
+    for _ in 0..3 {
+        input.extend(
+            img.as_raw()
+                .iter()
+                .map(|&v| (v as f32 * (1.0 / 255.0) - 0.45) / 0.225),
+        );
+    }
+    let plan = tract_onnx::onnx()
+        .model_for_path(onnx)
+        .unwrap()
+        .with_input_fact(0, f32::fact([1, 3, h as usize, w as usize]).into())
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    let t = Tensor::from_shape(&[1, 3, h as usize, w as usize], &input).unwrap();
+    let out = plan.run(tvec!(t.into())).unwrap();
+    let logits: Vec<f64> = out[0]
+        .to_plain_array_view::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&x| x as f64)
+        .collect();
+    let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = logits.iter().map(|x| (x - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|x| (x / s) as f32).collect()
+}
+
+fn images() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(species().join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Runs `serve` with `requests`, returns the answers and the server's peak RSS in KiB (VmHWM,
+/// read while it is still alive after answering everything).
+fn serve(args: &[&str], requests: &[String]) -> (Vec<serde_json::Value>, u64) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitdelta"))
+        .arg("serve")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut answers = Vec::new();
+    for r in requests {
+        writeln!(stdin, "{r}").unwrap();
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        answers.push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}")));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "serve exits 0 at EOF: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (answers, hwm)
+}
+
+#[test]
+fn serve_alternating_variants_answers_what_tract_gives_on_the_applied_models() {
+    let dir = scratch("serve_alternating");
+    let base = model("species-base");
+    let mut applied = vec![("base".to_string(), base.clone())];
+    let mut variant_args = Vec::new();
+    for v in ["night", "fog"] {
+        let d = dir.join(format!("{v}.bdelta"));
+        let o = dir.join(format!("{v}.onnx"));
+        ok(&[
+            "compress",
+            "--base",
+            p(&base),
+            "--fine",
+            p(&model(v)),
+            "-o",
+            p(&d),
+        ]);
+        ok(&["apply", "--base", p(&base), p(&d), "-o", p(&o)]);
+        applied.push((v.to_string(), o));
+        variant_args.push(format!("{v}={}", p(&d)));
+    }
+    let imgs = images();
+    let order = ["base", "night", "fog"];
+    let requests: Vec<String> = imgs
+        .iter()
+        .enumerate()
+        .map(|(i, img)| serde_json::json!({"image": img, "variant": order[i % 3]}).to_string())
+        .collect();
+    let mut args = vec!["--base", p(&base), "--top", "10"];
+    for v in &variant_args {
+        args.extend(["--variant", v.as_str()]);
+    }
+    let (answers, _) = serve(&args, &requests);
+    assert_eq!(answers.len(), imgs.len());
+    let labels: Vec<String> = serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(species().join("model-card.json")).unwrap(),
+    )
+    .unwrap()["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect();
+    let mut fingerprints = std::collections::BTreeMap::new();
+    for (i, (img, a)) in imgs.iter().zip(&answers).enumerate() {
+        let v = order[i % 3];
+        assert_eq!(a["variant"], v);
+        // serve starts on the base; after that every request changes variant.
+        assert_eq!(a["switched"], i != 0, "request {i}");
+        assert_eq!(a["switch_ms"].as_f64().unwrap() > 0.0, i != 0);
+        assert!(a["infer_ms"].as_f64().unwrap() > 0.0);
+        let fp = a["fingerprint"].as_str().unwrap().to_string();
+        assert_eq!(
+            fingerprints.entry(v).or_insert(fp.clone()),
+            &fp,
+            "{v}: fingerprint is stable"
+        );
+        let onnx = &applied.iter().find(|(n, _)| n == v).unwrap().1;
+        let want = reference_probs(onnx, img);
+        let top = a["top"].as_array().unwrap();
+        assert_eq!(top.len(), 10);
+        for t in top {
+            let k = labels
+                .iter()
+                .position(|l| l == t["label"].as_str().unwrap())
+                .unwrap();
+            let got = t["p"].as_f64().unwrap() as f32;
+            assert_eq!(
+                got.to_bits(),
+                want[k].to_bits(),
+                "{}: {v}: p({}) {got} vs tract {}",
+                img.display(),
+                labels[k],
+                want[k]
+            );
+        }
+        let best = (0..want.len()).fold(0, |b, k| if want[k] > want[b] { k } else { b });
+        assert_eq!(a["label"], labels[best].as_str());
+    }
+    assert_eq!(
+        fingerprints.len(),
+        3,
+        "base, night and fog have distinct weights"
+    );
+    // Bad requests get an error object and the loop goes on.
+    let (answers, _) = serve(
+        &args,
+        &[
+            "not json".into(),
+            r#"{"image": "/nonexistent.png"}"#.into(),
+            requests[0].clone(),
+        ],
+    );
+    assert!(answers[0]["error"].as_str().unwrap().contains("not JSON"));
+    assert!(answers[1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("/nonexistent.png"));
+    assert_eq!(answers[2]["variant"], "base");
+}
+
+#[test]
+fn serve_rules_pick_the_variant_and_memory_stays_that_of_one_model() {
+    let dir = scratch("serve_rules");
+    let base = model("species-base");
+    let mut args = vec!["--base".to_string(), p(&base).to_string()];
+    for v in ["night", "fog"] {
+        let d = dir.join(format!("{v}.bdelta"));
+        ok(&[
+            "compress",
+            "--base",
+            p(&base),
+            "--fine",
+            p(&model(v)),
+            "-o",
+            p(&d),
+        ]);
+        args.extend(["--variant".into(), format!("{v}={}", p(&d))]);
+    }
+    let requests: Vec<String> = images()
+        .iter()
+        .map(|i| serde_json::json!({"image": i}).to_string())
+        .collect();
+    let base_only: Vec<&str> = vec!["--base", p(&base)];
+    let (_, one_kib) = serve(&base_only, &requests);
+    let mut with_rules: Vec<&str> = args.iter().map(String::as_str).collect();
+    with_rules.extend([
+        "--rule",
+        "fog:brightness>0.5",
+        "--rule",
+        "night:contrast<0.16",
+        "--default-variant",
+        "base",
+    ]);
+    let (answers, switching_kib) = serve(&with_rules, &requests);
+    let mut correct = 0;
+    for a in &answers {
+        let name = Path::new(a["image"].as_str().unwrap())
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        let condition = name.split('-').next().unwrap();
+        let want_variant = if condition == "clean" {
+            "base"
+        } else {
+            condition
+        };
+        assert_eq!(
+            a["variant"], want_variant,
+            "{name}: brightness {} contrast {}",
+            a["brightness"], a["contrast"]
+        );
+        correct += usize::from(
+            name.trim_end_matches(".png")
+                .ends_with(a["label"].as_str().unwrap()),
+        );
+    }
+    assert!(
+        correct >= 27,
+        "{correct}/30 sample images right with per-frame switching"
+    );
+    let ratio = switching_kib as f64 / one_kib as f64;
+    println!("peak RSS: base only {one_kib} KiB, switching {switching_kib} KiB, ratio {ratio:.3}");
+    assert!(
+        ratio <= 1.15,
+        "peak RSS while switching is {ratio:.3}x that of serving the base alone"
+    );
+}
+
+#[test]
+fn run_prints_the_species_with_variant_and_fingerprint() {
+    let dir = scratch("run_json");
+    let base = model("species-base");
+    let d = dir.join("night.bdelta");
+    ok(&[
+        "compress",
+        "--base",
+        p(&base),
+        "--fine",
+        p(&model("night")),
+        "-o",
+        p(&d),
+    ]);
+    let img = species().join("images/night-0001-zebra.png");
+    let csv = dir.join("detections.csv");
+    let out = ok(&[
+        "run",
+        "--base",
+        p(&base),
+        "--variant",
+        p(&d),
+        p(&img),
+        "--json",
+        "--csv",
+        p(&csv),
+    ]);
+    let j: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(j["label"], "zebra");
+    assert_eq!(j["variant"], "night");
+    assert_eq!(j["fingerprint"].as_str().unwrap().len(), 64);
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = text.lines();
+    assert!(lines
+        .next()
+        .unwrap()
+        .starts_with("observationID,mediaID,filePath,timestamp"));
+    let row = lines.next().unwrap();
+    assert!(
+        row.contains(",zebra,") && row.contains("variant night ("),
+        "{row}"
+    );
+}
