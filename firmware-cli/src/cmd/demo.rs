@@ -8,6 +8,11 @@ use anyhow::{Context, Result};
 use bitdelta::compress::{compress_onnx, Options, Policy};
 use bitdelta::tract::{argmax, Classifier};
 
+use bitdelta::mem::{release_free_memory, reset_peak_rss, rss};
+use bitdelta::tract::{Engine, BASE};
+
+use super::classify::stats;
+use super::serve::Rule;
 use crate::card::Card;
 use crate::data::{load_gray, LabelledSet};
 use crate::files::{read_delta, write_atomic, Model};
@@ -172,6 +177,7 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         }
     }
     samples(dir, &ev.card, &base, &variant_models)?;
+    camera_trap(&base, &ev, &variant_models)?;
     println!("\ndone in {:.1} s", started.elapsed().as_secs_f64());
     Ok(ExitCode::SUCCESS)
 }
@@ -235,6 +241,123 @@ fn samples(
             Some(_) => println!("  {cond:<6} {n} images: base {ok_base}/{n} correct, {cond} variant {ok_var}/{n} correct;{line} ..."),
             None => println!("  {cond:<6} {n} images: base {ok_base}/{n} correct;{line} ..."),
         }
+    }
+    Ok(())
+}
+
+/// The camera-trap loop: frames from clean, night and fog in runs of mixed length, the variant
+/// chosen per frame by rule from image statistics, one model in memory at a time.
+fn camera_trap(
+    base: &Model,
+    ev: &Evaluator,
+    variants: &[(String, PathBuf, Vec<u8>)],
+) -> Result<()> {
+    let rules =
+        ["fog:brightness>0.5", "night:contrast<0.16"].map(|r| Rule::parse(r).expect("static rule"));
+    // Frames: runs of 4..=19 frames per condition, 300 frames, deterministic order.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut used = [0usize; 3];
+    let mut frames = Vec::new();
+    while frames.len() < 300 {
+        let c = (next() % 3) as usize;
+        for _ in 0..4 + next() % 16 {
+            if used[c] < ev.sets[c].1.len() {
+                frames.push((c, used[c]));
+                used[c] += 1;
+            }
+        }
+    }
+    frames.truncate(300);
+    let shape = ev.card.batch1_shape();
+    // Peak memory of one model (base + one variant built, one inference), for comparison.
+    release_free_memory();
+    reset_peak_rss();
+    {
+        let mut one = Engine::new(Box::new(base.map.to_vec()), &shape)?;
+        if let Some((name, path, _)) = variants.first() {
+            one.add_variant(name, vec![(read_delta(path)?, 1.0)])?;
+            one.switch(name)?;
+        }
+        one.run(&ev.card.preprocess_gray(ev.sets[0].1.image(0)))?;
+    }
+    let peak_one = rss().map(|r| r.1);
+    release_free_memory();
+    reset_peak_rss();
+    let mut engine = Engine::new(Box::new(base.map.to_vec()), &shape)?;
+    for (name, path, _) in variants {
+        engine.add_variant(name, vec![(read_delta(path)?, 1.0)])?;
+    }
+    let known: Vec<String> = engine.variants().map(str::to_owned).collect();
+    let mut switch_ms = Vec::new();
+    let (mut total, mut ok_switch, mut ok_base) = ([0usize; 3], [0usize; 3], [0usize; 3]);
+    let mut base_only = Engine::new(Box::new(base.map.to_vec()), &shape)?;
+    println!("\ncamera-trap loop: {} frames from clean/night/fog in runs; rules fog:brightness>0.5, night:contrast<0.16", frames.len());
+    for (k, &(c, i)) in frames.iter().enumerate() {
+        let (cond, set) = (&ev.sets[c].0, &ev.sets[c].1);
+        let gray = set.image(i);
+        let (b, ct) = stats(gray);
+        let want = rules
+            .iter()
+            .find(|r| r.matches(b, ct))
+            .map(|r| r.variant().to_owned())
+            .filter(|v| known.contains(v))
+            .unwrap_or_else(|| BASE.to_owned());
+        let t = Instant::now();
+        if engine.switch(&want)? {
+            switch_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let input = ev.card.preprocess_gray(gray);
+        let pred = argmax(&engine.run(&input)?).unwrap_or(0);
+        let pred_base = argmax(&base_only.run(&input)?).unwrap_or(0);
+        total[c] += 1;
+        ok_switch[c] += usize::from(pred as i64 == set.labels[i]);
+        ok_base[c] += usize::from(pred_base as i64 == set.labels[i]);
+        if k < 12 {
+            println!(
+                "  frame {k:>3} {cond:<5} brightness {b:.2} contrast {ct:.2} -> {want:<5} {:<8} (truth {})",
+                ev.card.labels[pred],
+                ev.card.labels[set.labels[i] as usize]
+            );
+        }
+    }
+    println!("  ...");
+    let peak_loop = rss().map(|r| r.1);
+    println!(
+        "  {:<6} {:>6} {:>16} {:>16}",
+        "", "frames", "with switching", "base only"
+    );
+    for c in 0..3 {
+        let acc = |ok: usize| ok as f64 / total[c].max(1) as f64;
+        println!(
+            "  {:<6} {:>6} {:>16.3} {:>16.3}",
+            ev.sets[c].0,
+            total[c],
+            acc(ok_switch[c]),
+            acc(ok_base[c])
+        );
+    }
+    switch_ms.sort_by(f64::total_cmp);
+    if !switch_ms.is_empty() {
+        println!(
+            "  {} switches, median {:.1} ms, max {:.1} ms",
+            switch_ms.len(),
+            switch_ms[switch_ms.len() / 2],
+            switch_ms[switch_ms.len() - 1]
+        );
+    }
+    if let (Some(one), Some(lp)) = (peak_one, peak_loop) {
+        println!(
+            "  peak RSS while switching {:.1} MB vs {:.1} MB for one model ({:.2}x; the base-only engine runs alongside for comparison)",
+            lp as f64 / 1e6,
+            one as f64 / 1e6,
+            lp as f64 / one as f64
+        );
     }
     Ok(())
 }

@@ -90,6 +90,11 @@ impl Rule {
         })
     }
 
+    /// The variant this rule selects.
+    pub(crate) fn variant(&self) -> &str {
+        &self.variant
+    }
+
     pub(crate) fn matches(&self, brightness: f64, contrast: f64) -> bool {
         let x = match self.stat {
             Stat::Brightness => brightness,
