@@ -187,11 +187,26 @@ pub fn rebuild_unchecked(
     base: &[u8],
     weights: &OnnxWeights,
     deltas: &[(&DeltaFile<'_>, f32)],
-    mut sink: impl FnMut(&Initializer, &[u8]),
+    sink: impl FnMut(&Initializer, &[u8]),
 ) -> Result<Fingerprint, ApplyError> {
     let base_fp = weights.fingerprint(base);
+    let fp = rebuild_with(base, weights, &base_fp, deltas, true, sink)?;
+    Ok(fp.expect("hashing was asked for"))
+}
+
+/// The rebuild loop for callers that already know the base fingerprint (an engine computes it
+/// once). Binding and every payload checksum are checked; the rebuilt weights are hashed only
+/// when `hash` is set (it is a full pass over the weights).
+pub fn rebuild_with(
+    base: &[u8],
+    weights: &OnnxWeights,
+    base_fp: &Fingerprint,
+    deltas: &[(&DeltaFile<'_>, f32)],
+    hash: bool,
+    mut sink: impl FnMut(&Initializer, &[u8]),
+) -> Result<Option<Fingerprint>, ApplyError> {
     for (k, (d, _)) in deltas.iter().enumerate() {
-        check_binding(d, k, weights, &base_fp)?;
+        check_binding(d, k, weights, base_fp)?;
     }
     let mut fp = Fingerprinter::new();
     let mut values = Vec::new();
@@ -217,10 +232,12 @@ pub fn rebuild_unchecked(
             .map_err(ApplyError::Compose)?;
         stored.resize(init.data.len(), 0);
         store(init.dtype, &values, &mut stored);
-        fp.add(&init.name, init.dtype, &init.dims, &stored);
+        if hash {
+            fp.add(&init.name, init.dtype, &init.dims, &stored);
+        }
         sink(init, &stored);
     }
-    Ok(fp.finish())
+    Ok(hash.then(|| fp.finish()))
 }
 
 /// Applies `deltas` to the ONNX `base`: the output is the base file with every float initializer's
@@ -232,7 +249,7 @@ pub fn apply_onnx(
 ) -> Result<Applied, ApplyError> {
     let mut model = base.to_vec();
     let fingerprint = rebuild(base, weights, deltas, |init, bytes| {
-        model[init.data.clone()].copy_from_slice(bytes)
+        model[init.data.clone()].copy_from_slice(bytes);
     })?;
     Ok(Applied { model, fingerprint })
 }

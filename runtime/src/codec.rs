@@ -82,7 +82,7 @@ fn scale_values(s: &OwnedScales) -> Vec<f32> {
 /// When `groups` is 0 or does not divide the length.
 pub fn sign_groups(base: &[f32], fine: &[f32], groups: usize, f16_scales: bool) -> Encoded {
     assert!(
-        groups > 0 && base.len() % groups == 0,
+        groups > 0 && base.len().is_multiple_of(groups),
         "groups must divide the tensor length"
     );
     let g = base.len() / groups;
@@ -107,7 +107,7 @@ pub fn sign_groups(base: &[f32], fine: &[f32], groups: usize, f16_scales: bool) 
 /// When `groups` is 0 or does not divide the length.
 pub fn q8_groups(base: &[f32], fine: &[f32], groups: usize, f16_scales: bool) -> Encoded {
     assert!(
-        groups > 0 && base.len() % groups == 0,
+        groups > 0 && base.len().is_multiple_of(groups),
         "groups must divide the tensor length"
     );
     let g = base.len() / groups;

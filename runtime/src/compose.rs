@@ -145,7 +145,7 @@ pub fn reconstruct(
             Payload::SignGroups { scales, .. } | Payload::Q8Groups { scales, .. } => scales.len(),
             _ => 1,
         };
-        if groups == 0 || n % groups != 0 {
+        if groups == 0 || !n.is_multiple_of(groups) {
             return Err(ComposeError::LengthMismatch {
                 expected: n,
                 found: groups,
@@ -165,7 +165,7 @@ pub fn reconstruct(
                     let s = alpha * scale;
                     match (filled, base) {
                         (false, Base::F32(b)) => {
-                            kernels::apply_signs(chunk, &b[start..end], bits, start, s)
+                            kernels::apply_signs(chunk, &b[start..end], bits, start, s);
                         }
                         _ => {
                             fill(&base, start, chunk, &mut filled);

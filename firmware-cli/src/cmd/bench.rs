@@ -121,7 +121,7 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         let species = switching(
             "species",
             read("species-base.onnx")?,
-            read("night.onnx")?,
+            &|| read("night.onnx"),
             &[1, 3, 32, 32],
             9,
             a.switches,
@@ -139,8 +139,8 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         report["rss_growth_over_switches"] = species["rss_growth_over_switches"].clone();
         if a.mlp_hidden > 0 {
             let base = crate::synth::mlp(a.mlp_hidden, None);
-            let fine = crate::synth::mlp(a.mlp_hidden, Some(11));
-            report["mlp"] = switching("mlp", base, fine, &[1, 3, 32, 32], 3, 10, !a.json)?;
+            let fine = || Ok(crate::synth::mlp(a.mlp_hidden, Some(11)));
+            report["mlp"] = switching("mlp", base, &fine, &[1, 3, 32, 32], 3, 10, !a.json)?;
         }
     }
     if a.json {
@@ -166,12 +166,13 @@ fn median_of(k: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 fn switching(
     label: &str,
     base: Vec<u8>,
-    fine: Vec<u8>,
+    make_fine: &dyn Fn() -> Result<Vec<u8>>,
     shape: &[usize],
     k: usize,
     switches: usize,
     text: bool,
 ) -> Result<Value> {
+    let fine = make_fine()?;
     let bw = OnnxWeights::scan(&base)?;
     let fw = OnnxWeights::scan(&fine)?;
     let opts = Options {
@@ -186,9 +187,6 @@ fn switching(
     let input = vec![0.1f32; shape.iter().product()];
     // tract on the fine-tuned ONNX: the reference for load time and inference time.
     let cold_fine = median_of(k, || Classifier::from_onnx_bytes(&fine, shape).map(drop))?;
-    let clf = Classifier::from_onnx_bytes(&fine, shape)?;
-    let infer_fine = median_of(k * 20, || clf.run(&input).map(drop))?;
-    drop(clf);
     drop(fine);
     let base: std::sync::Arc<[u8]> = base.into();
     let engine = |b: &std::sync::Arc<[u8]>| -> Result<Engine> {
@@ -219,7 +217,6 @@ fn switching(
     }
     let peak_switch = rss().map(|r| r.1).unwrap_or(0);
     let switch = median(times).as_secs_f64();
-    let infer_after = median_of(k * 20, || e.run(&input).map(drop))?;
     // RSS flatness over many switches.
     let rss_at = |e: &mut Engine, n: usize| -> Result<u64> {
         for i in 0..n {
@@ -231,6 +228,18 @@ fn switching(
     };
     let rss_early = rss_at(&mut e, 10)?;
     let rss_late = rss_at(&mut e, switches)?;
+    // Inference after a switch against tract on the fine-tuned ONNX, timed alternately.
+    let clf = Classifier::from_onnx_bytes(&make_fine()?, shape)?;
+    let (mut tf, mut te) = (Vec::new(), Vec::new());
+    for _ in 0..k * 20 + 1 {
+        let t = Instant::now();
+        clf.run(&input)?;
+        tf.push(t.elapsed());
+        let t = Instant::now();
+        e.run(&input)?;
+        te.push(t.elapsed());
+    }
+    let (infer_fine, infer_after) = (median(tf).as_secs_f64(), median(te).as_secs_f64());
     let r = json!({
         "weights_mb": weights_mb, "delta_bytes": delta.len(),
         "cold_load_fine_ms": cold_fine * 1e3, "cold_start_ms": cold_start * 1e3, "switch_ms": switch * 1e3,

@@ -70,7 +70,6 @@ impl Session {
                 self.labels.retain(|(n, _)| n != name);
                 self.labels.push((name.to_owned(), labels));
             }
-            drop(file);
             deltas.push((bytes, alpha));
         }
         self.engine

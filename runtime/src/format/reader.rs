@@ -154,7 +154,14 @@ impl<'a> TensorEntry<'a> {
             4
         };
         let split_scales = |p: &'a [u8]| {
-            let (s, rest) = p.split_at(self.groups as usize * ss);
+            // Entries from `DeltaFile` always fit; a caller-edited entry gets an error, not a panic.
+            let (s, rest) = (self.groups as usize)
+                .checked_mul(ss)
+                .and_then(|at| p.split_at_checked(at))
+                .ok_or(FormatError::BadGroups {
+                    index: self.index,
+                    found: self.groups,
+                })?;
             let scales = if ss == 2 {
                 Scales::F16(s)
             } else {
@@ -201,7 +208,7 @@ impl<'a> TensorEntry<'a> {
 }
 
 fn check_scale(s: f32, index: u32, group: u32) -> Result<(), FormatError> {
-    if s.is_finite() && s >= 0.0 && s <= MAX_SCALE {
+    if s.is_finite() && (0.0..=MAX_SCALE).contains(&s) {
         Ok(())
     } else {
         Err(FormatError::BadScale { index, group })
@@ -447,7 +454,7 @@ impl<'a> DeltaFile<'a> {
         if codec != Codec::Sign && scale.to_bits() != 0 {
             return Err(FormatError::FieldNotZero { index: i });
         }
-        if has_groups && (groups == 0 || numel % u64::from(groups) != 0) {
+        if has_groups && (groups == 0 || !numel.is_multiple_of(u64::from(groups))) {
             return Err(FormatError::BadGroups {
                 index: i,
                 found: groups,

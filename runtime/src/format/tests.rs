@@ -666,7 +666,7 @@ fn round_trip_alignments() {
         records()
             .iter()
             .map(|r| r.encoded.payload_len() as u64)
-            .sum()
+            .sum::<u64>()
     );
     let b = fixture(MAX_ALIGN);
     assert!(DeltaFile::parse(&b)

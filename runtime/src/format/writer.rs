@@ -198,7 +198,13 @@ pub fn write_delta(
     }
     let mut params = 0u64;
     for t in tensors.iter() {
-        let n: u64 = t.dims.iter().map(|&d| u64::from(d)).product();
+        let n = t
+            .dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(u64::from(d)));
+        let Some(n) = n.filter(|&n| n <= super::MAX_ELEMENTS) else {
+            return Err(WriteError::TooLarge);
+        };
         let ok = t.dims.len() <= MAX_RANK as usize
             && t.dims.iter().all(|&d| d > 0)
             && match &t.encoded {
@@ -208,11 +214,13 @@ pub fn write_delta(
                 Encoded::Sign { bits, .. } => bits.len() as u64 == n.div_ceil(8),
                 Encoded::SignGroups { scales, bits } => {
                     !scales.is_empty()
-                        && n % scales.len() as u64 == 0
+                        && n.is_multiple_of(scales.len() as u64)
                         && bits.len() as u64 == n.div_ceil(8)
                 }
                 Encoded::Q8Groups { scales, q } => {
-                    !scales.is_empty() && n % scales.len() as u64 == 0 && q.len() as u64 == n
+                    !scales.is_empty()
+                        && n.is_multiple_of(scales.len() as u64)
+                        && q.len() as u64 == n
                 }
             };
         let scale_ok = |v: f32| v.is_finite() && (0.0..=super::MAX_SCALE).contains(&v);
