@@ -36,6 +36,7 @@ enum Command {
     Run(cmd::run::Args),
     Serve(cmd::serve::Args),
     Bench(cmd::bench::Args),
+    Board(cmd::board::Args),
     Info(cmd::info::Args),
     Demo(cmd::demo::Args),
 }
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd::run::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Board(a) => cmd::board::run(a),
         Command::Info(a) => cmd::info::run(a),
         Command::Demo(a) => cmd::demo::run(a),
     };

@@ -2,8 +2,8 @@
 
 use crate::reference::{bitdelta, model, ok, p, scratch};
 
-const COMMANDS: [&str; 7] = [
-    "compress", "inspect", "verify", "apply", "bench", "info", "demo",
+const COMMANDS: [&str; 10] = [
+    "compress", "inspect", "verify", "apply", "run", "serve", "bench", "board", "info", "demo",
 ];
 
 #[test]
@@ -192,4 +192,46 @@ fn compress_refuses_models_that_do_not_match() {
     ]);
     assert_eq!(code, 2);
     assert!(err.contains("junk.onnx"), "{err}");
+}
+
+#[test]
+fn board_check_predicts_the_species_model_fits_and_a_huge_budget_miss() {
+    let j: serde_json::Value = serde_json::from_str(&ok(&["board", "list", "--json"])).unwrap();
+    let names: Vec<&str> = j
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "raspberry-pi-4",
+            "raspberry-pi-5",
+            "jetson-orin-nano",
+            "generic-aarch64"
+        ]
+    );
+    let base = model("species-base");
+    let j: serde_json::Value = serde_json::from_str(&ok(&[
+        "board",
+        "check",
+        "--board",
+        "raspberry-pi-4",
+        "--base",
+        p(&base),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(j["fits"], true);
+    // 279,018 f32 weights = 1.064 MiB; the prediction is 25 MiB + 3.2 x weights at peak.
+    let w = j["weights_mib"].as_f64().unwrap();
+    assert!((w - 279_018.0 * 4.0 / 1048576.0).abs() < 1e-9, "{w}");
+    assert!((j["cold_start_peak_mib"].as_f64().unwrap() - (25.0 + 3.2 * w)).abs() < 1e-9);
+    let (code, _, err) = bitdelta(&["board", "check", "--board", "pi-zero", "--base", p(&base)]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("unknown board \"pi-zero\"") && err.contains("raspberry-pi-4"),
+        "{err}"
+    );
 }

@@ -2,6 +2,7 @@
 
 pub(crate) mod apply;
 pub(crate) mod bench;
+pub(crate) mod board;
 pub(crate) mod classify;
 pub(crate) mod compress;
 pub(crate) mod demo;
