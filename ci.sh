@@ -40,6 +40,11 @@ RUSTFLAGS="${RUSTFLAGS:-} --cfg bitdelta_backend=\"scalar\"" CARGO_TARGET_DIR=ta
 step "aarch64 under qemu-user (NEON kernels against the scalar oracle)"
 cargo test -p bitdelta --lib --target aarch64-unknown-linux-gnu
 
+step "aarch64 CLI under qemu-user (NEON reported, same bytes as x86, species right)"
+BITDELTA_RUNNER="qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu" \
+  cargo test -p bitdelta-cli --target aarch64-unknown-linux-gnu --test integration -- \
+  golden:: cli::info_reports_the_kernel_backend cli::every_command_has_help
+
 step "no_std core"
 cargo build -p bitdelta --no-default-features --target thumbv7em-none-eabihf
 cargo build -p bitdelta --no-default-features --target aarch64-unknown-none

@@ -33,13 +33,33 @@ fn info_reports_the_kernel_backend() {
 }
 
 #[test]
-fn bench_json_has_apply_vs_memcpy() {
-    // A contract test of the JSON shape on a small buffer; speed itself is for `bitdelta bench`.
-    let j: serde_json::Value =
-        serde_json::from_str(&ok(&["bench", "--json", "--size-mib", "4", "--iters", "3"])).unwrap();
+fn bench_json_has_apply_vs_memcpy_and_the_switching_ratios() {
+    // A contract test of the JSON shape on small inputs; speed itself is for `bitdelta bench`.
+    let out = ok(&[
+        "bench",
+        "--json",
+        "--size-mib",
+        "4",
+        "--iters",
+        "3",
+        "--mlp-hidden",
+        "64",
+        "--switches",
+        "4",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
     let r = j["apply_vs_memcpy"].as_f64().unwrap();
     assert!(r.is_finite() && r > 0.0);
     assert!(j["memcpy_gbps"].as_f64().unwrap() > 0.0);
+    for k in [
+        "switch_vs_cold_load",
+        "switch_peak_rss_vs_one",
+        "infer_after_switch_vs_fine",
+        "cold_start_vs_fine_load",
+    ] {
+        assert!(j[k].as_f64().unwrap() > 0.0, "{k}");
+        assert!(j["mlp"][k].as_f64().unwrap() > 0.0, "mlp {k}");
+    }
 }
 
 fn night_delta(dir: &std::path::Path) -> Vec<u8> {

@@ -3,6 +3,7 @@
 //! decoded with tract-onnx's protobuf types, tract inference of the rebuilt models).
 
 mod cli;
+mod golden;
 mod quality;
 mod reference;
 mod seed;

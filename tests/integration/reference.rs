@@ -23,16 +23,30 @@ pub(crate) fn scratch(test: &str) -> PathBuf {
     d
 }
 
+/// The binary, prefixed by `BITDELTA_RUNNER` when set (e.g. `qemu-aarch64 -cpu cortex-a72 -L
+/// /usr/aarch64-linux-gnu` when the tests themselves run under qemu-user without binfmt).
+pub(crate) fn command() -> Command {
+    match std::env::var("BITDELTA_RUNNER")
+        .ok()
+        .filter(|r| !r.trim().is_empty())
+    {
+        Some(runner) => {
+            let mut parts = runner.split_whitespace();
+            let mut c = Command::new(parts.next().expect("non-empty"));
+            c.args(parts).arg(env!("CARGO_BIN_EXE_bitdelta"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_bitdelta")),
+    }
+}
+
 /// Runs the binary; returns (exit code, stdout, stderr).
 pub(crate) fn bitdelta(args: &[&str]) -> (i32, String, String) {
     let Output {
         status,
         stdout,
         stderr,
-    } = Command::new(env!("CARGO_BIN_EXE_bitdelta"))
-        .args(args)
-        .output()
-        .expect("binary runs");
+    } = command().args(args).output().expect("binary runs");
     let (out, err) = (
         String::from_utf8_lossy(&stdout).into_owned(),
         String::from_utf8_lossy(&stderr).into_owned(),
