@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
-use bitdelta::apply::apply_onnx;
+use anyhow::Result;
+use bitdelta::apply::{apply_onnx, Applied, ApplyError};
 
 use crate::files::{hex, read_delta, write_atomic, Model};
 
@@ -46,35 +46,11 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         .iter()
         .map(|s| parse_delta_arg(s))
         .collect::<Result<Vec<_>>>()?;
-    let bytes = specs
+    let specs: Vec<(&Path, f32)> = specs
         .iter()
-        .map(|(p, _)| read_delta(p))
-        .collect::<Result<Vec<_>>>()?;
-    let files = specs
-        .iter()
-        .zip(&bytes)
-        .map(|((p, _), b)| super::parse_checked(p, b))
-        .collect::<Result<Vec<_>>>()?;
-    let list: Vec<_> = files
-        .iter()
-        .zip(&specs)
-        .map(|(f, (_, alpha))| (f, *alpha))
+        .map(|(p, alpha)| (p.as_path(), *alpha))
         .collect();
-    let applied = apply_onnx(base.bytes(), &base.weights, &list).map_err(|e| {
-        let which = match &e {
-            bitdelta::apply::ApplyError::Format { delta, .. }
-            | bitdelta::apply::ApplyError::WrongBase { delta, .. }
-            | bitdelta::apply::ApplyError::TensorSet { delta, .. } => {
-                specs[*delta].0.display().to_string()
-            }
-            _ => specs
-                .iter()
-                .map(|(p, _)| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(" + "),
-        };
-        anyhow::anyhow!("{which}: {e} (base {})", a.base.display())
-    })?;
+    let applied = apply_files(&base, &specs)?;
     write_atomic(&a.output, &applied.model)?;
     println!(
         "{}: {} bytes, weights fingerprint {}",
@@ -85,8 +61,9 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Applies deltas to a base model file in memory (used by `demo`).
-pub(crate) fn apply_files(base: &Model, deltas: &[(&Path, f32)]) -> Result<Vec<u8>> {
+/// Reads, checks and applies deltas to a base model in memory; errors name the delta file
+/// at fault and the base.
+pub(crate) fn apply_files(base: &Model, deltas: &[(&Path, f32)]) -> Result<Applied> {
     let bytes = deltas
         .iter()
         .map(|(p, _)| read_delta(p))
@@ -101,7 +78,17 @@ pub(crate) fn apply_files(base: &Model, deltas: &[(&Path, f32)]) -> Result<Vec<u
         .zip(deltas)
         .map(|(f, (_, alpha))| (f, *alpha))
         .collect();
-    Ok(apply_onnx(base.bytes(), &base.weights, &list)
-        .context("applying deltas")?
-        .model)
+    apply_onnx(base.bytes(), &base.weights, &list).map_err(|e| {
+        let which = match &e {
+            ApplyError::Format { delta, .. }
+            | ApplyError::WrongBase { delta, .. }
+            | ApplyError::TensorSet { delta, .. } => deltas[*delta].0.display().to_string(),
+            _ => deltas
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" + "),
+        };
+        anyhow::anyhow!("{which}: {e} (base {})", base.path.display())
+    })
 }

@@ -161,7 +161,7 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
             .with_context(|| format!("compressing {}", fine_path.display()))?;
             let path = out_dir.join(format!("{v}.{label}.bdelta"));
             write_atomic(&path, &bytes)?;
-            let model = super::apply::apply_files(&base, &[(&path, 1.0)])?;
+            let model = super::apply::apply_files(&base, &[(&path, 1.0)])?.model;
             let bpp = format!("{:.3}", bytes.len() as f64 * 8.0 / params as f64);
             row(
                 v,
