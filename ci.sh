@@ -10,13 +10,14 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 step "tools (idempotent)"
 need=()
 command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+command -v arm-linux-gnueabihf-gcc >/dev/null || need+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
 command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
 if [ ${#need[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 installed=$(rustup target list --installed)
-for t in aarch64-unknown-linux-gnu thumbv7em-none-eabihf aarch64-unknown-none; do
+for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf thumbv7em-none-eabihf aarch64-unknown-none; do
   grep -qx "$t" <<<"$installed" || rustup target add "$t"
 done
 rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
@@ -45,7 +46,10 @@ BITDELTA_RUNNER="qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu" \
   cargo test -p bitdelta-cli --target aarch64-unknown-linux-gnu --test integration -- \
   golden:: cli::info_reports_the_kernel_backend cli::every_command_has_help
 
-step "no_std core"
+step "armv7 (32-bit Pi OS) under qemu-arm: scalar kernels, format, streaming decoder"
+PROPTEST_CASES=64 cargo test -p bitdelta --lib --target armv7-unknown-linux-gnueabihf
+
+step "no_std core (format, kernels, streaming decoder)"
 cargo build -p bitdelta --no-default-features --target thumbv7em-none-eabihf
 cargo build -p bitdelta --no-default-features --target aarch64-unknown-none
 cargo test -p bitdelta --lib --no-default-features

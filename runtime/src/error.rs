@@ -216,6 +216,24 @@ pub enum FormatError {
         /// Tensor index.
         index: u32,
     },
+    /// The delta reader ended before the length the caller gave ([`crate::stream`]).
+    UnexpectedEof {
+        /// Byte offset in the file of the first missing byte.
+        offset: u64,
+    },
+    /// The caller's buffer cannot hold the meta region plus the largest block of group scales
+    /// ([`crate::stream`]).
+    BufferTooSmall {
+        /// Bytes needed (a lower bound when the meta region alone does not fit).
+        needed: u64,
+        /// Bytes given.
+        found: u64,
+    },
+    /// The base reader ended inside a tensor's data ([`crate::stream`]).
+    BaseTruncated {
+        /// Tensor index.
+        index: u32,
+    },
 }
 
 impl fmt::Display for FormatError {
@@ -304,6 +322,16 @@ impl fmt::Display for FormatError {
             }
             Q8OutOfRange { index } => {
                 write!(f, "tensor {index}: 8-bit delta of -128 (allowed: -127..=127)")
+            }
+            UnexpectedEof { offset } => {
+                write!(f, "delta stream ended early: byte {offset} is missing")
+            }
+            BufferTooSmall { needed, found } => write!(
+                f,
+                "buffer too small for the meta region and group scales: expected at least {needed} bytes, found {found}"
+            ),
+            BaseTruncated { index } => {
+                write!(f, "tensor {index}: base data ended early")
             }
         }
     }

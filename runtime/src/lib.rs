@@ -31,6 +31,7 @@ pub mod mem;
 #[cfg(feature = "std")]
 pub mod onnx;
 pub mod pack;
+pub mod stream;
 #[cfg(feature = "tract")]
 pub mod tract;
 

@@ -33,7 +33,8 @@ pub(crate) fn describe(err: &FormatError, file: Option<&DeltaFile<'_>>) -> Strin
         | FormatError::PayloadOffset { index, .. }
         | FormatError::PayloadChecksum { index, .. }
         | FormatError::SignPaddingNotZero { index }
-        | FormatError::Q8OutOfRange { index } => Some(index),
+        | FormatError::Q8OutOfRange { index }
+        | FormatError::BaseTruncated { index } => Some(index),
         _ => None,
     };
     match (index, file) {

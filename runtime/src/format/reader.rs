@@ -107,6 +107,9 @@ pub struct TensorEntry<'a> {
     /// Absolute offset of the payload in the file.
     pub offset: u64,
     dims: &'a [u8],
+    /// Payload length in bytes (equal to `payload.len()` for entries of a [`DeltaFile`]).
+    len: u64,
+    /// Empty for entries decoded from the meta region alone ([`TensorEntry::decode`]).
     payload: &'a [u8],
 }
 
@@ -207,6 +210,33 @@ impl<'a> TensorEntry<'a> {
     }
 }
 
+impl<'a> TensorEntry<'a> {
+    /// The scale rule of `docs/FORMAT.md` §8 (finite, `>= 0`, `<= MAX_SCALE`), shared with the
+    /// streaming decoder so both refuse exactly the same scales.
+    pub(crate) fn check_scale(s: f32, index: u32, group: u32) -> Result<(), FormatError> {
+        check_scale(s, index, group)
+    }
+
+    /// Payload length in bytes, as stored in the table.
+    pub(crate) fn payload_len(&self) -> u64 {
+        self.len
+    }
+
+    /// Decodes entry `i` from the meta region `[HEADER_LEN, payload_offset)` alone, with every
+    /// check [`DeltaFile::parse`] makes on one entry; the payload must lie inside `file_len` bytes.
+    ///
+    /// The returned entry has no payload bytes ([`TensorEntry::payload_bytes`] is empty): only its
+    /// metadata is meaningful. Used by the streaming decoder, after [`DeltaFile::check_meta`].
+    pub(crate) fn decode(
+        header: &Header,
+        meta: &'a [u8],
+        file_len: u64,
+        i: u32,
+    ) -> Result<Self, FormatError> {
+        Tables::split(header, meta, file_len)?.entry(i)
+    }
+}
+
 fn check_scale(s: f32, index: u32, group: u32) -> Result<(), FormatError> {
     if s.is_finite() && (0.0..=MAX_SCALE).contains(&s) {
         Ok(())
@@ -230,45 +260,39 @@ fn cap(cap: Cap, found: u64, max: u64) -> Result<(), FormatError> {
     }
 }
 
-impl<'a> DeltaFile<'a> {
-    /// Parses and checks the structure of a whole delta file: header, caps, layout, manifest,
-    /// tensor table, names and the tiling of payloads. Payload checksums are checked per tensor by
-    /// [`TensorEntry::payload`], or all at once by [`DeltaFile::verify_payloads`].
-    pub fn parse(bytes: &'a [u8]) -> Result<Self, FormatError> {
-        let header = Header::parse(bytes)?;
+impl Header {
+    /// The checks on the header that need the file length but no other byte: the caps on the
+    /// four counts, `file_len`, and `payload_offset` (the layout, and inside the file).
+    ///
+    /// Run after [`Header::parse`]; shared by [`DeltaFile::parse`] and the streaming decoder.
+    pub(crate) fn check_layout(&self, file_len: u64) -> Result<(), FormatError> {
         cap(
             Cap::ManifestLen,
-            header.manifest_len.into(),
+            self.manifest_len.into(),
             MAX_MANIFEST_LEN.into(),
         )?;
-        cap(Cap::Tensors, header.tensor_count.into(), MAX_TENSORS.into())?;
+        cap(Cap::Tensors, self.tensor_count.into(), MAX_TENSORS.into())?;
         cap(
             Cap::Dims,
-            header.dims_count.into(),
+            self.dims_count.into(),
             u64::from(MAX_TENSORS) * u64::from(MAX_RANK),
         )?;
-        cap(Cap::NamesLen, header.names_len.into(), MAX_NAMES_LEN.into())?;
-        let file_len = bytes.len() as u64;
-        if header.file_len != file_len {
+        cap(Cap::NamesLen, self.names_len.into(), MAX_NAMES_LEN.into())?;
+        if self.file_len != file_len {
             return Err(FormatError::LengthMismatch {
                 field: Field::FileLen,
                 expected: file_len,
-                found: header.file_len,
+                found: self.file_len,
             });
         }
-        // All four counts are capped, so this sum cannot overflow u64.
-        let meta_end = HEADER_LEN as u64
-            + u64::from(header.manifest_len)
-            + u64::from(header.tensor_count) * ENTRY_LEN as u64
-            + u64::from(header.dims_count) * 4
-            + u64::from(header.names_len);
-        let align = u64::from(header.alignment);
+        let meta_end = self.meta_end();
+        let align = u64::from(self.alignment);
         let payload_offset = align_up(meta_end, align).ok_or(FormatError::SizeOverflow)?;
-        if header.payload_offset != payload_offset {
+        if self.payload_offset != payload_offset {
             return Err(FormatError::LengthMismatch {
                 field: Field::PayloadOffset,
                 expected: payload_offset,
-                found: header.payload_offset,
+                found: self.payload_offset,
             });
         }
         if payload_offset > file_len {
@@ -278,54 +302,78 @@ impl<'a> DeltaFile<'a> {
                 found: file_len,
             });
         }
-        let meta = bytes
-            .get(HEADER_LEN..payload_offset as usize)
-            .ok_or(FormatError::SizeOverflow)?;
-        let found = crc32fast::hash(meta);
-        if found != header.meta_crc {
-            return Err(FormatError::MetaChecksum {
-                expected: header.meta_crc,
-                found,
-            });
-        }
-        let (manifest_b, rest) = meta.split_at(header.manifest_len as usize);
-        let (table, rest) = rest.split_at(header.tensor_count as usize * ENTRY_LEN);
-        let (dims, rest) = rest.split_at(header.dims_count as usize * 4);
-        let (names, padding) = rest.split_at(header.names_len as usize);
-        if let Some(p) = padding.iter().position(|&b| b != 0) {
-            return Err(FormatError::PaddingNotZero {
-                offset: meta_end + p as u64,
-            });
-        }
-        let manifest = match postcard::take_from_bytes::<Manifest<'a>>(manifest_b) {
-            Ok((m, [])) => m,
-            _ => return Err(FormatError::ManifestInvalid),
+        Ok(())
+    }
+
+    /// End of the names area. Four u32 counts times small factors: this sum cannot overflow u64.
+    fn meta_end(&self) -> u64 {
+        HEADER_LEN as u64
+            + u64::from(self.manifest_len)
+            + u64::from(self.tensor_count) * ENTRY_LEN as u64
+            + u64::from(self.dims_count) * 4
+            + u64::from(self.names_len)
+    }
+}
+
+/// The tensor table, dims and names areas of the meta region, with what is needed to decode and
+/// check entries without the payload bytes.
+#[derive(Clone, Copy, Debug)]
+struct Tables<'a> {
+    header: Header,
+    file_len: u64,
+    table: &'a [u8],
+    dims: &'a [u8],
+    names: &'a [u8],
+}
+
+impl<'a> Tables<'a> {
+    /// Splits the meta region `[HEADER_LEN, payload_offset)` by the header counts; returns the
+    /// manifest bytes, the tables and the padding after the names area.
+    fn split_meta(
+        header: &Header,
+        meta: &'a [u8],
+        file_len: u64,
+    ) -> Result<(&'a [u8], Self, &'a [u8]), FormatError> {
+        let take = |rest: &'a [u8], n: u64| {
+            usize::try_from(n)
+                .ok()
+                .and_then(|n| rest.split_at_checked(n))
+                .ok_or(FormatError::SizeOverflow)
         };
-        if !is_valid_variant_name(manifest.name) {
-            return Err(FormatError::BadVariantName);
-        }
-        let file = Self {
-            bytes,
-            header,
-            manifest,
+        let (manifest, rest) = take(meta, header.manifest_len.into())?;
+        let (table, rest) = take(rest, u64::from(header.tensor_count) * ENTRY_LEN as u64)?;
+        let (dims, rest) = take(rest, u64::from(header.dims_count) * 4)?;
+        let (names, padding) = take(rest, header.names_len.into())?;
+        let tables = Self {
+            header: *header,
+            file_len,
             table,
             dims,
             names,
         };
-        file.check_table()?;
-        Ok(file)
+        Ok((manifest, tables, padding))
+    }
+
+    fn split(header: &Header, meta: &'a [u8], file_len: u64) -> Result<Self, FormatError> {
+        Self::split_meta(header, meta, file_len).map(|(_, t, _)| t)
     }
 
     /// Walks the table once: names sorted and valid, dims in bounds, codecs known, payload
-    /// lengths exact, payloads tiling `[payload_offset, file_len)` with zero padding.
-    fn check_table(&self) -> Result<(), FormatError> {
+    /// lengths exact, payloads tiling `[payload_offset, file_len)`, and the element counts
+    /// summing to `params`. `gap(from, to)` checks the padding bytes `[from, to)` before each
+    /// payload, when the caller has them.
+    fn check(
+        &self,
+        params_expected: u64,
+        mut gap: impl FnMut(u64, u64) -> Result<(), FormatError>,
+    ) -> Result<(), FormatError> {
         let align = u64::from(self.header.alignment);
         let base = self.header.payload_offset;
         let mut cursor = 0u64; // relative to payload_offset
         let mut prev: Option<&str> = None;
         let mut params = 0u64;
         for i in 0..self.header.tensor_count {
-            let e = self.entry_unchecked(i)?;
+            let e = self.entry(i)?;
             if let Some(p) = prev {
                 if p.as_bytes() >= e.name.as_bytes() {
                     return Err(FormatError::NamesNotSorted { index: i });
@@ -341,21 +389,13 @@ impl<'a> DeltaFile<'a> {
                     found: rel,
                 });
             }
-            let gap = self
-                .bytes
-                .get((base + cursor) as usize..(base + rel) as usize)
-                .unwrap_or(&[]);
-            if let Some(p) = gap.iter().position(|&b| b != 0) {
-                return Err(FormatError::PaddingNotZero {
-                    offset: base + cursor + p as u64,
-                });
-            }
-            cursor = rel + e.payload.len() as u64;
+            gap(base + cursor, base + rel)?;
+            cursor = rel + e.len;
             params = params
                 .checked_add(e.numel())
                 .ok_or(FormatError::SizeOverflow)?;
         }
-        let total = self.bytes.len() as u64 - base;
+        let total = self.file_len - base;
         if cursor != total {
             return Err(FormatError::LengthMismatch {
                 field: Field::FileLen,
@@ -363,16 +403,20 @@ impl<'a> DeltaFile<'a> {
                 found: base + total,
             });
         }
-        if params != self.manifest.params {
+        if params != params_expected {
             return Err(FormatError::ManifestInvalid);
         }
         Ok(())
     }
 
-    /// Decodes entry `i`, checking everything that does not depend on other entries.
-    fn entry_unchecked(&self, i: u32) -> Result<TensorEntry<'a>, FormatError> {
+    /// Decodes entry `i`, checking everything that does not depend on other entries. The entry
+    /// has no payload bytes; its payload is checked to lie inside `file_len`.
+    fn entry(&self, i: u32) -> Result<TensorEntry<'a>, FormatError> {
         let at = i as usize * ENTRY_LEN;
-        let e = &self.table[at..at + ENTRY_LEN];
+        let e = at
+            .checked_add(ENTRY_LEN)
+            .and_then(|end| self.table.get(at..end))
+            .ok_or(FormatError::SizeOverflow)?;
         let entry_off = (HEADER_LEN + self.header.manifest_len as usize + at) as u64;
         let offset_rel = u64_at(e, 0);
         let len = u64_at(e, 8);
@@ -481,15 +525,14 @@ impl<'a> DeltaFile<'a> {
             .checked_add(offset_rel)
             .ok_or(FormatError::SizeOverflow)?;
         let end = start.checked_add(len).ok_or(FormatError::SizeOverflow)?;
-        let payload = usize::try_from(start)
-            .ok()
-            .zip(usize::try_from(end).ok())
-            .and_then(|(s, e)| self.bytes.get(s..e))
-            .ok_or(FormatError::PayloadOffset {
+        // `start <= end` always holds here, so this is "the payload lies inside the file".
+        if end > self.file_len {
+            return Err(FormatError::PayloadOffset {
                 index: i,
                 expected: 0,
                 found: offset_rel,
-            })?;
+            });
+        }
         Ok(TensorEntry {
             index: i,
             name,
@@ -501,8 +544,106 @@ impl<'a> DeltaFile<'a> {
             crc,
             offset: start,
             dims,
-            payload,
+            len,
+            payload: &[],
         })
+    }
+}
+
+impl<'a> DeltaFile<'a> {
+    /// Parses and checks the structure of a whole delta file: header, caps, layout, manifest,
+    /// tensor table, names and the tiling of payloads. Payload checksums are checked per tensor by
+    /// [`TensorEntry::payload`], or all at once by [`DeltaFile::verify_payloads`].
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, FormatError> {
+        let header = Header::parse(bytes)?;
+        let file_len = bytes.len() as u64;
+        header.check_layout(file_len)?;
+        let meta = bytes
+            .get(HEADER_LEN..header.payload_offset as usize)
+            .ok_or(FormatError::SizeOverflow)?;
+        let (manifest, tables) = Self::check_meta_region(&header, meta, file_len)?;
+        tables.check(manifest.params, |from, to| {
+            let gap = bytes.get(from as usize..to as usize).unwrap_or(&[]);
+            match gap.iter().position(|&b| b != 0) {
+                Some(p) => Err(FormatError::PaddingNotZero {
+                    offset: from + p as u64,
+                }),
+                None => Ok(()),
+            }
+        })?;
+        Ok(Self {
+            bytes,
+            header,
+            manifest,
+            table: tables.table,
+            dims: tables.dims,
+            names: tables.names,
+        })
+    }
+
+    /// Checks the meta region `meta` = bytes `[HEADER_LEN, payload_offset)` of a file of
+    /// `file_len` bytes whose `header` passed [`Header::parse`] and [`Header::check_layout`]:
+    /// everything [`DeltaFile::parse`] checks except the padding between payloads (which needs
+    /// the payload area). Returns the manifest. Used by the streaming decoder.
+    pub(crate) fn check_meta(
+        header: &Header,
+        meta: &'a [u8],
+        file_len: u64,
+    ) -> Result<Manifest<'a>, FormatError> {
+        let (manifest, tables) = Self::check_meta_region(header, meta, file_len)?;
+        tables.check(manifest.params, |_, _| Ok(()))?;
+        Ok(manifest)
+    }
+
+    /// Meta CRC, padding after the names, manifest and variant name.
+    fn check_meta_region(
+        header: &Header,
+        meta: &'a [u8],
+        file_len: u64,
+    ) -> Result<(Manifest<'a>, Tables<'a>), FormatError> {
+        let found = crc32fast::hash(meta);
+        if found != header.meta_crc {
+            return Err(FormatError::MetaChecksum {
+                expected: header.meta_crc,
+                found,
+            });
+        }
+        let (manifest_b, tables, padding) = Tables::split_meta(header, meta, file_len)?;
+        if let Some(p) = padding.iter().position(|&b| b != 0) {
+            return Err(FormatError::PaddingNotZero {
+                offset: header.meta_end() + p as u64,
+            });
+        }
+        let manifest = match postcard::take_from_bytes::<Manifest<'a>>(manifest_b) {
+            Ok((m, [])) => m,
+            _ => return Err(FormatError::ManifestInvalid),
+        };
+        if !is_valid_variant_name(manifest.name) {
+            return Err(FormatError::BadVariantName);
+        }
+        Ok((manifest, tables))
+    }
+
+    fn tables(&self) -> Tables<'a> {
+        Tables {
+            header: self.header,
+            file_len: self.bytes.len() as u64,
+            table: self.table,
+            dims: self.dims,
+            names: self.names,
+        }
+    }
+
+    /// Decodes entry `i` with its payload bytes.
+    fn entry_unchecked(&self, i: u32) -> Result<TensorEntry<'a>, FormatError> {
+        let mut e = self.tables().entry(i)?;
+        // `Tables::entry` checked that the payload lies inside the file.
+        e.payload = usize::try_from(e.offset)
+            .ok()
+            .zip(usize::try_from(e.offset + e.len).ok())
+            .and_then(|(s, end)| self.bytes.get(s..end))
+            .ok_or(FormatError::SizeOverflow)?;
+        Ok(e)
     }
 
     /// The header.

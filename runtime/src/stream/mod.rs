@@ -1,0 +1,671 @@
+//! Streaming decoder: rebuild weights tensor by tensor from [`embedded_io::Read`] sources, in
+//! `no_std` and without allocation.
+//!
+//! [`DeltaFile`] needs the whole delta in memory. A bare-metal loader usually has the delta in
+//! flash, behind a driver or on a serial link, and a few KiB of RAM to spare. A
+//! [`StreamDecoder`] reads the delta once, front to back, never seeks, and rebuilds one tensor at
+//! a time in a caller-sized chunk of `f32`.
+//!
+//! # Use
+//! 1. [`StreamDecoder::new`] reads the 64-byte header and the meta region (manifest, table, dims,
+//!    names) into the caller's buffer and checks the structure.
+//! 2. For each tensor, in table (name) order: [`StreamDecoder::peek`] says which tensor comes
+//!    next; the caller positions its base reader at that tensor's data (little-endian f32 or f16,
+//!    per [`TensorInfo::dtype`]); [`StreamDecoder::next_tensor`] reads exactly
+//!    [`TensorInfo::base_len`] bytes of base, reads the payload, and hands every rebuilt chunk to
+//!    `sink(element offset, values)`. [`StreamDecoder::skip_tensor`] checks a payload without
+//!    rebuilding it (e.g. to leave `unchanged` tensors alone).
+//!
+//! Results are `f32`. Storing an f16 base is the caller's step (`half::f16::from_f32`, as in
+//! `docs/FORMAT.md` §9).
+//!
+//! # Trust: a sunk chunk is only valid once its tensor returned `Ok`
+//! The format puts each payload's CRC in the table, but a stream can only compute it after the
+//! last byte, so the chunks of a tensor reach `sink` **before** its CRC is known. A chunk handed to
+//! `sink` is only trusted once `next_tensor` returned `Ok(Some(_))` for that tensor. On an error,
+//! discard everything sunk for that tensor: write into a staging area or the inactive slot of an
+//! A/B layout, never straight over live weights. Once a value check fails (below), `sink` is not
+//! called again for that tensor.
+//!
+//! The binding rules of `docs/FORMAT.md` §11 stay the caller's: compare
+//! [`Manifest::base_fingerprint`] with the base, the table with the base's tensors, and (one delta
+//! at alpha 1) the fingerprint of the stored result with [`Manifest::result_fingerprint`] before
+//! activating anything.
+//!
+//! # Checks
+//! [`StreamDecoder::new`] checks everything [`DeltaFile::parse`] checks, in the same order, with
+//! the delta length the caller gives instead of a slice, except the zero padding between payloads:
+//! that is checked as the stream passes over it, before the payload it precedes
+//! (`PaddingNotZero` with the same offset). Per tensor, the payload checks are those of
+//! [`TensorEntry::payload`] (CRC, scales, sign padding bits, no `-128`), reported with the same
+//! precedence: the CRC first, then the first value error. Both are only reported once the whole
+//! payload has been read. The arithmetic is the one of [`crate::compose::reconstruct`] with a
+//! single delta at alpha 1, through the same [`crate::kernels`], so the values are bit-identical
+//! to it whatever the chunk length.
+//!
+//! # Memory
+//! - `buf` (given to [`StreamDecoder::new`]): the meta region `[64, payload_offset)` plus the
+//!   group scales of the tensor with the most of them (`groups × 2` or `× 4` bytes).
+//!   [`buffer_len`] computes this from a parsed file (e.g. on the host, when the
+//!   delta is built); `new` refuses a smaller buffer with [`FormatError::BufferTooSmall`] before
+//!   any tensor is decoded, so no tensor fails half-way for lack of room. Scales come before the
+//!   data in a payload and every element needs its group's scale, so without seeking they must be
+//!   held; holding them in the caller's buffer keeps the limit a run-time size the caller
+//!   chooses, instead of a const generic in the type.
+//! - `out_chunk` (given to each call): at least one element; its length changes the number of
+//!   `sink` calls, never the values.
+//! - Stack: one [`IO_BUF`]-byte buffer and a few words per call.
+//!
+//! # Errors
+//! Bad bytes are [`Error::Format`]. A failing reader is [`Error::Source`]: the delta reader's
+//! error as is, the base reader's converted with `From` (so both share the delta reader's error
+//! type; with a `&[u8]` base, that type needs `From<core::convert::Infallible>`). A delta stream
+//! that ends before `delta_len` is [`FormatError::UnexpectedEof`]; a base that ends inside a
+//! tensor is [`FormatError::BaseTruncated`]. Every failure is an error, never a panic or a hang: a
+//! read that returns `Ok(0)` for a non-empty buffer is the end of the stream.
+//!
+//! After an error the stream position is unknown: the decoder is spent, later calls return
+//! `Ok(None)`, and [`StreamDecoder::is_complete`] stays `false`. Start again from a new decoder.
+//!
+//! # Example
+//! ```
+//! use bitdelta::format::{write_delta, DType, Encoded, Manifest, TensorRecord};
+//! use bitdelta::stream::StreamDecoder;
+//!
+//! // A delta of one 3-element f32 tensor, `sign` codec: base + (±0.5).
+//! let manifest = Manifest {
+//!     name: "v1",
+//!     description: "",
+//!     labels: "",
+//!     tool: "doc",
+//!     sequence: 1,
+//!     params: 0,
+//!     base_fingerprint: [0; 32],
+//!     result_fingerprint: [0; 32],
+//! };
+//! let mut records = [TensorRecord {
+//!     name: "w".into(),
+//!     dtype: DType::F32,
+//!     dims: vec![3],
+//!     encoded: Encoded::Sign { scale: 0.5, bits: vec![0b101] },
+//! }];
+//! let delta = write_delta(&manifest, &mut records, 8).unwrap();
+//! let base: Vec<u8> = [1.0f32, 2.0, 3.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+//!
+//! let mut buf = [0u8; 256]; // meta region + largest scale block
+//! let mut dec = StreamDecoder::new(&delta[..], delta.len() as u64, &mut buf)?;
+//! let mut out = [0f32; 2]; // any length >= 1
+//! let mut rebuilt = [0f32; 3];
+//! while let Some(info) = dec.peek() {
+//!     assert_eq!(info.name, "w");
+//!     let mut base_reader = &base[..]; // positioned at this tensor's data
+//!     dec.next_tensor(&mut base_reader, &mut out, |at, chunk| {
+//!         rebuilt[at as usize..][..chunk.len()].copy_from_slice(chunk);
+//!     })?;
+//!     // Only now is `rebuilt` trusted.
+//! }
+//! assert!(dec.is_complete());
+//! assert_eq!(rebuilt, [1.5, 1.5, 3.5]);
+//! Ok::<(), bitdelta::Error>(())
+//! ```
+
+use embedded_io::Read;
+
+use crate::error::{Error, FormatError};
+use crate::format::{
+    Codec, DType, DeltaFile, Header, Manifest, Scales, TensorEntry, FLAG_SCALES_F16, HEADER_LEN,
+    MAX_RANK,
+};
+use crate::kernels;
+
+#[cfg(all(test, feature = "alloc"))]
+mod tests;
+
+/// Bytes of the stack buffer that every read goes through (base values, payload, padding).
+pub const IO_BUF: usize = 256;
+
+/// Elements of one sign-bit segment: their bits, plus one byte carried over from the previous
+/// segment, fit in [`IO_BUF`] bytes.
+const SIGN_SEG: u64 = ((IO_BUF - 2) * 8) as u64;
+
+/// Reconstruction with one delta uses alpha 1 (`docs/FORMAT.md` §9); kept as a named factor so the
+/// arithmetic reads exactly as in [`crate::compose::reconstruct`].
+const ALPHA: f32 = 1.0;
+
+/// One tensor of a streamed delta: its table entry, without payload bytes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TensorInfo<'m> {
+    /// Index in the table.
+    pub index: u32,
+    /// Tensor name.
+    pub name: &'m str,
+    /// Codec.
+    pub codec: Codec,
+    /// Dtype of the base tensor (and of the bytes [`StreamDecoder::next_tensor`] reads from the
+    /// base).
+    pub dtype: DType,
+    /// Entry flags (`FLAG_SCALES_F16`).
+    pub flags: u8,
+    /// Scale-group count (0 for codecs without groups).
+    pub groups: u32,
+    /// Per-tensor scale (the `sign` codec), else 0.
+    pub scale: f32,
+    /// Stored CRC32 of the payload.
+    pub crc: u32,
+    /// Absolute offset of the payload in the file.
+    pub offset: u64,
+    /// Payload length in bytes.
+    pub len: u64,
+    rank: u8,
+    dims: [u32; MAX_RANK as usize],
+}
+
+impl<'m> TensorInfo<'m> {
+    fn new(e: &TensorEntry<'m>) -> Self {
+        let mut dims = [0u32; MAX_RANK as usize];
+        let mut rank = 0u8;
+        for (slot, d) in dims.iter_mut().zip(e.dims()) {
+            *slot = d;
+            rank += 1;
+        }
+        Self {
+            index: e.index,
+            name: e.name,
+            codec: e.codec,
+            dtype: e.dtype,
+            flags: e.flags,
+            groups: e.groups,
+            scale: e.scale,
+            crc: e.crc,
+            offset: e.offset,
+            len: e.payload_len(),
+            rank,
+            dims,
+        }
+    }
+    /// Rank.
+    pub fn rank(&self) -> usize {
+        usize::from(self.rank)
+    }
+    /// Dimensions, outermost first.
+    pub fn dims(&self) -> &[u32] {
+        &self.dims[..self.rank()]
+    }
+    /// Number of elements (at most `2^40`, checked by [`StreamDecoder::new`]).
+    pub fn numel(&self) -> u64 {
+        self.dims().iter().fold(1u64, |a, &d| a * u64::from(d))
+    }
+    /// Bytes [`StreamDecoder::next_tensor`] reads from the base reader: `numel × dtype size`.
+    pub fn base_len(&self) -> u64 {
+        self.numel() * self.dtype.size() as u64
+    }
+}
+
+/// Bytes of group scales at the start of a payload.
+fn scale_bytes(codec: Codec, flags: u8, groups: u32) -> u64 {
+    match codec {
+        Codec::SignGroups | Codec::Q8Groups => {
+            let ss = if flags & FLAG_SCALES_F16 != 0 { 2 } else { 4 };
+            u64::from(groups) * ss
+        }
+        _ => 0,
+    }
+}
+
+/// A delta decoder over a forward-only reader; see the [module docs](self).
+///
+/// `'m` is the lifetime of the caller's buffer, which holds the meta region: names and the
+/// manifest borrow from it.
+#[derive(Debug)]
+pub struct StreamDecoder<'m, R> {
+    delta: R,
+    header: Header,
+    manifest: Manifest<'m>,
+    /// Bytes `[HEADER_LEN, payload_offset)`.
+    meta: &'m [u8],
+    /// The rest of the caller's buffer: the group scales of the current tensor.
+    scales: &'m mut [u8],
+    /// Offset in the file of the next byte the reader yields.
+    pos: u64,
+    /// Index of the next tensor.
+    next: u32,
+    failed: bool,
+}
+
+impl<'m, R: Read> StreamDecoder<'m, R> {
+    /// Reads the header and the meta region of a delta of `delta_len` bytes from `delta` (which
+    /// must be at the start of the file) into `buf`, and checks the structure (see the
+    /// [module docs](self#checks)).
+    ///
+    /// `buf` must hold [`buffer_len`] bytes; otherwise this returns
+    /// [`FormatError::BufferTooSmall`] (whose `needed` is only a lower bound when the meta region
+    /// itself does not fit).
+    pub fn new(mut delta: R, delta_len: u64, buf: &'m mut [u8]) -> Result<Self, Error<R::Error>> {
+        if delta_len < HEADER_LEN as u64 {
+            return Err(FormatError::HeaderTruncated {
+                found: delta_len as usize,
+            }
+            .into());
+        }
+        let mut pos = 0u64;
+        let mut head = [0u8; HEADER_LEN];
+        read_delta(&mut delta, &mut pos, &mut head)?;
+        let header = Header::parse(&head)?;
+        header.check_layout(delta_len)?;
+        let found = buf.len() as u64;
+        // `check_layout` guarantees `payload_offset >= meta_end >= HEADER_LEN`.
+        let meta_len = header.payload_offset - HEADER_LEN as u64;
+        let meta_len = usize::try_from(meta_len)
+            .ok()
+            .filter(|&m| m <= buf.len())
+            .ok_or(FormatError::BufferTooSmall {
+                needed: meta_len,
+                found,
+            })?;
+        let (meta, scales) = buf.split_at_mut(meta_len);
+        read_delta(&mut delta, &mut pos, meta)?;
+        let meta: &'m [u8] = meta;
+        let manifest = DeltaFile::check_meta(&header, meta, delta_len)?;
+        let mut most = 0u64;
+        for i in 0..header.tensor_count {
+            let e = TensorEntry::decode(&header, meta, delta_len, i)?;
+            most = most.max(scale_bytes(e.codec, e.flags, e.groups));
+        }
+        if most > scales.len() as u64 {
+            return Err(FormatError::BufferTooSmall {
+                needed: meta_len as u64 + most,
+                found,
+            }
+            .into());
+        }
+        Ok(Self {
+            delta,
+            header,
+            manifest,
+            meta,
+            scales,
+            pos,
+            next: 0,
+            failed: false,
+        })
+    }
+
+    /// Reads the next tensor: `info.base_len()` bytes from `base` (positioned by the caller at that
+    /// tensor's little-endian data, see [`StreamDecoder::peek`]) and its payload from the delta;
+    /// hands each rebuilt chunk of `out_chunk.len()` elements (the last one shorter) to
+    /// `sink(offset of its first element in the tensor, values)`, in order.
+    ///
+    /// Returns `Ok(None)` when every tensor has been read (or after an error). The chunks of a
+    /// tensor are only trusted once this returns `Ok(Some(_))` for it (see the
+    /// [module docs](self#trust-a-sunk-chunk-is-only-valid-once-its-tensor-returned-ok)).
+    ///
+    /// # Panics
+    /// If `out_chunk` is empty.
+    pub fn next_tensor<B>(
+        &mut self,
+        base: &mut B,
+        out_chunk: &mut [f32],
+        sink: impl FnMut(u64, &[f32]),
+    ) -> Result<Option<TensorInfo<'m>>, Error<R::Error>>
+    where
+        B: Read,
+        R::Error: From<B::Error>,
+    {
+        let (index, dtype) = match self.peek() {
+            Some(info) => (info.index, info.dtype),
+            None => return Ok(None),
+        };
+        let fill = |dst: &mut [f32], io: &mut [u8; IO_BUF]| read_base(base, dtype, index, dst, io);
+        self.decode(out_chunk, fill, sink)
+    }
+
+    /// Reads and checks the next tensor's payload (the same checks as
+    /// [`StreamDecoder::next_tensor`]) without rebuilding it and without a base.
+    ///
+    /// Returns `Ok(None)` when every tensor has been read (or after an error).
+    pub fn skip_tensor(&mut self) -> Result<Option<TensorInfo<'m>>, Error<R::Error>> {
+        let mut out = [0f32; 64];
+        let fill = |dst: &mut [f32], _: &mut [u8; IO_BUF]| {
+            dst.fill(0.0);
+            Ok(())
+        };
+        self.decode(&mut out, fill, |_, _| {})
+    }
+
+    fn decode<F, S>(
+        &mut self,
+        out: &mut [f32],
+        mut fill: F,
+        mut sink: S,
+    ) -> Result<Option<TensorInfo<'m>>, Error<R::Error>>
+    where
+        F: FnMut(&mut [f32], &mut [u8; IO_BUF]) -> Result<(), Error<R::Error>>,
+        S: FnMut(u64, &[f32]),
+    {
+        assert!(
+            !out.is_empty(),
+            "StreamDecoder: out_chunk must hold at least one element"
+        );
+        if self.failed || self.next >= self.header.tensor_count {
+            return Ok(None);
+        }
+        match self.decode_one(out, &mut fill, &mut sink) {
+            Ok(info) => {
+                self.next += 1;
+                Ok(Some(info))
+            }
+            Err(e) => {
+                self.failed = true;
+                Err(e)
+            }
+        }
+    }
+
+    fn decode_one<F, S>(
+        &mut self,
+        out: &mut [f32],
+        fill: &mut F,
+        sink: &mut S,
+    ) -> Result<TensorInfo<'m>, Error<R::Error>>
+    where
+        F: FnMut(&mut [f32], &mut [u8; IO_BUF]) -> Result<(), Error<R::Error>>,
+        S: FnMut(u64, &[f32]),
+    {
+        let file_len = self.header.file_len;
+        let e = TensorEntry::decode(&self.header, self.meta, file_len, self.next)?;
+        let info = TensorInfo::new(&e);
+        let index = info.index;
+        let Self {
+            delta,
+            pos,
+            scales: scale_buf,
+            ..
+        } = self;
+        let mut io = [0u8; IO_BUF];
+
+        // Zero padding up to the payload: no CRC covers it, so every byte is checked.
+        while *pos < info.offset {
+            let m = (info.offset - *pos).min(IO_BUF as u64) as usize;
+            let at = *pos;
+            read_delta(delta, pos, &mut io[..m])?;
+            if let Some(p) = io[..m].iter().position(|&b| b != 0) {
+                return Err(FormatError::PaddingNotZero {
+                    offset: at + p as u64,
+                }
+                .into());
+            }
+        }
+
+        let mut crc = crc32fast::Hasher::new();
+        // The first value error (scale, sign padding, -128), reported after the CRC.
+        let mut deferred: Option<FormatError> = None;
+        let n = info.numel();
+
+        // Group scales, held in the caller's buffer (its size was checked by `new`).
+        let scale_len = scale_bytes(info.codec, info.flags, info.groups);
+        let room = scale_buf.len() as u64;
+        let sbuf = usize::try_from(scale_len)
+            .ok()
+            .and_then(|l| scale_buf.get_mut(..l))
+            .ok_or(FormatError::BufferTooSmall {
+                needed: scale_len,
+                found: room,
+            })?;
+        read_payload(delta, pos, &mut crc, sbuf)?;
+        let sbuf: &[u8] = sbuf;
+        let scales = if info.flags & FLAG_SCALES_F16 != 0 {
+            Scales::F16(sbuf)
+        } else {
+            Scales::F32(sbuf)
+        };
+        if info.codec == Codec::Sign {
+            if let Err(err) = TensorEntry::check_scale(info.scale, index, 0) {
+                deferred.get_or_insert(err);
+            }
+        }
+        for g in 0..scales.len() {
+            if let Err(err) = TensorEntry::check_scale(scales.get(g), index, g as u32) {
+                deferred.get_or_insert(err);
+                break;
+            }
+        }
+        let gsize = if scales.is_empty() {
+            n
+        } else {
+            n / scales.len() as u64
+        };
+
+        // Sign bits: bytes read so far, and the last one (shared by two chunks when a chunk
+        // boundary falls inside a byte).
+        let mut bits_read = 0u64;
+        let mut last = 0u8;
+        let mut start = 0u64;
+        while start < n {
+            let len = (out.len() as u64).min(n - start) as usize;
+            let end = start + len as u64;
+            let chunk = &mut out[..len];
+            fill(chunk, &mut io)?;
+            match info.codec {
+                Codec::Unchanged => {}
+                Codec::RawF32 => {
+                    for sub in chunk.chunks_mut(IO_BUF / 4) {
+                        let b = &mut io[..sub.len() * 4];
+                        read_payload(delta, pos, &mut crc, b)?;
+                        for (o, c) in sub.iter_mut().zip(b.chunks_exact(4)) {
+                            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                        }
+                    }
+                }
+                Codec::RawF16 => {
+                    for sub in chunk.chunks_mut(IO_BUF / 2) {
+                        let b = &mut io[..sub.len() * 2];
+                        read_payload(delta, pos, &mut crc, b)?;
+                        for (o, c) in sub.iter_mut().zip(b.chunks_exact(2)) {
+                            *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                        }
+                    }
+                }
+                Codec::Sign | Codec::SignGroups => {
+                    let mut lo = start;
+                    while lo < end {
+                        let (group_end, scale) = if info.codec == Codec::Sign {
+                            (end, info.scale)
+                        } else {
+                            let g = lo / gsize;
+                            ((g + 1) * gsize, scales.get(g as usize))
+                        };
+                        let hi = end.min(group_end).min(lo + SIGN_SEG);
+                        // Bytes `lo / 8 ..= (hi - 1) / 8`; the first is the carried one when
+                        // the previous segment ended inside it.
+                        let mut k = 0;
+                        if lo / 8 < bits_read {
+                            io[0] = last;
+                            k = 1;
+                        }
+                        let fresh = ((hi - 1) / 8 + 1 - bits_read) as usize;
+                        read_payload(delta, pos, &mut crc, &mut io[k..k + fresh])?;
+                        bits_read += fresh as u64;
+                        k += fresh;
+                        last = io[k - 1];
+                        if fresh > 0
+                            && bits_read == n.div_ceil(8)
+                            && !crate::pack::padding_bits_clear(&[last], (n % 8) as usize)
+                        {
+                            deferred.get_or_insert(FormatError::SignPaddingNotZero { index });
+                        }
+                        let seg = &mut chunk[(lo - start) as usize..(hi - start) as usize];
+                        kernels::add_signs(seg, &io[..k], (lo % 8) as usize, ALPHA * scale);
+                        lo = hi;
+                    }
+                }
+                Codec::Q8Groups => {
+                    let mut lo = start;
+                    while lo < end {
+                        let g = lo / gsize;
+                        let hi = end.min((g + 1) * gsize).min(lo + IO_BUF as u64);
+                        let q = &mut io[..(hi - lo) as usize];
+                        read_payload(delta, pos, &mut crc, q)?;
+                        if q.contains(&0x80) {
+                            deferred.get_or_insert(FormatError::Q8OutOfRange { index });
+                        }
+                        let seg = &mut chunk[(lo - start) as usize..(hi - start) as usize];
+                        let q: &[i8] = bytemuck::cast_slice(q);
+                        kernels::add_q8(seg, q, scales.get(g as usize), ALPHA);
+                        lo = hi;
+                    }
+                }
+            }
+            if deferred.is_none() {
+                sink(start, chunk);
+            }
+            start = end;
+        }
+
+        let found = crc.finalize();
+        if found != info.crc {
+            return Err(FormatError::PayloadChecksum {
+                index,
+                expected: info.crc,
+                found,
+            }
+            .into());
+        }
+        match deferred {
+            Some(err) => Err(err.into()),
+            None => Ok(info),
+        }
+    }
+}
+
+/// The size of the buffer [`StreamDecoder::new`] needs for `file`: its meta region plus its
+/// largest block of group scales. For sizing the buffer ahead of time, e.g. on the host when the
+/// delta is built.
+pub fn buffer_len(file: &DeltaFile<'_>) -> u64 {
+    let most = file
+        .tensors()
+        .map(|e| scale_bytes(e.codec, e.flags, e.groups))
+        .max()
+        .unwrap_or(0);
+    file.header().payload_offset - HEADER_LEN as u64 + most
+}
+
+impl<'m, R> StreamDecoder<'m, R> {
+    /// The header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest<'m> {
+        &self.manifest
+    }
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.header.tensor_count as usize
+    }
+    /// True when the delta has no tensor.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Entry `i` of the table (any `i`, read or not), or `None` past the end.
+    pub fn tensor(&self, i: usize) -> Option<TensorInfo<'m>> {
+        let i = u32::try_from(i)
+            .ok()
+            .filter(|&i| i < self.header.tensor_count)?;
+        // `new` checked every entry, so this cannot fail.
+        TensorEntry::decode(&self.header, self.meta, self.header.file_len, i)
+            .ok()
+            .map(|e| TensorInfo::new(&e))
+    }
+    /// The tensor the next call to [`StreamDecoder::next_tensor`] or
+    /// [`StreamDecoder::skip_tensor`] reads, or `None` when done (or after an error).
+    pub fn peek(&self) -> Option<TensorInfo<'m>> {
+        if self.failed {
+            return None;
+        }
+        self.tensor(self.next as usize)
+    }
+    /// True when every tensor has been read and checked without error.
+    pub fn is_complete(&self) -> bool {
+        !self.failed && self.next == self.header.tensor_count
+    }
+    /// Offset in the file of the next byte to read from the delta reader.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+    /// The delta reader.
+    pub fn into_inner(self) -> R {
+        self.delta
+    }
+}
+
+/// Fills `buf` from the delta, advancing `pos`; a stream that ends first is `UnexpectedEof`.
+fn read_delta<R: Read>(
+    delta: &mut R,
+    pos: &mut u64,
+    mut buf: &mut [u8],
+) -> Result<(), Error<R::Error>> {
+    while !buf.is_empty() {
+        match delta.read(buf) {
+            Ok(0) => return Err(FormatError::UnexpectedEof { offset: *pos }.into()),
+            Ok(k) => {
+                // A reader claiming more than it was given breaks the `Read` contract; clamp
+                // rather than panic (the CRCs still cover every byte used).
+                let k = k.min(buf.len());
+                *pos += k as u64;
+                buf = &mut buf[k..];
+            }
+            Err(e) => return Err(Error::Source(e)),
+        }
+    }
+    Ok(())
+}
+
+/// [`read_delta`] for payload bytes: also feeds the payload CRC.
+fn read_payload<R: Read>(
+    delta: &mut R,
+    pos: &mut u64,
+    crc: &mut crc32fast::Hasher,
+    buf: &mut [u8],
+) -> Result<(), Error<R::Error>> {
+    read_delta(delta, pos, buf)?;
+    crc.update(buf);
+    Ok(())
+}
+
+/// Reads `dst.len()` base elements of `dtype` (little-endian) from `base` through `io`.
+fn read_base<B: Read, E: From<B::Error>>(
+    base: &mut B,
+    dtype: DType,
+    index: u32,
+    dst: &mut [f32],
+    io: &mut [u8; IO_BUF],
+) -> Result<(), Error<E>> {
+    let size = dtype.size();
+    for sub in dst.chunks_mut(IO_BUF / size) {
+        let mut buf = &mut io[..sub.len() * size];
+        while !buf.is_empty() {
+            match base.read(buf) {
+                Ok(0) => return Err(FormatError::BaseTruncated { index }.into()),
+                Ok(k) => {
+                    let k = k.min(buf.len());
+                    buf = &mut buf[k..];
+                }
+                Err(e) => return Err(Error::Source(e.into())),
+            }
+        }
+        let bytes = &io[..sub.len() * size];
+        match dtype {
+            DType::F32 => {
+                for (o, c) in sub.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            DType::F16 => {
+                for (o, c) in sub.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+        }
+    }
+    Ok(())
+}
