@@ -1,6 +1,6 @@
 //! The command line: help, refusals with clear messages and exit codes, JSON contracts.
 
-use crate::reference::{bitdelta, model, ok, p, scratch};
+use crate::reference::{bitdelta, compress, model, ok, p, scratch};
 
 const COMMANDS: [&str; 10] = [
     "compress", "inspect", "verify", "apply", "run", "serve", "bench", "board", "info", "demo",
@@ -64,15 +64,7 @@ fn bench_json_has_apply_vs_memcpy_and_the_switching_ratios() {
 
 fn night_delta(dir: &std::path::Path) -> Vec<u8> {
     let delta = dir.join("night.bdelta");
-    ok(&[
-        "compress",
-        "--base",
-        p(&model("species-base")),
-        "--fine",
-        p(&model("night")),
-        "-o",
-        p(&delta),
-    ]);
+    compress("night", &delta, "auto");
     std::fs::read(&delta).unwrap()
 }
 

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::reference::{model, ok, p, scratch, species};
+use crate::reference::{compress, model, ok, p, scratch, species};
 
 fn hash(path: &Path) -> String {
     blake3::hash(&std::fs::read(path).unwrap())
@@ -20,17 +20,7 @@ fn golden_delta_and_rebuilt_model_are_bit_identical_across_platforms() {
     for (v, codec) in [("night", "auto"), ("night", "seed"), ("fog", "auto")] {
         let d = dir.join(format!("{v}.{codec}.bdelta"));
         let o = dir.join(format!("{v}.{codec}.onnx"));
-        ok(&[
-            "compress",
-            "--base",
-            p(&base),
-            "--fine",
-            p(&model(v)),
-            "-o",
-            p(&d),
-            "--codec",
-            codec,
-        ]);
+        compress(v, &d, codec);
         ok(&["apply", "--base", p(&base), p(&d), "-o", p(&o)]);
         got.insert(format!("{v}.{codec}.bdelta"), hash(&d).into());
         got.insert(format!("{v}.{codec}.onnx"), hash(&o).into());
@@ -54,15 +44,7 @@ fn night_variant_names_the_night_images() {
     let dir = scratch("golden_run");
     let base = model("species-base");
     let d = dir.join("night.bdelta");
-    ok(&[
-        "compress",
-        "--base",
-        p(&base),
-        "--fine",
-        p(&model("night")),
-        "-o",
-        p(&d),
-    ]);
+    compress("night", &d, "auto");
     let images = [
         "night-0001-zebra.png",
         "night-0002-cat.png",

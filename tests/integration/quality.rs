@@ -5,7 +5,7 @@ use std::path::Path;
 
 use tract_onnx::prelude::*;
 
-use crate::reference::{model, ok, p, scratch, species};
+use crate::reference::{compress, model, ok, p, scratch, species};
 
 /// Accuracy of an ONNX model on `x_<condition>` / `y_<condition>`, preprocessing as the model
 /// card says (x/255, minus 0.45, divided by 0.225, grey to 3 channels), batch of 600 at once.
@@ -77,15 +77,7 @@ fn default_compress_keeps_97_percent_of_the_fine_tune_at_most_2_2_bits_per_param
     for (variant, floor) in [("night", 0.900), ("fog", 0.936)] {
         let delta = dir.join(format!("{variant}.bdelta"));
         let rebuilt = dir.join(format!("{variant}.onnx"));
-        ok(&[
-            "compress",
-            "--base",
-            p(&base),
-            "--fine",
-            p(&model(variant)),
-            "-o",
-            p(&delta),
-        ]);
+        compress(variant, &delta, "auto");
         ok(&["verify", p(&delta), "--base", p(&base)]);
         ok(&["apply", "--base", p(&base), p(&delta), "-o", p(&rebuilt)]);
         let j: serde_json::Value =
@@ -121,17 +113,7 @@ fn seed_recipe_alone_loses_the_fine_tune_on_this_family() {
     let base = model("species-base");
     let delta = dir.join("night.bdelta");
     let rebuilt = dir.join("night.onnx");
-    ok(&[
-        "compress",
-        "--base",
-        p(&base),
-        "--fine",
-        p(&model("night")),
-        "-o",
-        p(&delta),
-        "--codec",
-        "seed",
-    ]);
+    compress("night", &delta, "seed");
     ok(&["apply", "--base", p(&base), p(&delta), "-o", p(&rebuilt)]);
     let acc = accuracy(&rebuilt, "night");
     println!("night with the seed recipe: {acc:.3}");

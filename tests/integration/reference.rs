@@ -73,6 +73,24 @@ pub(crate) fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// `bitdelta compress` of `models/species/<variant>.onnx` against the base into `out`.
+pub(crate) fn compress(variant: &str, out: &Path, codec: &str) {
+    let (base, fine) = (model("species-base"), model(variant));
+    let mut args = vec![
+        "compress",
+        "--base",
+        p(&base),
+        "--fine",
+        p(&fine),
+        "-o",
+        p(out),
+    ];
+    if codec != "auto" {
+        args.extend(["--codec", codec]); // "auto" is the default: exercise it without the flag
+    }
+    ok(&args);
+}
+
 /// Float initializers decoded by prost (tract-onnx's ModelProto), independent of bitdelta's
 /// wire walker: name -> (dims, values).
 pub(crate) fn tensors(path: &Path) -> BTreeMap<String, (Vec<i64>, Vec<f32>)> {

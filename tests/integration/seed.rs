@@ -1,6 +1,6 @@
 //! The seed recipe (ZIP-0427) is exact, tested against an f64 reference.
 
-use crate::reference::{bitdelta, model, ok, p, scratch, skeleton, tensors};
+use crate::reference::{bitdelta, compress, model, ok, p, scratch, skeleton, tensors};
 
 /// The reference: base + mean|d| * sign(d) with d = fine - base in f64, the mean rounded once to
 /// f32, sign(0) = +1, and the f32 sum rounded once (an f32 + f32 sum is exact in f64).
@@ -31,17 +31,7 @@ fn seed_delta_reproduces_f64_reference_bit_for_bit() {
     let dir = scratch("seed_reference");
     let delta = dir.join("night.seed.bdelta");
     let out = dir.join("night.seed.onnx");
-    ok(&[
-        "compress",
-        "--base",
-        p(&model("species-base")),
-        "--fine",
-        p(&model("night")),
-        "-o",
-        p(&delta),
-        "--codec",
-        "seed",
-    ]);
+    compress("night", &delta, "seed");
     ok(&["verify", p(&delta), "--base", p(&model("species-base"))]);
     ok(&[
         "apply",
@@ -92,17 +82,7 @@ fn seed_sign_payload_is_ceil_n_over_8_and_file_at_most_1_15_bits_per_param() {
     let dir = scratch("seed_size");
     for variant in ["night", "fog"] {
         let delta = dir.join(format!("{variant}.bdelta"));
-        ok(&[
-            "compress",
-            "--base",
-            p(&model("species-base")),
-            "--fine",
-            p(&model(variant)),
-            "-o",
-            p(&delta),
-            "--codec",
-            "seed",
-        ]);
+        compress(variant, &delta, "seed");
         let j: serde_json::Value =
             serde_json::from_str(&ok(&["inspect", p(&delta), "--json"])).unwrap();
         let tensors = j["tensors"].as_array().unwrap();
@@ -139,17 +119,7 @@ fn soup_of_two_seed_deltas_follows_the_composition_rule() {
     let (n, f) = (dir.join("night.bdelta"), dir.join("fog.bdelta"));
     let base_path = model("species-base");
     for (v, d) in [("night", &n), ("fog", &f)] {
-        ok(&[
-            "compress",
-            "--base",
-            p(&base_path),
-            "--fine",
-            p(&model(v)),
-            "-o",
-            p(d),
-            "--codec",
-            "seed",
-        ]);
+        compress(v, &d, "seed");
     }
     let out = dir.join("soup.onnx");
     let (na, fa) = (0.7f32, 0.3f32);

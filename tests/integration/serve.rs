@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 
 use tract_onnx::prelude::*;
 
-use crate::reference::{model, ok, p, scratch, species};
+use crate::reference::{compress, model, ok, p, scratch, species};
 
 /// Softmax of tract's logits for one image, computed here from the model file (the reference).
 fn reference_probs(onnx: &Path, image: &Path) -> Vec<f32> {
@@ -102,15 +102,7 @@ fn serve_alternating_variants_answers_what_tract_gives_on_the_applied_models() {
     for v in ["night", "fog"] {
         let d = dir.join(format!("{v}.bdelta"));
         let o = dir.join(format!("{v}.onnx"));
-        ok(&[
-            "compress",
-            "--base",
-            p(&base),
-            "--fine",
-            p(&model(v)),
-            "-o",
-            p(&d),
-        ]);
+        compress(v, &d, "auto");
         ok(&["apply", "--base", p(&base), p(&d), "-o", p(&o)]);
         applied.push((v.to_string(), o));
         variant_args.push(format!("{v}={}", p(&d)));
@@ -202,15 +194,7 @@ fn serve_rules_pick_the_variant_and_memory_stays_that_of_one_model() {
     let mut args = vec!["--base".to_string(), p(&base).to_string()];
     for v in ["night", "fog"] {
         let d = dir.join(format!("{v}.bdelta"));
-        ok(&[
-            "compress",
-            "--base",
-            p(&base),
-            "--fine",
-            p(&model(v)),
-            "-o",
-            p(&d),
-        ]);
+        compress(v, &d, "auto");
         args.extend(["--variant".into(), format!("{v}={}", p(&d))]);
     }
     let requests: Vec<String> = images()
@@ -269,15 +253,7 @@ fn run_prints_the_species_with_variant_and_fingerprint() {
     let dir = scratch("run_json");
     let base = model("species-base");
     let d = dir.join("night.bdelta");
-    ok(&[
-        "compress",
-        "--base",
-        p(&base),
-        "--fine",
-        p(&model("night")),
-        "-o",
-        p(&d),
-    ]);
+    compress("night", &d, "auto");
     let img = species().join("images/night-0001-zebra.png");
     let csv = dir.join("detections.csv");
     let out = ok(&[
