@@ -119,7 +119,7 @@ fn soup_of_two_seed_deltas_follows_the_composition_rule() {
     let (n, f) = (dir.join("night.bdelta"), dir.join("fog.bdelta"));
     let base_path = model("species-base");
     for (v, d) in [("night", &n), ("fog", &f)] {
-        compress(v, &d, "seed");
+        compress(v, d, "seed");
     }
     let out = dir.join("soup.onnx");
     let (na, fa) = (0.7f32, 0.3f32);
