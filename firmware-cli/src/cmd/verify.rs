@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use bitdelta::apply::{check_binding, rebuild, ApplyError};
+use bitdelta::apply::{rebuild, ApplyError};
 use bitdelta::DeltaFile;
 use serde_json::json;
 
@@ -73,8 +73,7 @@ fn check(bytes: &[u8], base: Option<&Model>) -> Result<Option<[u8; 32]>, String>
         .map_err(|e| super::describe(&e, Some(&file)))?;
     let Some(base) = base else { return Ok(None) };
     let where_ = |e: ApplyError| format!("{e} (base {})", base.path.display());
-    let fp = base.weights.fingerprint(base.bytes());
-    check_binding(&file, 0, &base.weights, &fp).map_err(where_)?;
+    // rebuild checks the binding (base fingerprint, tensor set) before any payload is used.
     let result =
         rebuild(base.bytes(), &base.weights, &[(&file, 1.0)], |_, _| {}).map_err(where_)?;
     Ok(Some(result))
