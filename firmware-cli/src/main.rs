@@ -39,6 +39,16 @@ enum Command {
     Board(cmd::board::Args),
     Info(cmd::info::Args),
     Demo(cmd::demo::Args),
+    Eval(cmd::eval::Args),
+    Keygen(cmd::keys::KeygenArgs),
+    Sign(cmd::keys::SignArgs),
+    Store(cmd::store::StoreArgs),
+    Install(cmd::store::InstallArgs),
+    Activate(cmd::store::ActivateArgs),
+    Rollback(cmd::store::RollbackArgs),
+    Remove(cmd::store::RemoveArgs),
+    List(cmd::store::ListArgs),
+    Status(cmd::store::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +64,16 @@ fn main() -> ExitCode {
         Command::Board(a) => cmd::board::run(a),
         Command::Info(a) => cmd::info::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
+        Command::Keygen(a) => cmd::keys::keygen(a),
+        Command::Sign(a) => cmd::keys::sign(a),
+        Command::Store(a) => cmd::store::store(a),
+        Command::Install(a) => cmd::store::install(a),
+        Command::Activate(a) => cmd::store::activate(a),
+        Command::Rollback(a) => cmd::store::rollback(a),
+        Command::Remove(a) => cmd::store::remove(a),
+        Command::List(a) => cmd::store::list(a),
+        Command::Status(a) => cmd::store::status(a),
     };
     match result {
         Ok(code) => code,

@@ -17,6 +17,10 @@ extern crate alloc;
 
 #[cfg(feature = "std")]
 pub mod apply;
+#[cfg(feature = "tract")]
+pub mod calibrate;
+#[cfg(feature = "std")]
+pub mod checkpoint;
 #[cfg(feature = "alloc")]
 pub mod codec;
 pub mod compose;
@@ -31,6 +35,10 @@ pub mod mem;
 #[cfg(feature = "std")]
 pub mod onnx;
 pub mod pack;
+#[cfg(feature = "std")]
+pub mod sign;
+#[cfg(feature = "std")]
+pub mod store;
 pub mod stream;
 #[cfg(feature = "tract")]
 pub mod tract;

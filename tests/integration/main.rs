@@ -2,9 +2,15 @@
 //! (`models/species/`), checked against independent references (f64 arithmetic over tensors
 //! decoded with tract-onnx's protobuf types, tract inference of the rebuilt models).
 
+mod badinput;
+mod calib;
+mod checkpoint;
 mod cli;
+mod eval;
 mod golden;
 mod quality;
 mod reference;
 mod seed;
 mod serve;
+mod sign;
+mod store;

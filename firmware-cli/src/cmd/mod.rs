@@ -6,10 +6,13 @@ pub(crate) mod board;
 pub(crate) mod classify;
 pub(crate) mod compress;
 pub(crate) mod demo;
+pub(crate) mod eval;
 pub(crate) mod info;
 pub(crate) mod inspect;
+pub(crate) mod keys;
 pub(crate) mod run;
 pub(crate) mod serve;
+pub(crate) mod store;
 pub(crate) mod verify;
 
 use std::path::Path;

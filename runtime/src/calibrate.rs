@@ -1,0 +1,1 @@
+//! Calibration-driven codec choice.

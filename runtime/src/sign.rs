@@ -1,0 +1,1 @@
+//! Signed delta envelopes (ed25519).

@@ -1,0 +1,1 @@
+//! The variant store on the device.
