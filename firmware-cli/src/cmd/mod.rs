@@ -3,6 +3,7 @@
 pub(crate) mod apply;
 pub(crate) mod bench;
 pub(crate) mod board;
+pub(crate) mod checkpoint;
 pub(crate) mod classify;
 pub(crate) mod compress;
 pub(crate) mod demo;

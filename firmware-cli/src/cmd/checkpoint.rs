@@ -1,0 +1,1 @@
+//! `compress` and `apply` on safetensors checkpoints.
