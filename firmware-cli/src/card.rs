@@ -9,6 +9,20 @@ use serde::Deserialize;
 pub(crate) struct Card {
     pub(crate) labels: Vec<String>,
     pub(crate) input: Input,
+    /// Golden inputs for the activation self-test: images (relative to the card's folder) and
+    /// the label the model must give them.
+    #[serde(default)]
+    pub(crate) golden: Vec<Golden>,
+}
+
+/// One golden input: `image` (relative to the card's folder) must be classified as `label`.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct Golden {
+    pub(crate) image: std::path::PathBuf,
+    pub(crate) label: String,
+    /// Variants this applies to (`"base"` for the base model); empty = every model.
+    #[serde(default)]
+    pub(crate) variants: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -50,6 +64,24 @@ impl Card {
             "{}: labels: expected at least one label",
             path.display()
         );
+        for g in &card.golden {
+            ensure!(
+                card.labels.contains(&g.label),
+                "{}: golden input {}: label {:?} is not one of the labels",
+                path.display(),
+                g.image.display(),
+                g.label
+            );
+            ensure!(
+                g.image.is_relative()
+                    && g.image
+                        .components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_))),
+                "{}: golden input {}: expected a path relative to the card's folder",
+                path.display(),
+                g.image.display()
+            );
+        }
         Ok(card)
     }
 

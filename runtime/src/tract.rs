@@ -116,6 +116,17 @@ impl Engine {
         &self.weights
     }
 
+    /// Fingerprint of the base weights, computed from the bytes when the engine was opened.
+    pub fn base_fingerprint(&self) -> &Fingerprint {
+        &self.base_fingerprint
+    }
+
+    /// Forgets a registered variant; the running model is kept (it stays active until the next
+    /// switch). Returns whether it was registered.
+    pub fn remove_variant(&mut self, name: &str) -> bool {
+        self.variants.remove(name).is_some()
+    }
+
     /// Registers a variant made of one or more deltas with alphas. Each delta is fully checked
     /// now (structure, checksums, binding to this base); builds check again.
     pub fn add_variant(&mut self, name: &str, deltas: Vec<(Vec<u8>, f32)>) -> TractResult<()> {

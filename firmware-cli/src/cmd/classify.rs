@@ -57,24 +57,39 @@ impl Session {
             let (path, alpha) = super::apply::parse_delta_arg(s)?;
             let bytes = read_delta(&path)?;
             let file = super::parse_checked(&path, &bytes)?;
-            let labels: Vec<String> = file.manifest().labels().map(str::to_owned).collect();
-            if !labels.is_empty() {
-                if labels.len() != self.card.labels.len() {
-                    bail!(
-                        "{}: {} labels in the manifest, the model has {}",
-                        path.display(),
-                        labels.len(),
-                        self.card.labels.len()
-                    );
-                }
-                self.labels.retain(|(n, _)| n != name);
-                self.labels.push((name.to_owned(), labels));
-            }
+            self.take_labels(&path.display().to_string(), name, &file)?;
             deltas.push((bytes, alpha));
         }
         self.engine
             .add_variant(name, deltas)
             .with_context(|| specs.join("+"))
+    }
+
+    /// Registers `name` as one delta already in memory (e.g. from a store).
+    pub(crate) fn add_variant_bytes(&mut self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        let file = DeltaFile::parse(&bytes)
+            .map_err(|e| anyhow::anyhow!("variant {name:?}: {}", super::describe(&e, None)))?;
+        self.take_labels(&format!("variant {name:?}"), name, &file)?;
+        self.engine
+            .add_variant(name, vec![(bytes, 1.0)])
+            .with_context(|| format!("variant {name:?}"))
+    }
+
+    /// Records a delta's own labels (when it has them) for `name`.
+    fn take_labels(&mut self, what: &str, name: &str, file: &DeltaFile<'_>) -> Result<()> {
+        let labels: Vec<String> = file.manifest().labels().map(str::to_owned).collect();
+        if !labels.is_empty() {
+            if labels.len() != self.card.labels.len() {
+                bail!(
+                    "{what}: {} labels in the manifest, the model has {}",
+                    labels.len(),
+                    self.card.labels.len()
+                );
+            }
+            self.labels.retain(|(n, _)| n != name);
+            self.labels.push((name.to_owned(), labels));
+        }
+        Ok(())
     }
 
     fn label(&self, variant: &str, i: usize) -> String {

@@ -13,12 +13,18 @@ use super::classify::{image, variant_name_of, Csv, Session};
 /// base); a delta's own labels, when it has them, win. Several --variant deltas form a soup
 /// (base + sum of alpha_i * delta_i), each as DELTA[@ALPHA].
 ///
+/// With --store (or $BITDELTA_STORE and no --base), the store's base and active variant run;
+/// a corrupt active variant falls back to the previous one or the base, with a warning.
+///
 /// Example: bitdelta run --base models/species/species-base.onnx --variant night.bdelta night-0001.png
+///          bitdelta run --store /var/lib/bitdelta night-0001.png
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// The base model.
-    #[arg(long)]
-    base: PathBuf,
+    /// The base model (or use --store).
+    #[arg(long, conflicts_with = "store")]
+    base: Option<PathBuf>,
+    #[command(flatten)]
+    store: super::store::StoreDir,
     /// Delta(s) to apply, each DELTA[@ALPHA]; none = the base model.
     #[arg(long, value_name = "DELTA[@ALPHA]")]
     variant: Vec<String>,
@@ -40,7 +46,21 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(a: Args) -> Result<ExitCode> {
-    let mut s = Session::open(&a.base, a.card.as_deref())?;
+    let mut s = match &a.base {
+        Some(base) => Session::open(base, a.card.as_deref())?,
+        None => {
+            anyhow::ensure!(
+                a.variant.is_empty(),
+                "--variant: not with a store (the store's active variant runs; see `bitdelta activate`)"
+            );
+            let store = a.store.open()?;
+            let (s, resolved) = super::store::open_session(&store, a.card.as_deref())?;
+            for p in &resolved.problems {
+                eprintln!("warning: {}: {p}", store.dir().display());
+            }
+            s
+        }
+    };
     let name = match a.variant.as_slice() {
         [] => bitdelta::tract::BASE.to_owned(),
         [one] => variant_name_of(one)?,
@@ -52,8 +72,10 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
     };
     if !a.variant.is_empty() {
         s.add_variant(&name, &a.variant)?;
+        s.engine.switch(&name)?;
+    } else if a.base.is_some() {
+        s.engine.switch(&name)?;
     }
-    s.engine.switch(&name)?;
     let mut csv = a.csv.as_deref().map(Csv::open).transpose()?;
     for path in &a.images {
         let gray = image(path, &s.card)?;

@@ -18,13 +18,22 @@ use super::classify::{image, stats, Csv, Session};
 /// `infer_ms`, and the image's `brightness` and `contrast` (for tuning rules). A malformed request gets `{"error": ...}` and the loop goes on; exits 0 at EOF.
 /// Only one model is held in memory: a switch drops the running one before building the next.
 ///
+/// With --store (or $BITDELTA_STORE and no --base), every installed variant can be named, and
+/// requests that name none (and match no rule) use the store's active variant. A new
+/// activation (`bitdelta activate`, `install --activate`, `rollback`) is picked up before the
+/// next request, without a restart; a corrupt active variant falls back to the previous one or
+/// the base, with a warning on stderr.
+///
 /// Example: bitdelta serve --base species-base.onnx --variant night=night.bdelta --variant fog=fog.bdelta
 ///   --rule fog:brightness>0.5 --rule night:contrast<0.16
+///          bitdelta serve --store /var/lib/bitdelta
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// The base model.
-    #[arg(long)]
-    base: PathBuf,
+    /// The base model (or use --store).
+    #[arg(long, conflicts_with = "store")]
+    base: Option<PathBuf>,
+    #[command(flatten)]
+    store: super::store::StoreDir,
     /// A variant NAME=DELTA[@ALPHA][+DELTA[@ALPHA]...] (a '+' list is a soup).
     #[arg(long, value_name = "NAME=DELTA")]
     variant: Vec<String>,
@@ -109,7 +118,19 @@ impl Rule {
 }
 
 pub(crate) fn run(a: Args) -> Result<ExitCode> {
-    let mut s = Session::open(&a.base, a.card.as_deref())?;
+    let mut watch = None;
+    let mut s = match &a.base {
+        Some(base) => Session::open(base, a.card.as_deref())?,
+        None => {
+            anyhow::ensure!(
+                a.variant.is_empty(),
+                "--variant: not with a store (installed variants are served by name)"
+            );
+            let (s, w) = StoreWatch::open(&a.store, a.card.as_deref())?;
+            watch = Some(w);
+            s
+        }
+    };
     for v in &a.variant {
         let (name, specs) = v
             .split_once('=')
@@ -126,18 +147,20 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         .iter()
         .map(|r| Rule::parse(r))
         .collect::<Result<Vec<_>>>()?;
-    for r in &rules {
-        anyhow::ensure!(
-            r.variant == bitdelta::tract::BASE || s.engine.variants().any(|v| v == r.variant),
-            "--rule: unknown variant {:?}",
-            r.variant
-        );
+    if watch.is_none() {
+        for r in &rules {
+            anyhow::ensure!(
+                r.variant == bitdelta::tract::BASE || s.engine.variants().any(|v| v == r.variant),
+                "--rule: unknown variant {:?}",
+                r.variant
+            );
+        }
+        let start = a
+            .default_variant
+            .clone()
+            .unwrap_or_else(|| bitdelta::tract::BASE.to_owned());
+        s.engine.switch(&start)?;
     }
-    let start = a
-        .default_variant
-        .clone()
-        .unwrap_or_else(|| bitdelta::tract::BASE.to_owned());
-    s.engine.switch(&start)?;
     let mut csv = a.csv.as_deref().map(Csv::open).transpose()?;
     let stdin = std::io::stdin();
     let mut out = std::io::stdout().lock();
@@ -146,21 +169,134 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         if line.trim().is_empty() {
             continue;
         }
-        let reply = match handle(
-            &mut s,
-            &rules,
-            a.default_variant.as_deref(),
-            &line,
-            a.top,
-            csv.as_mut(),
-        ) {
-            Ok(v) => v,
+        let mut reloaded = false;
+        if let Some(w) = watch.as_mut() {
+            match w.refresh(&mut s) {
+                Ok(r) => reloaded = r,
+                Err(e) => eprintln!("warning: {}: reloading the store: {e:#}", w.dir.display()),
+            }
+        }
+        let default = match &watch {
+            Some(w) => a.default_variant.as_deref().or(Some(w.running.as_str())),
+            None => a.default_variant.as_deref(),
+        };
+        let reply = match handle(&mut s, &rules, default, &line, a.top, csv.as_mut()) {
+            Ok(mut v) => {
+                if reloaded {
+                    v["switched"] = json!(true);
+                }
+                v
+            }
             Err(e) => json!({"error": format!("{e:#}"), "line": n + 1}),
         };
         writeln!(out, "{reply}")?;
         out.flush()?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Follows a store: its installed variants are registered by name, and the active one is the
+/// default. `state.json` and the variants folder are checked before each request.
+struct StoreWatch {
+    dir: PathBuf,
+    stamp: Option<Stamp>,
+    /// What the store says should run (the active variant, or a fallback).
+    running: String,
+}
+
+type Stamp = Vec<(std::time::SystemTime, u64, u64)>;
+
+impl StoreWatch {
+    fn open(
+        dir: &super::store::StoreDir,
+        card: Option<&std::path::Path>,
+    ) -> Result<(Session, Self)> {
+        let store = dir.open()?;
+        let (mut s, resolved) = super::store::open_session(&store, card)?;
+        let mut w = Self {
+            dir: store.dir().to_owned(),
+            stamp: stamp(store.dir()),
+            running: resolved.running().to_owned(),
+        };
+        for p in &resolved.problems {
+            eprintln!("warning: {}: {p}", w.dir.display());
+        }
+        w.register(&store, &mut s);
+        Ok((s, w))
+    }
+
+    /// Registers every installed variant that verifies (newest sequence per name).
+    fn register(&mut self, store: &bitdelta::store::Store, s: &mut Session) {
+        let running = s.engine.active().0.to_owned();
+        let names: Vec<String> = s.engine.variants().map(str::to_owned).collect();
+        for n in names {
+            if n != running {
+                s.engine.remove_variant(&n);
+            }
+        }
+        let Ok(installed) = store.installed() else {
+            return;
+        };
+        let mut newest: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+        for i in installed {
+            match i.check {
+                Ok(c) => {
+                    newest.insert(i.name, c.delta().to_vec());
+                }
+                Err(e) => eprintln!("warning: {}: {e}", self.dir.display()),
+            }
+        }
+        for (name, bytes) in newest {
+            if name == running && s.engine.variants().any(|v| v == name) {
+                continue;
+            }
+            if let Err(e) = s.add_variant_bytes(&name, bytes) {
+                eprintln!("warning: {}: {e:#}", self.dir.display());
+            }
+        }
+    }
+
+    /// Re-reads the store when it changed; returns whether the running model changed.
+    fn refresh(&mut self, s: &mut Session) -> Result<bool> {
+        let now = stamp(&self.dir);
+        if now == self.stamp {
+            return Ok(false);
+        }
+        self.stamp = now;
+        let store = bitdelta::store::Store::open(&self.dir)?;
+        let resolved = store.resolve();
+        for p in &resolved.problems {
+            eprintln!("warning: {}: {p}", self.dir.display());
+        }
+        let before = s.engine.active().0.to_owned();
+        // Drop the running model's registration when it is replaced, so the new files load.
+        let target = resolved.running().to_owned();
+        if let Some((slot, c)) = &resolved.variant {
+            let fp = bitdelta::store::hex(s.engine.active().1);
+            if !(before == slot.name && fp == slot.fingerprint) {
+                s.engine.switch(bitdelta::tract::BASE)?;
+                s.engine.remove_variant(&slot.name);
+                s.add_variant_bytes(&slot.name, c.delta().to_vec())?;
+            }
+        }
+        self.register(&store, s);
+        s.engine.switch(&target)?;
+        self.running = target;
+        Ok(s.engine.active().0 != before)
+    }
+}
+
+/// Modification times, lengths and inodes of `state.json` and the variants folder.
+fn stamp(dir: &std::path::Path) -> Option<Stamp> {
+    use bitdelta::store::{STATE_FILE, VARIANTS_DIR};
+    use std::os::unix::fs::MetadataExt;
+    [dir.join(STATE_FILE), dir.join(VARIANTS_DIR)]
+        .iter()
+        .map(|p| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.modified().ok()?, m.len(), m.ino()))
+        })
+        .collect()
 }
 
 fn handle(
