@@ -12,7 +12,7 @@
 //! DIR/lock                     flock(2) taken by every operation that writes
 //! ```
 //!
-//! Guarantees (see `docs/FIELD.md`):
+//! Guarantees (the README's "Field installs" section):
 //! - Every write is temp file + fsync + rename + directory fsync ([`StoreIo::write_atomic`]); a
 //!   crash at any step leaves the previous file in place. Stray temp files are ignored and
 //!   cleaned up by the next writing operation.
@@ -677,6 +677,11 @@ impl Store {
     /// `state.json` as last read or written.
     pub fn state(&self) -> &State {
         &self.state
+    }
+
+    /// The storage layer (its step count, for tests).
+    pub fn io(&self) -> &StoreIo {
+        &self.io
     }
 
     /// The trusted keys.

@@ -6,13 +6,17 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use bitdelta::format::{Codec, FLAG_SCALES_F16};
+use bitdelta::sign;
 use serde_json::json;
 
 use crate::files::{hex, read_delta};
 
 /// Show a delta's manifest, per-tensor codecs, sizes and bits per parameter.
 ///
-/// Checks the file's structure and checksums first. Example: bitdelta inspect night.bdelta --json
+/// Checks the file's structure and checksums first. For a signed file, also shows the signer's
+/// key id; the signature itself is checked by `bitdelta verify --trust-key`.
+///
+/// Example: bitdelta inspect night.bdelta --json
 #[derive(clap::Args)]
 pub(crate) struct Args {
     /// The delta file.
@@ -24,7 +28,12 @@ pub(crate) struct Args {
 
 pub(crate) fn run(a: Args) -> Result<ExitCode> {
     let bytes = read_delta(&a.file)?;
-    let file = super::parse_checked(&a.file, &bytes)?;
+    let signer = sign::is_signed(&bytes)
+        .then(|| sign::open(&bytes))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", a.file.display()))?;
+    let key_id = signer.as_ref().map(sign::Signed::key_id);
+    let file = super::parse_checked(&a.file, signer.as_ref().map_or(&bytes[..], |s| s.payload))?;
     let m = file.manifest();
     let params = file.params();
     let bpp = |b: u64, n: u64| {
@@ -72,7 +81,8 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
             })
             .collect();
         super::print_json(&json!({
-            "file": a.file, "name": m.name, "description": m.description, "tool": m.tool,
+            "file": a.file, "signed": key_id.is_some(), "key_id": key_id,
+            "name": m.name, "description": m.description, "tool": m.tool,
             "sequence": m.sequence, "labels": m.labels().collect::<Vec<_>>(),
             "base_fingerprint": hex(&m.base_fingerprint), "result_fingerprint": hex(&m.result_fingerprint),
             "format_version": file.header().version, "alignment": file.header().alignment,
@@ -89,6 +99,9 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         m.sequence,
         m.tool
     );
+    if let Some(id) = &key_id {
+        println!("  signed by key {id} (signature not checked: use verify --trust-key)");
+    }
     if !m.description.is_empty() {
         println!("  description: {}", m.description);
     }
