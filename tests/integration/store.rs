@@ -536,3 +536,36 @@ impl WaitTimeout for std::process::Child {
         false
     }
 }
+
+/// Activation is a trial: a variant that verifies but fails the model card's golden inputs (the
+/// seed recipe on this family) is refused and the active variant stays.
+#[test]
+fn activation_refuses_a_variant_that_fails_the_golden_inputs() {
+    let fx = fixture("store_golden");
+    let seed = fx.dir.join("night-seed.bdelta");
+    ok(&[
+        "compress",
+        "--base",
+        p(&model("species-base")),
+        "--fine",
+        p(&model("night")),
+        "--codec",
+        "seed",
+        "--sequence",
+        "2",
+        "-o",
+        p(&seed),
+    ]);
+    let (code, out, err) = bitdelta(&["install", p(&seed), "--store", p(&fx.store), "--activate"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("installed variant \"night\" sequence 2"),
+        "{out}"
+    );
+    assert!(err.contains("golden input images/night-"), "{err}");
+    let st = status(&fx.store);
+    assert_eq!(st["active"]["name"], "night");
+    assert_eq!(st["active"]["sequence"], 1, "{st}");
+    assert_eq!(st["last_result"]["ok"], false);
+    assert_eq!(run_store(&fx.store), ("night".into(), "zebra".into()));
+}
