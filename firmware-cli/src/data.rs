@@ -71,3 +71,94 @@ impl LabelledSet {
         &self.images[i * self.pixels..(i + 1) * self.pixels]
     }
 }
+
+/// Image files a labelled folder may hold.
+const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
+
+impl LabelledSet {
+    /// Reads a folder of labelled images, `<label>/<file>.{png,jpg,jpeg}`: each subfolder is
+    /// named after one of the card's labels. Images are converted to the card's 8-bit gray input
+    /// ([`load_gray`]); hidden entries, loose files and other extensions are skipped. Folders
+    /// and files are read in name order.
+    pub(crate) fn from_folder(dir: &Path, card: &Card) -> Result<Self> {
+        let mut folders = sorted_entries(dir)?;
+        folders.retain(|p| p.is_dir());
+        let mut set = Self {
+            images: Vec::new(),
+            labels: Vec::new(),
+            pixels: card.input.shape[1] * card.input.shape[2],
+        };
+        for folder in folders {
+            let name = folder
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let Some(label) = card.labels.iter().position(|l| *l == name) else {
+                anyhow::bail!(
+                    "{}: label {name:?} is not in the model card (labels: {})",
+                    folder.display(),
+                    card.labels.join(", ")
+                );
+            };
+            for file in sorted_entries(&folder)? {
+                let is_image = file.is_file()
+                    && file.extension().is_some_and(|e| {
+                        IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x))
+                    });
+                if is_image {
+                    set.images.extend(load_gray(&file, card)?);
+                    set.labels.push(label as i64);
+                }
+            }
+        }
+        ensure!(
+            !set.labels.is_empty(),
+            "{}: no labelled images (expected <label>/<image>.png or .jpg, with labels from the \
+             model card: {})",
+            dir.display(),
+            card.labels.join(", ")
+        );
+        Ok(set)
+    }
+
+    /// Appends another set of images of the same size (a mixed set).
+    pub(crate) fn extend(&mut self, other: Self) -> Result<()> {
+        ensure!(
+            self.pixels == other.pixels,
+            "cannot mix images of {} and {} pixels",
+            self.pixels,
+            other.pixels
+        );
+        self.images.extend(other.images);
+        self.labels.extend(other.labels);
+        Ok(())
+    }
+}
+
+/// Conditions an `.npz` archive holds: names `c` with both `x_<c>` and `y_<c>` arrays.
+pub(crate) fn npz_conditions(path: &Path) -> Result<Vec<String>> {
+    let npz = npyz::npz::NpzArchive::open(path)
+        .with_context(|| format!("{}: cannot open", path.display()))?;
+    let names: Vec<&str> = npz.array_names().collect();
+    let mut conditions: Vec<String> = names
+        .iter()
+        .filter_map(|n| n.strip_prefix("x_"))
+        .filter(|c| names.contains(&format!("y_{c}").as_str()))
+        .map(str::to_owned)
+        .collect();
+    conditions.sort();
+    Ok(conditions)
+}
+
+/// Non-hidden entries of a folder, sorted by name.
+fn sorted_entries(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot read", dir.display()))? {
+        let e = e.with_context(|| format!("{}: cannot read", dir.display()))?;
+        if !e.file_name().to_string_lossy().starts_with('.') {
+            out.push(e.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}

@@ -19,13 +19,13 @@ use crate::files::{hex, read_delta, write_atomic, Model};
 pub(crate) struct Args {
     /// The base model.
     #[arg(long)]
-    base: PathBuf,
+    pub(super) base: PathBuf,
     /// Deltas, each optionally followed by @ALPHA.
     #[arg(required = true, value_name = "DELTA[@ALPHA]")]
-    deltas: Vec<String>,
+    pub(super) deltas: Vec<String>,
     /// Output ONNX file.
     #[arg(short, long)]
-    output: PathBuf,
+    pub(super) output: PathBuf,
 }
 
 /// Splits `path@alpha` (alpha must parse as a finite number; otherwise the whole is a path).
@@ -40,6 +40,9 @@ pub(crate) fn parse_delta_arg(s: &str) -> Result<(PathBuf, f32)> {
 }
 
 pub(crate) fn run(a: Args) -> Result<ExitCode> {
+    if super::checkpoint::is_safetensors(&a.base) {
+        return super::checkpoint::apply(&a);
+    }
     let base = Model::open(&a.base)?;
     let specs = a
         .deltas

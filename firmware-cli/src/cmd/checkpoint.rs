@@ -1,1 +1,214 @@
 //! `compress` and `apply` on safetensors checkpoints.
+//!
+//! `bitdelta compress` and `bitdelta apply` hand over here when the base is a safetensors file
+//! (by extension, or by its header when the extension says nothing). Both stream one tensor at a
+//! time through [`bitdelta::checkpoint`], so a checkpoint larger than memory compresses and
+//! rebuilds in a small fraction of its size; outputs are written to a temporary file next to the
+//! target, synced and renamed only once every check passed.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use bitdelta::checkpoint::{apply_checkpoint, compress_checkpoint, verify_delta, Checkpoint};
+use bitdelta::compress::{Options, Policy};
+
+use super::compress::CodecArg;
+use crate::files::hex;
+
+/// Buffered writes of the outputs.
+const WRITE_BUF: usize = 1 << 20;
+
+/// True when `path` names a safetensors file: a `.safetensors` extension, or a header that reads
+/// as one (a little-endian u64 length that fits the file, then `{`).
+pub(crate) fn is_safetensors(path: &Path) -> bool {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+    {
+        return true;
+    }
+    let mut head = [0u8; 9];
+    let Ok(mut f) = File::open(path) else {
+        return false;
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    f.read_exact(&mut head).is_ok() && head[8] == b'{' && {
+        let n = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+        n >= 2 && n <= len - 8
+    }
+}
+
+/// A file written under a temporary name in the target's folder, renamed over the target by
+/// [`Staged::commit`] and removed if dropped before.
+struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl Staged {
+    fn create(path: &Path) -> Result<Self> {
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .with_context(|| format!("{}: not a file path", path.display()))?;
+        let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .with_context(|| format!("{}: cannot write", tmp.display()))?;
+        Ok(Self {
+            tmp,
+            path: path.to_owned(),
+            file: Some(file),
+        })
+    }
+
+    fn file(&mut self) -> &mut File {
+        self.file.as_mut().expect("open until committed")
+    }
+
+    /// Syncs the data, renames over the target and syncs the folder.
+    fn commit(mut self) -> Result<()> {
+        let file = self.file.take().expect("open until committed");
+        file.sync_all()
+            .and_then(|()| std::fs::rename(&self.tmp, &self.path))
+            .with_context(|| format!("{}: cannot write", self.path.display()))?;
+        if let Some(d) = self.path.parent().and_then(|d| {
+            File::open(if d.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                d
+            })
+            .ok()
+        }) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn byte_bar(total: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{bytes}}/{{total_bytes}} {{binary_bytes_per_sec}} eta {{eta}}"
+        ))
+        .expect("static template"),
+    );
+    bar
+}
+
+/// `bitdelta compress` with a safetensors base.
+pub(crate) fn compress(a: &super::compress::Args) -> Result<ExitCode> {
+    let base = Checkpoint::open(&a.base)?;
+    let fine = Checkpoint::open(&a.fine)?;
+    let name = match &a.name {
+        Some(n) => n.clone(),
+        None => a
+            .fine
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    anyhow::ensure!(
+        bitdelta::format::is_valid_variant_name(&name),
+        "variant name {name:?}: expected 1 to 64 characters from [A-Za-z0-9._-] (use --name)"
+    );
+    let opts = Options {
+        name: &name,
+        description: &a.description,
+        labels: "",
+        sequence: a.sequence,
+        policy: match a.codec {
+            CodecArg::Auto => Policy::Auto,
+            CodecArg::Seed => Policy::Seed,
+        },
+    };
+    let what = || {
+        format!(
+            "compressing {} against {}",
+            a.fine.display(),
+            a.base.display()
+        )
+    };
+    let mut out = Staged::create(&a.output)?;
+    let bar = byte_bar(base.weight_bytes(), "compress");
+    let mut w = BufWriter::with_capacity(WRITE_BUF, out.file());
+    let summary = compress_checkpoint(&base, &fine, &opts, &mut w, |done, _| {
+        bar.set_position(done)
+    })
+    .with_context(what)?;
+    w.flush()
+        .with_context(|| format!("{}: cannot write", a.output.display()))?;
+    drop(w);
+    bar.finish_and_clear();
+    // Read the file back as a device would, front to back, before it replaces anything.
+    let file = out.file();
+    file.seek(SeekFrom::Start(0))
+        .with_context(|| format!("{}: cannot read back", a.output.display()))?;
+    verify_delta(file)
+        .with_context(|| format!("{}: written delta does not read back", a.output.display()))?;
+    out.commit()?;
+    println!(
+        "{}: {} tensors, {} params, {} bytes, {:.3} bits/param",
+        a.output.display(),
+        summary.tensors,
+        summary.params,
+        summary.file_len,
+        summary.file_len as f64 * 8.0 / summary.params.max(1) as f64
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bitdelta apply` with a safetensors base: one delta at alpha 1.
+pub(crate) fn apply(a: &super::apply::Args) -> Result<ExitCode> {
+    let base = Checkpoint::open(&a.base)?;
+    let [spec] = a.deltas.as_slice() else {
+        anyhow::bail!(
+            "{}: a safetensors base takes exactly one delta (composition is for ONNX bases)",
+            a.base.display()
+        );
+    };
+    let (path, alpha) = super::apply::parse_delta_arg(spec)?;
+    anyhow::ensure!(
+        alpha == 1.0,
+        "{spec}: a safetensors base takes its delta at alpha 1 (composition is for ONNX bases)"
+    );
+    let mut delta =
+        File::open(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut out = Staged::create(&a.output)?;
+    let bar = byte_bar(base.weight_bytes() * 2, "apply");
+    let mut w = BufWriter::with_capacity(WRITE_BUF, out.file());
+    let fp = apply_checkpoint(&base, &mut delta, &mut w, |done, _| bar.set_position(done))
+        .map_err(|e| anyhow::anyhow!("{}: {e} (base {})", path.display(), base.path().display()))?;
+    w.flush()
+        .with_context(|| format!("{}: cannot write", a.output.display()))?;
+    drop(w);
+    bar.finish_and_clear();
+    out.commit()?;
+    println!(
+        "{}: {} bytes, weights fingerprint {}",
+        a.output.display(),
+        base.len(),
+        hex(&fp)
+    );
+    Ok(ExitCode::SUCCESS)
+}

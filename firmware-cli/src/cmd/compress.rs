@@ -1,12 +1,14 @@
 //! `bitdelta compress`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use bitdelta::compress::{compress_onnx, Options, Policy};
+use bitdelta::calibrate::{self, Images, Settings, Stage};
+use bitdelta::compress::{compress_onnx, compress_onnx_with, Options, Policy};
 use clap::ValueEnum;
 
+use crate::card::Card;
 use crate::files::{write_atomic, Model};
 
 /// Compress a fine-tuned ONNX model into a delta against its base.
@@ -21,29 +23,47 @@ use crate::files::{write_atomic, Model};
 pub(crate) struct Args {
     /// The base model every device already has.
     #[arg(long)]
-    base: PathBuf,
+    pub(super) base: PathBuf,
     /// The fine-tuned model (same architecture and initializer names as the base).
     #[arg(long)]
-    fine: PathBuf,
+    pub(super) fine: PathBuf,
     /// Output delta file.
     #[arg(short, long)]
-    output: PathBuf,
+    pub(super) output: PathBuf,
     /// Variant name (default: the fine-tuned file's stem), [A-Za-z0-9._-], at most 64 characters.
     #[arg(long)]
-    name: Option<String>,
+    pub(super) name: Option<String>,
     /// Free-text description stored in the manifest.
     #[arg(long, default_value = "")]
-    description: String,
+    pub(super) description: String,
     /// Sequence number of this variant (devices refuse to install an older one).
     #[arg(long, default_value_t = 1)]
-    sequence: u64,
-    /// Codec policy.
+    pub(super) sequence: u64,
+    /// Codec policy (without --calib).
     #[arg(long, value_enum, default_value_t = CodecArg::Auto)]
-    codec: CodecArg,
+    pub(super) codec: CodecArg,
+    /// Folder of unlabelled images (PNG/JPEG) from the variant's own domain, a few dozen to a few
+    /// hundred: choose each tensor's codec from how much it changes the model's outputs on them,
+    /// within --max-bits.
+    #[arg(long, value_name = "DIR", conflicts_with = "codec")]
+    pub(super) calib: Option<PathBuf>,
+    /// With --calib: largest average bits per parameter over the whole delta file.
+    #[arg(long, value_name = "B", default_value_t = 1.5, requires = "calib")]
+    pub(super) max_bits: f64,
+    /// With --calib: stop spending bits once the expected top-1 agreement with the fine-tuned
+    /// model on the calibration images reaches R (0 to 1).
+    #[arg(long, value_name = "R", requires = "calib")]
+    pub(super) target_retention: Option<f64>,
+    /// With --calib: model card for the preprocessing (default: model-card.json next to the base).
+    #[arg(long, requires = "calib")]
+    pub(super) card: Option<PathBuf>,
+    /// With --calib: print the codec chosen for every tensor.
+    #[arg(short, long)]
+    pub(super) verbose: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum CodecArg {
+pub(super) enum CodecArg {
     /// Data-free rule: 8-bit deltas for small tensors and biases, signs + f16 channel scales for large ones.
     Auto,
     /// The literal seed recipe: sign + one mean |d| scale on every tensor (about 1 bit/param).
@@ -51,9 +71,12 @@ enum CodecArg {
 }
 
 pub(crate) fn run(a: Args) -> Result<ExitCode> {
+    if super::checkpoint::is_safetensors(&a.base) {
+        return super::checkpoint::compress(&a);
+    }
     let base = Model::open(&a.base)?;
     let fine = Model::open(&a.fine)?;
-    let name = match a.name {
+    let name = match a.name.clone() {
         Some(n) => n,
         None => a
             .fine
@@ -76,6 +99,9 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         sequence: a.sequence,
         policy,
     };
+    if let Some(dir) = &a.calib {
+        return calibrated(&a, dir, &base, &fine, &opts);
+    }
     let bar = indicatif::ProgressBar::new(base.weights.initializers.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("compress {bar:40} {pos}/{len} tensors")
@@ -99,6 +125,185 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
     bar.finish_and_clear();
     write_atomic(&a.output, &bytes)?;
     let params = base.weights.params();
+    println!(
+        "{}: {} tensors, {} params, {} bytes, {:.3} bits/param",
+        a.output.display(),
+        base.weights.initializers.len(),
+        params,
+        bytes.len(),
+        bytes.len() as f64 * 8.0 / params as f64
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Image files a calibration folder may hold.
+const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
+
+/// Reads every PNG/JPEG file of `dir` (not its subfolders), in name order, as the model input.
+fn calibration_images(dir: &Path, card: &Card) -> Result<Images> {
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot read the calibration folder", dir.display()))?;
+    let mut files = Vec::new();
+    for e in entries {
+        let path = e
+            .with_context(|| format!("{}: cannot read the calibration folder", dir.display()))?
+            .path();
+        let hidden = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if path.is_file() && !hidden {
+            files.push(path);
+        }
+    }
+    files.sort();
+    let mut data = Vec::new();
+    let mut count = 0;
+    for f in &files {
+        let is_image = f
+            .extension()
+            .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)));
+        anyhow::ensure!(
+            is_image,
+            "{}: not a calibration image (expected .png, .jpg or .jpeg)",
+            f.display()
+        );
+        let gray = crate::data::load_gray(f, card)?;
+        data.extend(card.preprocess_gray(&gray));
+        count += 1;
+    }
+    anyhow::ensure!(
+        count > 0,
+        "{}: no calibration image (expected .png, .jpg or .jpeg files)",
+        dir.display()
+    );
+    let s = &card.input.shape;
+    Ok(Images {
+        data,
+        count,
+        shape: [s[0], s[1], s[2]],
+    })
+}
+
+/// `compress --calib`: plan the codecs on the calibration images, then write the delta.
+fn calibrated(
+    a: &Args,
+    dir: &Path,
+    base: &Model,
+    fine: &Model,
+    opts: &Options<'_>,
+) -> Result<ExitCode> {
+    anyhow::ensure!(
+        a.max_bits.is_finite() && a.max_bits > 0.0,
+        "--max-bits {}: expected a positive number of bits per parameter",
+        a.max_bits
+    );
+    if let Some(r) = a.target_retention {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&r),
+            "--target-retention {r}: expected a fraction from 0 to 1"
+        );
+    }
+    let card_file = super::classify::card_path(&a.base, a.card.as_deref());
+    let card = Card::load(&card_file).with_context(|| {
+        format!(
+            "model card for --calib (pass --card, or put model-card.json next to {})",
+            a.base.display()
+        )
+    })?;
+    let images = calibration_images(dir, &card)?;
+    let settings = Settings {
+        max_bits: a.max_bits,
+        target_retention: a.target_retention,
+        ..Settings::default()
+    };
+    let started = std::time::Instant::now();
+    let bar = indicatif::ProgressBar::new(1);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("calibrate {msg:<12} {bar:40} {pos}/{len}")
+            .expect("static template"),
+    );
+    let plan = calibrate::plan(
+        base.bytes(),
+        &base.weights,
+        fine.bytes(),
+        &fine.weights,
+        &images,
+        &settings,
+        |stage: Stage, done, total| {
+            bar.set_message(stage.name());
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )
+    .with_context(|| {
+        format!(
+            "calibrating {} against {} on {}",
+            a.fine.display(),
+            a.base.display(),
+            dir.display()
+        )
+    })?;
+    bar.finish_and_clear();
+    let mut encodings = plan.encodings.clone().into_iter();
+    let bytes = compress_onnx_with(
+        base.bytes(),
+        &base.weights,
+        fine.bytes(),
+        &fine.weights,
+        opts,
+        |_, _, _, _| encodings.next().expect("one encoding per tensor"),
+        |_, _| {},
+    )
+    .with_context(|| {
+        format!(
+            "compressing {} against {}",
+            a.fine.display(),
+            a.base.display()
+        )
+    })?;
+    write_atomic(&a.output, &bytes)?;
+    if a.verbose {
+        println!(
+            "{:<24} {:>8} {:<34} {:>9} {:>8} {:>10}",
+            "tensor", "params", "encoding", "bytes", "bits/p", "KL alone"
+        );
+        for c in &plan.choices {
+            println!(
+                "{:<24} {:>8} {:<34} {:>9} {:>8.3} {:>10.6}",
+                c.name,
+                c.params,
+                c.label,
+                c.payload_bytes,
+                c.payload_bytes as f64 * 8.0 / c.params as f64,
+                c.divergence
+            );
+        }
+    }
+    let counts: Vec<String> = plan
+        .codec_counts()
+        .iter()
+        .map(|(codec, (t, p, b))| {
+            format!(
+                "{codec} {t} tensors / {p} params / {:.3} bits/param",
+                *b as f64 * 8.0 / *p as f64
+            )
+        })
+        .collect();
+    println!("codecs: {}", counts.join(", "));
+    let params = base.weights.params();
+    println!(
+        "header and tensor table: {} bytes ({:.3} bits/param)",
+        plan.meta_bytes,
+        plan.meta_bytes as f64 * 8.0 / params as f64
+    );
+    println!(
+        "expected agreement with the fine-tuned model on {} calibration images: {:.3} (mean KL {:.5}); {} model evaluations in {:.1} s",
+        plan.images,
+        plan.agreement,
+        plan.divergence,
+        plan.evaluations,
+        started.elapsed().as_secs_f64()
+    );
     println!(
         "{}: {} tensors, {} params, {} bytes, {:.3} bits/param",
         a.output.display(),
