@@ -283,3 +283,91 @@ fn run_prints_the_species_with_variant_and_fingerprint() {
         "{row}"
     );
 }
+
+/// The same on a generated model with 117 MB of f32 weights (`bench --write-mlp`), where the
+/// weights, not the binary, dominate memory: answers equal tract on each applied ONNX, and the
+/// peak RSS of serving base/a/b in alternation stays within 1.15x of serving the base alone.
+#[test]
+fn serve_on_a_117_mb_model_matches_tract_and_holds_one_model_in_memory() {
+    let dir = scratch("serve_mlp");
+    ok(&["bench", "--write-mlp", p(&dir), "--mlp-hidden", "4096"]);
+    let base = dir.join("mlp-base.onnx");
+    assert!(std::fs::metadata(&base).unwrap().len() > 100_000_000);
+    let mut applied = vec![("base".to_string(), base.clone())];
+    let mut args = vec![
+        "--base".to_string(),
+        p(&base).to_string(),
+        "--top".into(),
+        "10".into(),
+    ];
+    for v in ["a", "b"] {
+        let (fine, d, o) = (
+            dir.join(format!("mlp-{v}.onnx")),
+            dir.join(format!("{v}.bdelta")),
+            dir.join(format!("{v}-applied.onnx")),
+        );
+        ok(&[
+            "compress",
+            "--base",
+            p(&base),
+            "--fine",
+            p(&fine),
+            "--name",
+            v,
+            "-o",
+            p(&d),
+        ]);
+        ok(&["apply", "--base", p(&base), p(&d), "-o", p(&o)]);
+        std::fs::remove_file(&fine).unwrap();
+        applied.push((v.to_string(), o));
+        args.extend(["--variant".into(), format!("{v}={}", p(&d))]);
+    }
+    let imgs: Vec<PathBuf> = images().into_iter().step_by(3).take(9).collect();
+    let order = ["base", "a", "b"];
+    let requests: Vec<String> = imgs
+        .iter()
+        .enumerate()
+        .map(|(i, img)| serde_json::json!({"image": img, "variant": order[i % 3]}).to_string())
+        .collect();
+    let plain: Vec<String> = imgs
+        .iter()
+        .map(|img| serde_json::json!({"image": img}).to_string())
+        .collect();
+    let (_, one_kib) = serve(&["--base", p(&base)], &plain);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (answers, switching_kib) = serve(&args, &requests);
+    let mut fingerprints = std::collections::BTreeSet::new();
+    for (i, (img, a)) in imgs.iter().zip(&answers).enumerate() {
+        let v = order[i % 3];
+        assert_eq!(a["variant"], v, "{a}");
+        fingerprints.insert(a["fingerprint"].as_str().unwrap().to_string());
+        let onnx = &applied.iter().find(|(n, _)| n == v).unwrap().1;
+        let want = reference_probs(onnx, img);
+        for t in a["top"].as_array().unwrap() {
+            let k: usize = t["label"].as_str().unwrap()["class".len()..]
+                .parse()
+                .unwrap();
+            let got = t["p"].as_f64().unwrap() as f32;
+            assert_eq!(
+                got.to_bits(),
+                want[k].to_bits(),
+                "{v}: class{k}: {got} vs {}",
+                want[k]
+            );
+        }
+    }
+    assert_eq!(fingerprints.len(), 3, "base, a and b have distinct weights");
+    let ratio = switching_kib as f64 / one_kib as f64;
+    println!(
+        "117 MB model: peak RSS base only {one_kib} KiB, switching {switching_kib} KiB, ratio {ratio:.3}"
+    );
+    assert!(
+        one_kib > 117_000_000 / 1024,
+        "the weights dominate: {one_kib} KiB"
+    );
+    assert!(
+        ratio <= 1.15,
+        "peak RSS while switching is {ratio:.3}x that of serving the base alone"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

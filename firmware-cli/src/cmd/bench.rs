@@ -42,6 +42,10 @@ pub(crate) struct Args {
     /// Only the kernel measurements (no models).
     #[arg(long)]
     kernels_only: bool,
+    /// Write the generated MLP family (mlp-base.onnx, fine-tunes mlp-a.onnx and mlp-b.onnx, and
+    /// model-card.json) with --mlp-hidden into this folder, and stop.
+    #[arg(long, value_name = "DIR")]
+    write_mlp: Option<PathBuf>,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -63,6 +67,9 @@ fn time(iters: usize, mut f: impl FnMut()) -> Duration {
 }
 
 pub(crate) fn run(a: Args) -> Result<ExitCode> {
+    if let Some(dir) = &a.write_mlp {
+        return write_mlp(dir, a.mlp_hidden);
+    }
     anyhow::ensure!(a.size_mib > 0, "--size-mib: expected at least 1");
     let n = a.size_mib * (1 << 20) / 4;
     let base: Vec<f32> = (0..n).map(|i| (i % 1021) as f32 * 1e-3 - 0.5).collect();
@@ -275,4 +282,29 @@ fn switching(
         );
     }
     Ok(r)
+}
+
+/// Writes the generated MLP family and a model card for it into `dir`.
+fn write_mlp(dir: &std::path::Path, hidden: i64) -> Result<ExitCode> {
+    anyhow::ensure!(hidden > 0, "--mlp-hidden: expected at least 1");
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    for (file, seed) in [
+        ("mlp-base.onnx", None),
+        ("mlp-a.onnx", Some(11)),
+        ("mlp-b.onnx", Some(12)),
+    ] {
+        let path = dir.join(file);
+        crate::files::write_atomic(&path, &crate::synth::mlp(hidden, seed))?;
+        println!("{}", path.display());
+    }
+    let labels: Vec<String> = (0..10).map(|i| format!("class{i}")).collect();
+    let card = serde_json::json!({
+        "labels": labels,
+        "input": {"shape": [3, 32, 32], "scale": 1.0 / 255.0, "mean": [0.45, 0.45, 0.45],
+                  "std": [0.225, 0.225, 0.225]},
+    });
+    let path = dir.join("model-card.json");
+    crate::files::write_atomic(&path, format!("{card:#}\n").as_bytes())?;
+    println!("{}", path.display());
+    Ok(ExitCode::SUCCESS)
 }
