@@ -371,3 +371,107 @@ fn serve_on_a_117_mb_model_matches_tract_and_holds_one_model_in_memory() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `serve` over base/night/fog in alternation agrees with onnxruntime on each applied ONNX
+/// (`tests/data/ort_probs.py`): same top species, probabilities within 1e-5. tract and
+/// onnxruntime sum in different orders, so the last bits differ (~1e-6), hence not bit-exact.
+/// Needs python3 with onnxruntime, numpy and pillow (`ci.sh` installs them); without them the
+/// test says so and passes, unless `BITDELTA_REQUIRE_ORT=1` (set by `ci.sh`).
+#[test]
+fn serve_agrees_with_onnxruntime_on_the_applied_models() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/ort_probs.py");
+    let have = Command::new("python3")
+        .args(["-c", "import onnxruntime, numpy, PIL"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        assert!(
+            std::env::var_os("BITDELTA_REQUIRE_ORT").is_none(),
+            "BITDELTA_REQUIRE_ORT is set but python3 cannot import onnxruntime, numpy, PIL"
+        );
+        println!("skipped: python3 with onnxruntime, numpy and pillow is not available");
+        return;
+    }
+    let dir = scratch("serve_ort");
+    let base = model("species-base");
+    let mut applied = vec![("base".to_string(), base.clone())];
+    let mut args = vec![
+        "--base".to_string(),
+        p(&base).to_string(),
+        "--top".into(),
+        "10".into(),
+    ];
+    for v in ["night", "fog"] {
+        let (d, o) = (
+            dir.join(format!("{v}.bdelta")),
+            dir.join(format!("{v}.onnx")),
+        );
+        compress(v, &d, "auto");
+        ok(&["apply", "--base", p(&base), p(&d), "-o", p(&o)]);
+        applied.push((v.to_string(), o));
+        args.extend(["--variant".into(), format!("{v}={}", p(&d))]);
+    }
+    let imgs = images();
+    let order = ["base", "night", "fog"];
+    let requests: Vec<String> = imgs
+        .iter()
+        .enumerate()
+        .map(|(i, img)| serde_json::json!({"image": img, "variant": order[i % 3]}).to_string())
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (answers, _) = serve(&args, &requests);
+    let labels: Vec<String> = serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(species().join("model-card.json")).unwrap(),
+    )
+    .unwrap()["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect();
+    for (k, (name, onnx)) in applied.iter().enumerate() {
+        let mine: Vec<(&PathBuf, &serde_json::Value)> = imgs
+            .iter()
+            .zip(&answers)
+            .enumerate()
+            .filter(|(i, _)| i % 3 == k)
+            .map(|(_, x)| x)
+            .collect();
+        let out = Command::new("python3")
+            .arg(&script)
+            .arg(onnx)
+            .args(mine.iter().map(|(i, _)| i.as_os_str()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ort: Vec<Vec<f64>> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(ort.len(), mine.len());
+        for ((img, a), want) in mine.iter().zip(&ort) {
+            assert_eq!(a["variant"], name.as_str());
+            let best = (0..want.len()).fold(0, |b, j| if want[j] > want[b] { j } else { b });
+            assert_eq!(a["label"], labels[best].as_str(), "{}", img.display());
+            for t in a["top"].as_array().unwrap() {
+                let j = labels
+                    .iter()
+                    .position(|l| l == t["label"].as_str().unwrap())
+                    .unwrap();
+                let got = t["p"].as_f64().unwrap();
+                assert!(
+                    (got - want[j]).abs() <= 1e-5,
+                    "{}: {name}: p({}) {got} vs onnxruntime {}",
+                    img.display(),
+                    labels[j],
+                    want[j]
+                );
+            }
+        }
+    }
+}
