@@ -45,7 +45,8 @@ pub(crate) struct Args {
     /// The base model.
     #[arg(long)]
     base: PathBuf,
-    /// A delta, or a soup of deltas joined by '+', each DELTA[@ALPHA]. Repeatable.
+    /// A delta, or a soup of deltas joined by '+', each DELTA[@ALPHA]. Repeatable. A delta at an
+    /// alpha other than 1 is reported as a soup.
     #[arg(long, value_name = "DELTA[@ALPHA][+DELTA@ALPHA...]")]
     variant: Vec<String>,
     /// A fine-tuned ONNX model: a row, and the reference the delta rows are compared with.
@@ -275,7 +276,7 @@ impl Report<'_> {
     fn compare(&self, row: &Row) -> Option<Comparison<'_>> {
         let fine = &self.rows[row.reference?];
         let fine_acc = self.accuracy(fine);
-        let (agree, kl) = agreement_and_kl(&row.logits, &fine.logits, self.classes);
+        let (agree, kl) = agreement_and_kl(&fine.logits, &row.logits, self.classes);
         Some(Comparison {
             fine,
             retention: (fine_acc > 0.0).then(|| self.accuracy(row) / fine_acc),
