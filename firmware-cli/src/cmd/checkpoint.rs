@@ -118,6 +118,12 @@ fn byte_bar(total: u64, what: &str) -> indicatif::ProgressBar {
 
 /// `bitdelta compress` with a safetensors base.
 pub(crate) fn compress(a: &super::compress::Args) -> Result<ExitCode> {
+    anyhow::ensure!(
+        a.calib.is_none(),
+        "{}: --calib runs the model on images, which needs ONNX models; a safetensors \
+         checkpoint takes --codec auto or seed",
+        a.base.display()
+    );
     let base = Checkpoint::open(&a.base)?;
     let fine = Checkpoint::open(&a.fine)?;
     let name = match &a.name {
@@ -153,7 +159,7 @@ pub(crate) fn compress(a: &super::compress::Args) -> Result<ExitCode> {
     let bar = byte_bar(base.weight_bytes(), "compress");
     let mut w = BufWriter::with_capacity(WRITE_BUF, out.file());
     let summary = compress_checkpoint(&base, &fine, &opts, &mut w, |done, _| {
-        bar.set_position(done)
+        bar.set_position(done);
     })
     .with_context(what)?;
     w.flush()
@@ -197,8 +203,10 @@ pub(crate) fn apply(a: &super::apply::Args) -> Result<ExitCode> {
     let mut out = Staged::create(&a.output)?;
     let bar = byte_bar(base.weight_bytes() * 2, "apply");
     let mut w = BufWriter::with_capacity(WRITE_BUF, out.file());
-    let fp = apply_checkpoint(&base, &mut delta, &mut w, |done, _| bar.set_position(done))
-        .map_err(|e| anyhow::anyhow!("{}: {e} (base {})", path.display(), base.path().display()))?;
+    let fp = apply_checkpoint(&base, &mut delta, &mut w, |done, _| {
+        bar.set_position(done);
+    })
+    .map_err(|e| anyhow::anyhow!("{}: {e} (base {})", path.display(), base.path().display()))?;
     w.flush()
         .with_context(|| format!("{}: cannot write", a.output.display()))?;
     drop(w);
