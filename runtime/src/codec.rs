@@ -50,6 +50,18 @@ pub fn sign_tensor(base: &[f32], fine: &[f32]) -> Encoded {
     }
 }
 
+/// [`sign_tensor`] with the scale multiplied by `multiplier` (in f64, before the one rounding to
+/// f32): a scale fitted to the model's outputs rather than to the weights (see
+/// [`crate::calibrate`]). A multiplier of 1 gives exactly [`sign_tensor`].
+pub fn sign_tensor_scaled(base: &[f32], fine: &[f32], multiplier: f64) -> Encoded {
+    let n = base.len().max(1) as f64;
+    let scale = (multiplier * (deltas(base, fine).map(f64::abs).sum::<f64>() / n)) as f32;
+    Encoded::Sign {
+        scale,
+        bits: pack(base, fine),
+    }
+}
+
 fn scales_from(values: Vec<f64>, allow_f16: bool) -> OwnedScales {
     let f16_ok = allow_f16
         && values
@@ -92,6 +104,38 @@ pub fn sign_groups(base: &[f32], fine: &[f32], groups: usize, f16_scales: bool) 
                 .map(f64::abs)
                 .sum::<f64>()
                 / g as f64
+        })
+        .collect();
+    Encoded::SignGroups {
+        scales: scales_from(means, f16_scales),
+        bits: pack(base, fine),
+    }
+}
+
+/// [`sign_groups`] with every group scale multiplied by `multiplier` (in f64, before rounding to
+/// the stored type). A multiplier of 1 gives exactly [`sign_groups`].
+///
+/// # Panics
+/// When `groups` is 0 or does not divide the length.
+pub fn sign_groups_scaled(
+    base: &[f32],
+    fine: &[f32],
+    groups: usize,
+    f16_scales: bool,
+    multiplier: f64,
+) -> Encoded {
+    assert!(
+        groups > 0 && base.len().is_multiple_of(groups),
+        "groups must divide the tensor length"
+    );
+    let g = base.len() / groups;
+    let means = (0..groups)
+        .map(|k| {
+            multiplier
+                * (deltas(&base[k * g..(k + 1) * g], &fine[k * g..(k + 1) * g])
+                    .map(f64::abs)
+                    .sum::<f64>()
+                    / g as f64)
         })
         .collect();
     Encoded::SignGroups {

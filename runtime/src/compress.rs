@@ -142,6 +142,31 @@ pub fn compress_onnx(
     fine: &[u8],
     fine_w: &OnnxWeights,
     opts: &Options<'_>,
+    progress: impl FnMut(usize, usize),
+) -> Result<Vec<u8>, CompressError> {
+    let policy = opts.policy;
+    compress_onnx_with(
+        base,
+        base_w,
+        fine,
+        fine_w,
+        opts,
+        |_, init, bv, fv| encode(policy, &init.dims, bv, fv),
+        progress,
+    )
+}
+
+/// [`compress_onnx`] with the codec of each tensor chosen by the caller:
+/// `encode(index, base initializer, base values, fine values)` is called once per base
+/// initializer, in the base's order (`opts.policy` is not used). The calibrated compressor
+/// ([`crate::calibrate`]) passes its per-tensor plan this way.
+pub fn compress_onnx_with(
+    base: &[u8],
+    base_w: &OnnxWeights,
+    fine: &[u8],
+    fine_w: &OnnxWeights,
+    opts: &Options<'_>,
+    mut encode: impl FnMut(usize, &Initializer, &[f32], &[f32]) -> Encoded,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<u8>, CompressError> {
     let mismatch = |name: &str, what| {
@@ -188,7 +213,7 @@ pub fn compress_onnx(
             name: b.name.clone(),
             dtype: b.dtype,
             dims,
-            encoded: encode(opts.policy, &b.dims, &bv, &fv),
+            encoded: encode(k, b, &bv, &fv),
         });
         progress(k + 1, total);
     }

@@ -41,7 +41,7 @@ impl Classifier {
         Self::from_proto(proto, input_shape)
     }
 
-    fn from_proto(proto: ModelProto, input_shape: &[usize]) -> TractResult<Self> {
+    pub(crate) fn from_proto(proto: ModelProto, input_shape: &[usize]) -> TractResult<Self> {
         let model = tract_onnx::onnx().model_for_proto_model(&proto)?;
         drop(proto);
         let plan = model

@@ -9,7 +9,7 @@ use crate::reference::{compress, model, ok, p, scratch, species};
 
 /// Accuracy of an ONNX model on `x_<condition>` / `y_<condition>`, preprocessing as the model
 /// card says (x/255, minus 0.45, divided by 0.225, grey to 3 channels), batch of 600 at once.
-fn accuracy(onnx: &Path, condition: &str) -> f64 {
+pub(crate) fn accuracy(onnx: &Path, condition: &str) -> f64 {
     let mut npz = npyz::npz::NpzArchive::open(species().join("eval.npz")).unwrap();
     let x = npz.by_name(&format!("x_{condition}")).unwrap().unwrap();
     let shape = x.shape().to_vec();
