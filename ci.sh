@@ -59,4 +59,7 @@ cargo build -p bitdelta --no-default-features --target thumbv7em-none-eabihf
 cargo build -p bitdelta --no-default-features --target aarch64-unknown-none
 cargo test -p bitdelta --lib --no-default-features
 
+step "fuzz smoke (cargo-fuzz on stable: parse and stream targets, 30 s each)"
+FUZZ_SECONDS="${FUZZ_SECONDS:-30}" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}/fuzz" fuzz/smoke.sh
+
 step "all green"

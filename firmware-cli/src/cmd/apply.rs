@@ -13,6 +13,7 @@ use crate::files::{hex, read_delta, write_atomic, Model};
 /// Every byte except the float initializers' data is copied from the base. Several deltas
 /// compose (DeltaSoup): W = base + sum(alpha_i * delta_i), with `DELTA@ALPHA` (default alpha 1).
 /// Each delta is fully verified against the base first; nothing is written if any check fails.
+/// A safetensors base (one delta, alpha 1) is rebuilt streaming, one tensor at a time.
 ///
 /// Example: bitdelta apply --base species-base.onnx night.bdelta@0.5 fog.bdelta@0.5 -o soup.onnx
 #[derive(clap::Args)]

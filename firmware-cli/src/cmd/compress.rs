@@ -18,7 +18,13 @@ use crate::files::{write_atomic, Model};
 /// (biases, tensors of at most 4096 elements) and 1 bit with f16 per-channel scales on large
 /// ones; `--codec seed` is the literal BitDelta recipe (sign + one mean-abs scale per tensor).
 ///
+/// `--calib DIR` (unlabelled images from the variant's own domain) chooses codecs and scales per
+/// tensor by running the models with tract on those images, within `--max-bits` bits/param
+/// (docs/QUALITY.md has the retention/size frontier). A base ending in `.safetensors` (or with a
+/// safetensors header) is compressed as a checkpoint pair, streaming one tensor at a time.
+///
 /// Example: bitdelta compress --base species-base.onnx --fine night.onnx -o night.bdelta
+///          bitdelta compress --base species-base.onnx --fine night.onnx --calib calib/night -o night.bdelta
 #[derive(clap::Args)]
 pub(crate) struct Args {
     /// The base model every device already has.
