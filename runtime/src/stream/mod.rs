@@ -316,7 +316,7 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
             None => return Ok(None),
         };
         let fill = |dst: &mut [f32], io: &mut [u8; IO_BUF]| read_base(base, dtype, index, dst, io);
-        self.decode(out_chunk, fill, sink)
+        self.decode(out_chunk, fill, sink, false)
     }
 
     /// Reads and checks the next tensor's payload (the same checks as
@@ -329,7 +329,7 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
             dst.fill(0.0);
             Ok(())
         };
-        self.decode(&mut out, fill, |_, _| {})
+        self.decode(&mut out, fill, |_, _| {}, true)
     }
 
     fn decode<F, S>(
@@ -337,6 +337,7 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
         out: &mut [f32],
         mut fill: F,
         mut sink: S,
+        skip: bool,
     ) -> Result<Option<TensorInfo<'m>>, Error<R::Error>>
     where
         F: FnMut(&mut [f32], &mut [u8; IO_BUF]) -> Result<(), Error<R::Error>>,
@@ -349,7 +350,7 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
         if self.failed || self.next >= self.header.tensor_count {
             return Ok(None);
         }
-        match self.decode_one(out, &mut fill, &mut sink) {
+        match self.decode_one(out, &mut fill, &mut sink, skip) {
             Ok(info) => {
                 self.next += 1;
                 Ok(Some(info))
@@ -366,6 +367,7 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
         out: &mut [f32],
         fill: &mut F,
         sink: &mut S,
+        skip: bool,
     ) -> Result<TensorInfo<'m>, Error<R::Error>>
     where
         F: FnMut(&mut [f32], &mut [u8; IO_BUF]) -> Result<(), Error<R::Error>>,
@@ -440,7 +442,13 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
         let mut bits_read = 0u64;
         let mut last = 0u8;
         let mut start = 0u64;
-        while start < n {
+        // Skipping an unchanged tensor reads nothing: do not walk its (possibly huge) extent.
+        let stop = if skip && info.codec == Codec::Unchanged {
+            0
+        } else {
+            n
+        };
+        while start < stop {
             let len = (out.len() as u64).min(n - start) as usize;
             let end = start + len as u64;
             let chunk = &mut out[..len];

@@ -1289,3 +1289,37 @@ mod props {
         }
     }
 }
+
+#[test]
+fn skipping_a_huge_unchanged_tensor_reads_and_walks_nothing() {
+    // 2^40 declared elements and no payload: skipping must not walk the extent (it would take
+    // minutes on a device), and the decoder must land on the next tensor.
+    let mut recs = vec![
+        TensorRecord {
+            name: "a.huge".into(),
+            dtype: DType::F32,
+            dims: vec![1 << 20, 1 << 20],
+            encoded: Encoded::Unchanged,
+        },
+        TensorRecord {
+            name: "b.small".into(),
+            dtype: DType::F32,
+            dims: vec![3],
+            encoded: Encoded::RawF32(vec![1.0, 2.0, 3.0]),
+        },
+    ];
+    let b = write_delta(&manifest(), &mut recs, 8).unwrap();
+    let mut buf = vec![0u8; big_buf(&b)];
+    let mut dec = StreamDecoder::new(&b[..], b.len() as u64, &mut buf).unwrap();
+    assert_eq!(dec.skip_tensor().unwrap().unwrap().numel(), 1 << 40);
+    let mut out = [0f32; 4];
+    let mut got = [0f32; 3];
+    let base = [0u8; 12];
+    dec.next_tensor(&mut &base[..], &mut out, |at, c| {
+        got[at as usize..][..c.len()].copy_from_slice(c);
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(got, [1.0, 2.0, 3.0]);
+    assert!(dec.is_complete());
+}
