@@ -100,6 +100,25 @@ pub fn check_binding(
     }
     // Both lists are sorted by name; a matching fingerprint makes a mismatch here unlikely, but a
     // crafted delta must not get past this point with a different table.
+    check_tensor_set(
+        index,
+        base.initializers
+            .iter()
+            .map(|i| (i.name.as_str(), i.dtype, i.dims.as_slice())),
+        delta
+            .tensors()
+            .map(|e| (e.name, e.dtype, e.dims().map(u64::from))),
+    )
+}
+
+/// The tensor-set rule (`docs/FORMAT.md` §11): the delta's entries are exactly the base's
+/// tensors, in the same order, with the same dtypes and shapes. `index` names the delta in
+/// errors.
+pub fn check_tensor_set<'b, 'd, D: Iterator<Item = u64>>(
+    index: usize,
+    base: impl IntoIterator<Item = (&'b str, DType, &'b [u64])>,
+    mut entries: impl Iterator<Item = (&'d str, DType, D)>,
+) -> Result<(), ApplyError> {
     let set = |name: &str, what| {
         Err(ApplyError::TensorSet {
             delta: index,
@@ -107,26 +126,25 @@ pub fn check_binding(
             what,
         })
     };
-    let mut entries = delta.tensors();
-    for init in &base.initializers {
-        let Some(e) = entries.next() else {
-            return set(&init.name, "is missing from the delta");
+    for (name, dtype, dims) in base {
+        let Some((e_name, e_dtype, e_dims)) = entries.next() else {
+            return set(name, "is missing from the delta");
         };
-        if e.name != init.name {
+        if e_name != name {
             return set(
-                e.name,
+                e_name,
                 "is in the delta but not in the base (or names differ)",
             );
         }
-        if e.dtype != init.dtype {
-            return set(e.name, "has another dtype in the base");
+        if e_dtype != dtype {
+            return set(e_name, "has another dtype in the base");
         }
-        if !e.dims().map(u64::from).eq(init.dims.iter().copied()) {
-            return set(e.name, "has another shape in the base");
+        if !e_dims.eq(dims.iter().copied()) {
+            return set(e_name, "has another shape in the base");
         }
     }
-    if let Some(e) = entries.next() {
-        return set(e.name, "is in the delta but not in the base");
+    if let Some((e_name, _, _)) = entries.next() {
+        return set(e_name, "is in the delta but not in the base");
     }
     Ok(())
 }

@@ -34,7 +34,7 @@ use std::vec::Vec;
 use crate::apply;
 use crate::codec;
 use crate::compose::{self, Base};
-use crate::compress::read_f32;
+use crate::compress::{for_each_pair, CompressError};
 use crate::format::{
     write_delta, Codec, DType, Encoded, Manifest, OwnedScales, Payload, Scales, TensorRecord,
     DEFAULT_ALIGN,
@@ -532,51 +532,15 @@ pub fn plan(
             found: images.data.len(),
         });
     }
-    let mismatch = |name: &str, what| {
-        Err(CalibError::Mismatch {
-            name: name.into(),
-            what,
-        })
-    };
-    if let Some(f) = fine_w
-        .initializers
-        .iter()
-        .find(|f| base_w.get(&f.name).is_none())
-    {
-        return mismatch(&f.name, "is in the fine-tuned model but not in the base");
-    }
     let mut tensors = Vec::with_capacity(base_w.initializers.len());
-    for b in &base_w.initializers {
-        let Some(f) = fine_w.get(&b.name) else {
-            return mismatch(&b.name, "is missing from the fine-tuned model");
-        };
-        if f.dims != b.dims || f.dtype != b.dtype {
-            return mismatch(
-                &b.name,
-                "has another shape or dtype in the fine-tuned model",
-            );
-        }
-        let dims = b
-            .dims
-            .iter()
-            .map(|&d| u32::try_from(d))
-            .collect::<Result<Vec<_>, _>>();
-        let Ok(dims) = dims else {
-            return mismatch(&b.name, "has a dimension over 2^32");
-        };
-        let bv = read_f32(base, b);
-        let fv = read_f32(fine, f);
-        if bv.iter().chain(&fv).any(|x| !x.is_finite()) {
-            return Err(CalibError::NonFinite {
-                name: b.name.clone(),
-            });
-        }
-        let candidates = candidates(&b.dims, &bv, &fv)
+    for_each_pair(base, base_w, fine, fine_w, |_, p| {
+        let (b, bv, fv) = (p.base, &p.base_values, &p.fine_values);
+        let candidates = candidates(&b.dims, bv, fv)
             .into_iter()
             .map(|(label, encoded)| Candidate {
                 label,
                 cost: align(encoded.payload_len() as u64),
-                stored: stored(b.dtype, &reconstruct_encoded(&bv, &encoded)),
+                stored: stored(b.dtype, &reconstruct_encoded(bv, &encoded)),
                 encoded,
                 divergence: 0.0,
             })
@@ -584,14 +548,19 @@ pub fn plan(
         tensors.push(Tensor {
             name: b.name.clone(),
             dtype: b.dtype,
-            dims,
+            dims: p.dims,
             params: b.numel(),
-            range: f.data.clone(),
-            fine: fine[f.data.clone()].to_vec(),
+            range: p.fine.data.clone(),
+            fine: fine[p.fine.data.clone()].to_vec(),
             candidates,
             hull: Vec::new(),
         });
-    }
+    })
+    .map_err(|e| match e {
+        CompressError::Mismatch { name, what } => CalibError::Mismatch { name, what },
+        CompressError::NonFinite { name } => CalibError::NonFinite { name },
+        other => CalibError::Model(other.to_string()),
+    })?;
     let params: u64 = tensors.iter().map(|t| t.params).sum();
 
     // Bytes before the payloads do not depend on the codecs.

@@ -886,16 +886,23 @@ fn decoder_buffer<R: Read + Seek>(delta: &mut R, len: u64) -> Result<Vec<u8>, Ch
     }
 }
 
-/// Reads a whole delta front to back and checks its structure and every payload (what
-/// `bitdelta verify` checks without a base), holding only its meta region in memory.
-pub fn verify_delta<R: Read + Seek>(delta: &mut R) -> Result<(), CheckpointError> {
+/// The delta's length and a buffer large enough for its [`StreamDecoder`], with the reader
+/// positioned at the start.
+fn rewind_with_buffer<R: Read + Seek>(delta: &mut R) -> Result<(u64, Vec<u8>), CheckpointError> {
     let len = delta
         .seek(SeekFrom::End(0))
         .map_err(CheckpointError::DeltaRead)?;
-    let mut buf = decoder_buffer(delta, len)?;
+    let buf = decoder_buffer(delta, len)?;
     delta
         .seek(SeekFrom::Start(0))
         .map_err(CheckpointError::DeltaRead)?;
+    Ok((len, buf))
+}
+
+/// Reads a whole delta front to back and checks its structure and every payload (what
+/// `bitdelta verify` checks without a base), holding only its meta region in memory.
+pub fn verify_delta<R: Read + Seek>(delta: &mut R) -> Result<(), CheckpointError> {
+    let (len, mut buf) = rewind_with_buffer(delta)?;
     let reader = IoRead(BufReader::with_capacity(READ_BUF, &mut *delta));
     let mut dec = StreamDecoder::new(reader, len, &mut buf).map_err(|e| delta_error(e, None))?;
     while let Some(info) = dec.peek() {
@@ -920,13 +927,7 @@ pub fn rebuild_checkpoint<R: Read + Seek>(
     mut sink: impl FnMut(&CheckpointTensor, &[u8]) -> io::Result<()>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<Fingerprint, CheckpointError> {
-    let len = delta
-        .seek(SeekFrom::End(0))
-        .map_err(CheckpointError::DeltaRead)?;
-    let mut buf = decoder_buffer(delta, len)?;
-    delta
-        .seek(SeekFrom::Start(0))
-        .map_err(CheckpointError::DeltaRead)?;
+    let (len, mut buf) = rewind_with_buffer(delta)?;
     let reader = IoRead(BufReader::with_capacity(READ_BUF, &mut *delta));
     let mut dec = StreamDecoder::new(reader, len, &mut buf).map_err(|e| delta_error(e, None))?;
     let (expected_base, expected_result) = (
@@ -943,39 +944,18 @@ pub fn rebuild_checkpoint<R: Read + Seek>(
             found,
         }));
     }
-    let set = |name: &str, what| {
-        Err(CheckpointError::Apply(ApplyError::TensorSet {
-            delta: 0,
-            name: name.into(),
-            what,
-        }))
-    };
     let weights: Vec<&CheckpointTensor> = base.weights().collect();
-    for (i, t) in weights.iter().enumerate() {
-        let Some(e) = dec.tensor(i) else {
-            return set(&t.name, "is missing from the delta");
-        };
-        if e.name != t.name {
-            return set(
-                e.name,
-                "is in the delta but not in the base (or names differ)",
-            );
-        }
-        if e.dtype != t.dtype {
-            return set(e.name, "has another dtype in the base");
-        }
-        if !e
-            .dims()
+    apply::check_tensor_set(
+        0,
+        weights
             .iter()
-            .map(|&d| u64::from(d))
-            .eq(t.dims.iter().copied())
-        {
-            return set(e.name, "has another shape in the base");
-        }
-    }
-    if let Some(e) = dec.tensor(weights.len()) {
-        return set(e.name, "is in the delta but not in the base");
-    }
+            .map(|t| (t.name.as_str(), t.dtype, t.dims.as_slice())),
+        (0..).map_while(|i| dec.tensor(i)).map(|e| {
+            let dims: Vec<u64> = e.dims().iter().map(|&d| u64::from(d)).collect();
+            (e.name, e.dtype, dims.into_iter())
+        }),
+    )
+    .map_err(CheckpointError::Apply)?;
 
     let mut chunk = vec![0f32; APPLY_CHUNK];
     let mut stored = Vec::new();
@@ -997,7 +977,13 @@ pub fn rebuild_checkpoint<R: Read + Seek>(
         base.release(t);
         match res {
             Ok(Some(_)) => {}
-            Ok(None) => return set(&t.name, "is missing from the delta"),
+            Ok(None) => {
+                return Err(CheckpointError::Apply(ApplyError::TensorSet {
+                    delta: 0,
+                    name: t.name.clone(),
+                    what: "is missing from the delta",
+                }))
+            }
             Err(e) => return Err(delta_error(e, Some(&t.name))),
         }
         fp.add(&t.name, t.dtype, &t.dims, &stored);

@@ -42,17 +42,13 @@ fn pack(base: &[f32], fine: &[f32]) -> Vec<u8> {
 /// The seed recipe (ZIP-0427, BitDelta): `sign(fine - base)` with `scale = mean |fine - base|`,
 /// the mean taken in f64 and rounded once to f32. sign(0) is +1.
 pub fn sign_tensor(base: &[f32], fine: &[f32]) -> Encoded {
-    let n = base.len().max(1) as f64;
-    let scale = (deltas(base, fine).map(f64::abs).sum::<f64>() / n) as f32;
-    Encoded::Sign {
-        scale,
-        bits: pack(base, fine),
-    }
+    // x * 1.0 == x exactly, so this is the unscaled rule.
+    sign_tensor_scaled(base, fine, 1.0)
 }
 
 /// [`sign_tensor`] with the scale multiplied by `multiplier` (in f64, before the one rounding to
 /// f32): a scale fitted to the model's outputs rather than to the weights (see
-/// [`crate::calibrate`]). A multiplier of 1 gives exactly [`sign_tensor`].
+/// [`crate::calibrate`]).
 pub fn sign_tensor_scaled(base: &[f32], fine: &[f32], multiplier: f64) -> Encoded {
     let n = base.len().max(1) as f64;
     let scale = (multiplier * (deltas(base, fine).map(f64::abs).sum::<f64>() / n)) as f32;
@@ -93,27 +89,12 @@ fn scale_values(s: &OwnedScales) -> Vec<f32> {
 /// # Panics
 /// When `groups` is 0 or does not divide the length.
 pub fn sign_groups(base: &[f32], fine: &[f32], groups: usize, f16_scales: bool) -> Encoded {
-    assert!(
-        groups > 0 && base.len().is_multiple_of(groups),
-        "groups must divide the tensor length"
-    );
-    let g = base.len() / groups;
-    let means = (0..groups)
-        .map(|k| {
-            deltas(&base[k * g..(k + 1) * g], &fine[k * g..(k + 1) * g])
-                .map(f64::abs)
-                .sum::<f64>()
-                / g as f64
-        })
-        .collect();
-    Encoded::SignGroups {
-        scales: scales_from(means, f16_scales),
-        bits: pack(base, fine),
-    }
+    // x * 1.0 == x exactly, so this is the unscaled rule.
+    sign_groups_scaled(base, fine, groups, f16_scales, 1.0)
 }
 
 /// [`sign_groups`] with every group scale multiplied by `multiplier` (in f64, before rounding to
-/// the stored type). A multiplier of 1 gives exactly [`sign_groups`].
+/// the stored type).
 ///
 /// # Panics
 /// When `groups` is 0 or does not divide the length.

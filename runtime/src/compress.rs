@@ -57,6 +57,87 @@ pub fn auto_codec(dims: &[u64], unchanged: bool) -> Choice {
     }
 }
 
+/// One tensor of both models: same name, dtype and shape, values read as f32.
+#[derive(Debug)]
+pub struct Pair<'w> {
+    /// The base model's initializer.
+    pub base: &'w Initializer,
+    /// The fine-tuned model's initializer of the same name.
+    pub fine: &'w Initializer,
+    /// The shape as the format stores it.
+    pub dims: Vec<u32>,
+    /// The base values.
+    pub base_values: Vec<f32>,
+    /// The fine-tuned values.
+    pub fine_values: Vec<f32>,
+}
+
+/// Matches the fine-tuned model's tensors to the base's by name and calls `each(index, pair)`
+/// in the base's order. Both models must have the same tensor set, dtypes and shapes (each
+/// dimension below 2^32), and only finite values.
+pub fn for_each_pair<'w>(
+    base: &[u8],
+    base_w: &'w OnnxWeights,
+    fine: &[u8],
+    fine_w: &'w OnnxWeights,
+    mut each: impl FnMut(usize, Pair<'w>),
+) -> Result<(), CompressError> {
+    let mismatch = |name: &str, what| {
+        Err(CompressError::Mismatch {
+            name: name.into(),
+            what,
+        })
+    };
+    if let Some(f) = fine_w
+        .initializers
+        .iter()
+        .find(|f| base_w.get(&f.name).is_none())
+    {
+        return mismatch(&f.name, "is in the fine-tuned model but not in the base");
+    }
+    for (k, b) in base_w.initializers.iter().enumerate() {
+        let Some(f) = fine_w.get(&b.name) else {
+            return mismatch(&b.name, "is missing from the fine-tuned model");
+        };
+        if f.dims != b.dims {
+            return mismatch(&b.name, "has another shape in the fine-tuned model");
+        }
+        if f.dtype != b.dtype {
+            return mismatch(&b.name, "has another dtype in the fine-tuned model");
+        }
+        let base_values = read_f32(base, b);
+        let fine_values = read_f32(fine, f);
+        if base_values
+            .iter()
+            .chain(&fine_values)
+            .any(|x| !x.is_finite())
+        {
+            return Err(CompressError::NonFinite {
+                name: b.name.clone(),
+            });
+        }
+        let dims = b
+            .dims
+            .iter()
+            .map(|&d| u32::try_from(d))
+            .collect::<Result<Vec<_>, _>>();
+        let Ok(dims) = dims else {
+            return mismatch(&b.name, "has a dimension over 2^32");
+        };
+        each(
+            k,
+            Pair {
+                base: b,
+                fine: f,
+                dims,
+                base_values,
+                fine_values,
+            },
+        );
+    }
+    Ok(())
+}
+
 /// Options of [`compress_onnx`].
 #[derive(Clone, Debug)]
 pub struct Options<'a> {
@@ -169,54 +250,17 @@ pub fn compress_onnx_with(
     mut encode: impl FnMut(usize, &Initializer, &[f32], &[f32]) -> Encoded,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<u8>, CompressError> {
-    let mismatch = |name: &str, what| {
-        Err(CompressError::Mismatch {
-            name: name.into(),
-            what,
-        })
-    };
-    if let Some(f) = fine_w
-        .initializers
-        .iter()
-        .find(|f| base_w.get(&f.name).is_none())
-    {
-        return mismatch(&f.name, "is in the fine-tuned model but not in the base");
-    }
-    let mut records = Vec::with_capacity(base_w.initializers.len());
     let total = base_w.initializers.len();
-    for (k, b) in base_w.initializers.iter().enumerate() {
-        let Some(f) = fine_w.get(&b.name) else {
-            return mismatch(&b.name, "is missing from the fine-tuned model");
-        };
-        if f.dims != b.dims {
-            return mismatch(&b.name, "has another shape in the fine-tuned model");
-        }
-        if f.dtype != b.dtype {
-            return mismatch(&b.name, "has another dtype in the fine-tuned model");
-        }
-        let bv = read_f32(base, b);
-        let fv = read_f32(fine, f);
-        if bv.iter().chain(&fv).any(|x| !x.is_finite()) {
-            return Err(CompressError::NonFinite {
-                name: b.name.clone(),
-            });
-        }
-        let dims = b
-            .dims
-            .iter()
-            .map(|&d| u32::try_from(d))
-            .collect::<Result<Vec<_>, _>>();
-        let Ok(dims) = dims else {
-            return mismatch(&b.name, "has a dimension over 2^32");
-        };
+    let mut records = Vec::with_capacity(total);
+    for_each_pair(base, base_w, fine, fine_w, |k, p| {
         records.push(TensorRecord {
-            name: b.name.clone(),
-            dtype: b.dtype,
-            dims,
-            encoded: encode(k, b, &bv, &fv),
+            name: p.base.name.clone(),
+            dtype: p.base.dtype,
+            encoded: encode(k, p.base, &p.base_values, &p.fine_values),
+            dims: p.dims,
         });
         progress(k + 1, total);
-    }
+    })?;
     let tool = concat!("bitdelta ", env!("CARGO_PKG_VERSION"));
     let mut manifest = Manifest {
         name: opts.name,

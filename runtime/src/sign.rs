@@ -31,6 +31,8 @@ use std::fmt;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
+use crate::fingerprint::hex;
+
 /// Envelope magic: `BDSIGN`, a zero byte, then the envelope version.
 pub const SIGNED_MAGIC: [u8; 8] = *b"BDSIGN\0\x01";
 /// The envelope version this build reads and writes (the last magic byte).
@@ -445,10 +447,6 @@ fn parse_key_text(text: &str, kind: KeyKind) -> Result<[u8; 32], KeyError> {
         *byte = (hi? << 4) | lo?;
     }
     Ok(out)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {

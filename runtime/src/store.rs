@@ -37,8 +37,8 @@ use std::vec::Vec;
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 
-use crate::apply::{check_binding, rebuild};
-use crate::fingerprint::Fingerprint;
+use crate::apply::{rebuild_with, ApplyError};
+use crate::fingerprint::{hex, parse_hex32, Fingerprint};
 use crate::format::{is_valid_variant_name, DeltaFile};
 use crate::onnx::OnnxWeights;
 use crate::sign;
@@ -361,11 +361,6 @@ fn temp_path(path: &Path) -> PathBuf {
     parent(path).join(format!(".{name}.tmp"))
 }
 
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A verified delta read from the store (or from a card, before install).
 #[derive(Clone, Debug)]
 pub struct Checked {
@@ -447,6 +442,8 @@ impl InstallOutcome {
 pub struct Store {
     dir: PathBuf,
     config: Config,
+    /// `config.base.fingerprint`, parsed.
+    base_fp: Fingerprint,
     state: State,
     keys: Vec<VerifyingKey>,
     io: StoreIo,
@@ -475,17 +472,18 @@ fn try_flock(file: &File) -> io::Result<bool> {
     }
 }
 
-/// Parses the text of a public key file (see [`sign::parse_public_key`]) or 64 hex characters.
+/// A trusted key as `store.json` records it: 64 hex digits.
 fn key_from_hex(h: &str) -> Option<VerifyingKey> {
-    let h = h.trim();
-    if h.len() != 64 || !h.is_ascii() {
+    parse_hex32(h.trim()).and_then(|b| VerifyingKey::from_bytes(&b).ok())
+}
+
+/// A file name of the variants folder: `NAME.SEQ.bdelta` (temp files and others are not).
+fn variant_file_name(file_name: &str) -> Option<(&str, u64)> {
+    if file_name.starts_with('.') {
         return None;
     }
-    let mut b = [0u8; 32];
-    for (i, o) in b.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&h[2 * i..2 * i + 2], 16).ok()?;
-    }
-    VerifyingKey::from_bytes(&b).ok()
+    let (name, seq) = file_name.strip_suffix(".bdelta")?.rsplit_once('.')?;
+    Some((name, seq.parse().ok()?))
 }
 
 impl Store {
@@ -569,6 +567,7 @@ impl Store {
         Ok(Self {
             dir: dir.to_owned(),
             keys: trusted.to_vec(),
+            base_fp: fingerprint,
             config,
             state,
             io,
@@ -604,6 +603,12 @@ impl Store {
                 config.format
             )));
         }
+        let base_fp = parse_hex32(&config.base.fingerprint).ok_or_else(|| {
+            not_store(format!(
+                "{STORE_FILE}: base.fingerprint: expected 64 hex digits, found {:?}",
+                config.base.fingerprint
+            ))
+        })?;
         let mut keys = Vec::new();
         for k in &config.trusted_keys {
             keys.push(
@@ -621,6 +626,7 @@ impl Store {
         Ok(Self {
             dir: dir.to_owned(),
             config,
+            base_fp,
             state,
             keys,
             io,
@@ -701,15 +707,7 @@ impl Store {
 
     /// The base fingerprint recorded at `init`, as bytes.
     pub fn base_fingerprint(&self) -> Fingerprint {
-        let mut fp = [0u8; 32];
-        let h = &self.config.base.fingerprint;
-        for (i, o) in fp.iter_mut().enumerate() {
-            *o = h
-                .get(2 * i..2 * i + 2)
-                .and_then(|s| u8::from_str_radix(s, 16).ok())
-                .unwrap_or(0);
-        }
-        fp
+        self.base_fp
     }
 
     /// Reads the base, checks its fingerprint against `store.json`, returns bytes and weights.
@@ -821,54 +819,56 @@ impl Store {
         Ok(bytes)
     }
 
-    /// Every installed variant file, sorted by name then sequence, each re-verified.
-    pub fn installed(&self) -> Result<Vec<Installed>, StoreError> {
+    /// The files of the variants folder as (name, sequence, path), unverified.
+    fn variant_files(&self) -> Result<Vec<(String, u64, PathBuf)>, StoreError> {
         let dir = self.dir.join(VARIANTS_DIR);
         let mut out = Vec::new();
         for e in fs::read_dir(&dir).map_err(io_err(&dir, "list"))? {
             let e = e.map_err(io_err(&dir, "list"))?;
-            let file_name = e.file_name().to_string_lossy().into_owned();
-            let Some(stem) = file_name.strip_suffix(".bdelta") else {
-                continue;
-            };
-            if file_name.starts_with('.') {
-                continue;
+            if let Some((name, seq)) = variant_file_name(&e.file_name().to_string_lossy()) {
+                out.push((name.to_string(), seq, e.path()));
             }
-            let Some((name, seq)) = stem.rsplit_once('.') else {
-                continue;
-            };
-            let Ok(sequence) = seq.parse::<u64>() else {
-                continue;
-            };
-            let path = e.path();
-            let bytes = e.metadata().map(|m| m.len()).unwrap_or(0);
-            let check = self
-                .read_capped(&path)
-                .and_then(|b| self.check_bytes(&path, b))
-                .and_then(|c| {
-                    if c.name != name || c.sequence != sequence {
-                        Err(StoreError::Refused {
-                            path: path.clone(),
-                            reason: format!(
-                                "expected variant {name:?} sequence {sequence}, found {:?} sequence {}",
-                                c.name, c.sequence
-                            ),
-                        })
-                    } else {
-                        Ok(c)
-                    }
-                })
-                .map_err(|e| e.to_string());
-            out.push(Installed {
-                path,
-                name: name.to_string(),
-                sequence,
-                bytes,
-                check,
-            });
         }
-        out.sort_by(|a, b| (&a.name, a.sequence).cmp(&(&b.name, b.sequence)));
+        out.sort();
         Ok(out)
+    }
+
+    /// Every installed variant file, sorted by name then sequence, each re-verified.
+    pub fn installed(&self) -> Result<Vec<Installed>, StoreError> {
+        Ok(self
+            .variant_files()?
+            .into_iter()
+            .map(|(name, sequence, path)| self.check_file(name, sequence, path))
+            .collect())
+    }
+
+    /// Reads and verifies one file of the variants folder against its file name.
+    fn check_file(&self, name: String, sequence: u64, path: PathBuf) -> Installed {
+        let bytes = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let check = self
+            .read_capped(&path)
+            .and_then(|b| self.check_bytes(&path, b))
+            .and_then(|c| {
+                if c.name != name || c.sequence != sequence {
+                    Err(StoreError::Refused {
+                        path: path.clone(),
+                        reason: format!(
+                            "expected variant {name:?} sequence {sequence}, found {:?} sequence {}",
+                            c.name, c.sequence
+                        ),
+                    })
+                } else {
+                    Ok(c)
+                }
+            })
+            .map_err(|e| e.to_string());
+        Installed {
+            path,
+            name,
+            sequence,
+            bytes,
+            check,
+        }
     }
 
     /// Installs the delta at `source` (e.g. on an SD card). See the module docs for the checks.
@@ -889,13 +889,27 @@ impl Store {
             path: source.to_owned(),
             reason,
         };
-        // Full check against the base: exact tensor set, and the rebuilt weights must hash to
-        // the manifest's result fingerprint.
+        // Full check against the base (its fingerprint was just checked by `read_base`): exact
+        // tensor set, and the rebuilt weights must hash to the manifest's result fingerprint.
         let (base, weights) = self.read_base()?;
         let file = DeltaFile::parse(checked.delta()).map_err(|e| refused(e.to_string()))?;
-        check_binding(&file, 0, &weights, &self.base_fingerprint())
-            .map_err(|e| refused(e.to_string()))?;
-        rebuild(&base, &weights, &[(&file, 1.0)], |_, _| {}).map_err(|e| refused(e.to_string()))?;
+        let found = rebuild_with(
+            &base,
+            &weights,
+            &self.base_fp,
+            &[(&file, 1.0)],
+            true,
+            |_, _| {},
+        )
+        .map_err(|e| refused(e.to_string()))?
+        .expect("hashing was asked for");
+        if found != checked.fingerprint {
+            let e = ApplyError::ResultMismatch {
+                expected: checked.fingerprint,
+                found,
+            };
+            return Err(refused(e.to_string()));
+        }
         drop(base);
         let slot = Slot {
             name: checked.name.clone(),
@@ -903,11 +917,11 @@ impl Store {
             fingerprint: hex(&checked.fingerprint),
         };
         // No downgrade or replay: the sequence must exceed every one seen for this name.
-        let installed = self.installed()?;
-        let highest_file = installed
-            .iter()
-            .filter(|i| i.name == slot.name)
-            .map(|i| i.sequence)
+        let highest_file = self
+            .variant_files()?
+            .into_iter()
+            .filter(|(name, _, _)| *name == slot.name)
+            .map(|(_, seq, _)| seq)
             .max();
         let high = self
             .state
@@ -971,20 +985,12 @@ impl Store {
             })
         };
         let newest = self.state.high_water.get(name).copied();
-        let dir = self.dir.join(VARIANTS_DIR);
-        let mut doomed = Vec::new();
-        for e in fs::read_dir(&dir).map_err(io_err(&dir, "list"))?.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if let Some((vn, seq)) = n
-                .strip_suffix(".bdelta")
-                .and_then(|s| s.rsplit_once('.'))
-                .and_then(|(vn, s)| Some((vn.to_string(), s.parse::<u64>().ok()?)))
-            {
-                if vn == name && Some(seq) != newest && !keep(seq) {
-                    doomed.push(e.path());
-                }
-            }
-        }
+        let doomed: Vec<PathBuf> = self
+            .variant_files()?
+            .into_iter()
+            .filter(|(vn, seq, _)| vn == name && Some(*seq) != newest && !keep(*seq))
+            .map(|(_, _, path)| path)
+            .collect();
         for p in doomed {
             self.io.remove(&p).map_err(io_err(&p, "remove"))?;
         }
@@ -1044,11 +1050,11 @@ impl Store {
     pub fn newest(&self, name: &str) -> Result<(Slot, Checked), StoreError> {
         let mut found = None;
         let mut problem = None;
-        for i in self.installed()? {
-            if i.name != name {
+        for (n, sequence, path) in self.variant_files()? {
+            if n != name {
                 continue;
             }
-            match i.check {
+            match self.check_file(n, sequence, path).check {
                 Ok(c) => found = Some(c),
                 Err(e) => problem = Some(e),
             }
@@ -1197,10 +1203,10 @@ impl Store {
             )));
         }
         let files: Vec<PathBuf> = self
-            .installed()?
+            .variant_files()?
             .into_iter()
-            .filter(|i| i.name == name)
-            .map(|i| i.path)
+            .filter(|(n, _, _)| n == name)
+            .map(|(_, _, path)| path)
             .collect();
         if files.is_empty() {
             return Err(StoreError::Invalid(format!(

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use crate::quality::accuracy;
-use crate::reference::{bitdelta, model, ok, p, scratch, species};
+use crate::reference::{bitdelta, compress_models, model, ok, p, scratch, species};
 
 /// Compresses `variant` with `--calib` at `max_bits`; returns (bits/param of the file, accuracy,
 /// fine-tune accuracy) and the compressor's report.
@@ -16,20 +16,12 @@ fn calibrated(variant: &str, max_bits: &str, dir: &Path) -> (f64, f64, f64, Stri
     let delta = dir.join(format!("{variant}.bdelta"));
     let rebuilt = dir.join(format!("{variant}.onnx"));
     let calib = species().join("calib").join(variant);
-    let report = ok(&[
-        "compress",
-        "--base",
-        p(&base),
-        "--fine",
-        p(&model(variant)),
-        "-o",
-        p(&delta),
-        "--calib",
-        p(&calib),
-        "--max-bits",
-        max_bits,
-        "--verbose",
-    ]);
+    let report = compress_models(
+        &base,
+        &model(variant),
+        &delta,
+        &["--calib", p(&calib), "--max-bits", max_bits, "--verbose"],
+    );
     ok(&["verify", p(&delta), "--base", p(&base)]);
     ok(&["apply", "--base", p(&base), p(&delta), "-o", p(&rebuilt)]);
     let j: serde_json::Value =

@@ -8,7 +8,7 @@ use half::f16;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::reference::{bitdelta, ok, p, scratch};
+use crate::reference::{bitdelta, compress_models, ok, p, scratch};
 
 struct Spec {
     name: &'static str,
@@ -181,17 +181,7 @@ fn checkpoint_seed_compress_apply_matches_f64_reference_bit_for_bit() {
     let dir = scratch("checkpoint_seed");
     let Pair { base, fine, specs } = make_pair(&dir);
     let (delta, out) = (dir.join("v.bdelta"), dir.join("v.safetensors"));
-    let summary = ok(&[
-        "compress",
-        "--base",
-        p(&base),
-        "--fine",
-        p(&fine),
-        "-o",
-        p(&delta),
-        "--codec",
-        "seed",
-    ]);
+    let summary = compress_models(&base, &fine, &delta, &["--codec", "seed"]);
     assert!(
         summary.contains("8 tensors") && summary.contains("bits/param"),
         "{summary}"
@@ -258,15 +248,7 @@ fn checkpoint_auto_round_trip_within_codec_error() {
     let base_bin = dir.join("base.bin");
     std::fs::copy(&base, &base_bin).unwrap();
     let (delta, out) = (dir.join("v.bdelta"), dir.join("v.safetensors"));
-    ok(&[
-        "compress",
-        "--base",
-        p(&base_bin),
-        "--fine",
-        p(&fine),
-        "-o",
-        p(&delta),
-    ]);
+    compress_models(&base_bin, &fine, &delta, &[]);
     ok(&["apply", "--base", p(&base), p(&delta), "-o", p(&out)]);
     let j: serde_json::Value =
         serde_json::from_str(&ok(&["inspect", p(&delta), "--json"])).unwrap();
@@ -412,15 +394,7 @@ fn checkpoint_bad_inputs_exit_2_naming_the_file() {
     assert!(!delta.exists(), "nothing written on refusal");
 
     // Apply: another base, a corrupt delta, a composition.
-    ok(&[
-        "compress",
-        "--base",
-        p(&base),
-        "--fine",
-        p(&fine),
-        "-o",
-        p(&delta),
-    ]);
+    compress_models(&base, &fine, &delta, &[]);
     let out = dir.join("out.safetensors");
     let err = refused(
         &["apply", "--base", p(&fine), p(&delta), "-o", p(&out)],

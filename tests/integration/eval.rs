@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tract_onnx::prelude::*;
 
-use crate::reference::{bitdelta, compress, model, ok, p, scratch, species, tensors};
+use crate::reference::{
+    bitdelta, compress, compress_models, model, ok, p, scratch, species, tensors,
+};
 
 /// Gray images (`n` x `h` x `w`) with labels.
 struct Images {
@@ -588,15 +590,7 @@ fn eval_bad_input_exits_2_naming_the_file() {
 
     // A delta made against another base.
     let wrong = dir.join("wrong.bdelta");
-    ok(&[
-        "compress",
-        "--base",
-        p(&fine),
-        "--fine",
-        p(&model("fog")),
-        "-o",
-        p(&wrong),
-    ]);
+    compress_models(&fine, &model("fog"), &wrong, &[]);
     let mut a = with(&["--variant", p(&wrong)]);
     a.extend(npz_args.map(String::from));
     run(a, p(&wrong), "wrong base");

@@ -75,20 +75,28 @@ pub(crate) fn p(path: &Path) -> &str {
 
 /// `bitdelta compress` of `models/species/<variant>.onnx` against the base into `out`.
 pub(crate) fn compress(variant: &str, out: &Path, codec: &str) {
-    let (base, fine) = (model("species-base"), model(variant));
+    // "auto" is the default: exercise it without the flag.
+    let codec_args: &[&str] = if codec == "auto" {
+        &[]
+    } else {
+        &["--codec", codec]
+    };
+    compress_models(&model("species-base"), &model(variant), out, codec_args);
+}
+
+/// `bitdelta compress --base BASE --fine FINE -o OUT EXTRA...`, which must succeed; its stdout.
+pub(crate) fn compress_models(base: &Path, fine: &Path, out: &Path, extra: &[&str]) -> String {
     let mut args = vec![
         "compress",
         "--base",
-        p(&base),
+        p(base),
         "--fine",
-        p(&fine),
+        p(fine),
         "-o",
         p(out),
     ];
-    if codec != "auto" {
-        args.extend(["--codec", codec]); // "auto" is the default: exercise it without the flag
-    }
-    ok(&args);
+    args.extend(extra);
+    ok(&args)
 }
 
 /// Float initializers decoded by prost (tract-onnx's ModelProto), independent of bitdelta's

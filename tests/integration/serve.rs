@@ -53,6 +53,71 @@ fn images() -> Vec<PathBuf> {
     v
 }
 
+/// The species labels, in output order, from `models/species/model-card.json`.
+fn species_labels() -> Vec<String> {
+    serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(species().join("model-card.json")).unwrap(),
+    )
+    .unwrap()["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The order in which [`alternating`] requests the variants.
+const ORDER: [&str; 3] = ["base", "night", "fog"];
+
+/// night and fog compressed (default codecs) and applied in `dir`.
+struct Alternating {
+    /// The applied ONNX per variant name, the base first.
+    applied: Vec<(String, PathBuf)>,
+    /// `serve` arguments: the base, every answer with all 10 species, the two variants.
+    args: Vec<String>,
+    /// The sample images and one request per image, variants in [`ORDER`] in turn.
+    images: Vec<PathBuf>,
+    requests: Vec<String>,
+}
+
+impl Alternating {
+    /// The answers of one `serve` run over all the requests.
+    fn serve(&self) -> Vec<serde_json::Value> {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        serve(&args, &self.requests).0
+    }
+}
+
+fn alternating(dir: &Path) -> Alternating {
+    let base = model("species-base");
+    let mut applied = vec![("base".to_string(), base.clone())];
+    let mut args: Vec<String> = ["--base", p(&base), "--top", "10"]
+        .map(String::from)
+        .to_vec();
+    for v in ["night", "fog"] {
+        let (d, o) = (
+            dir.join(format!("{v}.bdelta")),
+            dir.join(format!("{v}.onnx")),
+        );
+        compress(v, &d, "auto");
+        ok(&["apply", "--base", p(&base), p(&d), "-o", p(&o)]);
+        applied.push((v.to_string(), o));
+        args.extend(["--variant".into(), format!("{v}={}", p(&d))]);
+    }
+    let images = images();
+    let requests = images
+        .iter()
+        .enumerate()
+        .map(|(i, img)| serde_json::json!({"image": img, "variant": ORDER[i % 3]}).to_string())
+        .collect();
+    Alternating {
+        applied,
+        args,
+        images,
+        requests,
+    }
+}
+
 /// Runs `serve` with `requests`, returns the answers and the server's peak RSS in KiB (VmHWM,
 /// read while it is still alive after answering everything).
 fn serve(args: &[&str], requests: &[String]) -> (Vec<serde_json::Value>, u64) {
@@ -96,39 +161,12 @@ fn serve(args: &[&str], requests: &[String]) -> (Vec<serde_json::Value>, u64) {
 #[test]
 fn serve_alternating_variants_answers_what_tract_gives_on_the_applied_models() {
     let dir = scratch("serve_alternating");
-    let base = model("species-base");
-    let mut applied = vec![("base".to_string(), base.clone())];
-    let mut variant_args = Vec::new();
-    for v in ["night", "fog"] {
-        let d = dir.join(format!("{v}.bdelta"));
-        let o = dir.join(format!("{v}.onnx"));
-        compress(v, &d, "auto");
-        ok(&["apply", "--base", p(&base), p(&d), "-o", p(&o)]);
-        applied.push((v.to_string(), o));
-        variant_args.push(format!("{v}={}", p(&d)));
-    }
-    let imgs = images();
-    let order = ["base", "night", "fog"];
-    let requests: Vec<String> = imgs
-        .iter()
-        .enumerate()
-        .map(|(i, img)| serde_json::json!({"image": img, "variant": order[i % 3]}).to_string())
-        .collect();
-    let mut args = vec!["--base", p(&base), "--top", "10"];
-    for v in &variant_args {
-        args.extend(["--variant", v.as_str()]);
-    }
-    let (answers, _) = serve(&args, &requests);
+    let alt = alternating(&dir);
+    let (applied, imgs, requests, order) = (&alt.applied, &alt.images, &alt.requests, ORDER);
+    let answers = alt.serve();
     assert_eq!(answers.len(), imgs.len());
-    let labels: Vec<String> = serde_json::from_str::<serde_json::Value>(
-        &std::fs::read_to_string(species().join("model-card.json")).unwrap(),
-    )
-    .unwrap()["labels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_str().unwrap().to_string())
-        .collect();
+    let args: Vec<&str> = alt.args.iter().map(String::as_str).collect();
+    let labels = species_labels();
     let mut fingerprints = std::collections::BTreeMap::new();
     for (i, (img, a)) in imgs.iter().zip(&answers).enumerate() {
         let v = order[i % 3];
@@ -393,42 +431,10 @@ fn serve_agrees_with_onnxruntime_on_the_applied_models() {
         return;
     }
     let dir = scratch("serve_ort");
-    let base = model("species-base");
-    let mut applied = vec![("base".to_string(), base.clone())];
-    let mut args = vec![
-        "--base".to_string(),
-        p(&base).to_string(),
-        "--top".into(),
-        "10".into(),
-    ];
-    for v in ["night", "fog"] {
-        let (d, o) = (
-            dir.join(format!("{v}.bdelta")),
-            dir.join(format!("{v}.onnx")),
-        );
-        compress(v, &d, "auto");
-        ok(&["apply", "--base", p(&base), p(&d), "-o", p(&o)]);
-        applied.push((v.to_string(), o));
-        args.extend(["--variant".into(), format!("{v}={}", p(&d))]);
-    }
-    let imgs = images();
-    let order = ["base", "night", "fog"];
-    let requests: Vec<String> = imgs
-        .iter()
-        .enumerate()
-        .map(|(i, img)| serde_json::json!({"image": img, "variant": order[i % 3]}).to_string())
-        .collect();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (answers, _) = serve(&args, &requests);
-    let labels: Vec<String> = serde_json::from_str::<serde_json::Value>(
-        &std::fs::read_to_string(species().join("model-card.json")).unwrap(),
-    )
-    .unwrap()["labels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_str().unwrap().to_string())
-        .collect();
+    let alt = alternating(&dir);
+    let (applied, imgs) = (&alt.applied, &alt.images);
+    let answers = alt.serve();
+    let labels = species_labels();
     for (k, (name, onnx)) in applied.iter().enumerate() {
         let mine: Vec<(&PathBuf, &serde_json::Value)> = imgs
             .iter()

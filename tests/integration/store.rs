@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use bitdelta::store::{Checked, Fault, Store, StoreIo};
 use bitdelta::tract::Engine;
 
-use crate::reference::{bitdelta, command, compress, model, ok, p, scratch, species};
+use crate::reference::{
+    bitdelta, command, compress, compress_models, model, ok, p, scratch, species,
+};
 
 const NIGHT_IMAGE: &str = "images/night-0001-zebra.png";
 
@@ -27,17 +29,12 @@ fn fixture(test: &str) -> Fixture {
     let dir = scratch(test);
     let (night, fog) = (dir.join("night.bdelta"), dir.join("fog.bdelta"));
     compress("night", &night, "auto");
-    ok(&[
-        "compress",
-        "--base",
-        p(&model("species-base")),
-        "--fine",
-        p(&model("fog")),
-        "-o",
-        p(&fog),
-        "--sequence",
-        "3",
-    ]);
+    compress_models(
+        &model("species-base"),
+        &model("fog"),
+        &fog,
+        &["--sequence", "3"],
+    );
     let store = dir.join("prepared");
     ok(&[
         "store",
@@ -329,17 +326,7 @@ fn refused_deltas_leave_the_store_exactly_as_it_was() {
     let fx = fixture("store_refusals");
     let bytes = std::fs::read(&fx.fog).unwrap();
     let wrong = fx.dir.join("wrong.bdelta");
-    ok(&[
-        "compress",
-        "--base",
-        p(&model("night")),
-        "--fine",
-        p(&model("fog")),
-        "-o",
-        p(&wrong),
-        "--sequence",
-        "9",
-    ]);
+    compress_models(&model("night"), &model("fog"), &wrong, &["--sequence", "9"]);
     let truncated = fx.dir.join("truncated.bdelta");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     let flipped = fx.dir.join("flipped.bdelta");
@@ -348,17 +335,12 @@ fn refused_deltas_leave_the_store_exactly_as_it_was() {
     f[at] ^= 0x10;
     std::fs::write(&flipped, &f).unwrap();
     let old = fx.dir.join("old-night.bdelta");
-    ok(&[
-        "compress",
-        "--base",
-        p(&model("species-base")),
-        "--fine",
-        p(&model("night")),
-        "-o",
-        p(&old),
-        "--sequence",
-        "0",
-    ]);
+    compress_models(
+        &model("species-base"),
+        &model("night"),
+        &old,
+        &["--sequence", "0"],
+    );
     let other = fx.dir.join("other-night-1.bdelta");
     ok(&[
         "compress",

@@ -6,17 +6,16 @@
 //! rebuilds in a small fraction of its size; outputs are written to a temporary file next to the
 //! target, synced and renamed only once every check passed.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use bitdelta::checkpoint::{apply_checkpoint, compress_checkpoint, verify_delta, Checkpoint};
-use bitdelta::compress::{Options, Policy};
+use bitdelta::compress::Options;
 
-use super::compress::CodecArg;
-use crate::files::hex;
+use crate::files::{hex, Staged};
 
 /// Buffered writes of the outputs.
 const WRITE_BUF: usize = 1 << 20;
@@ -41,70 +40,6 @@ pub(crate) fn is_safetensors(path: &Path) -> bool {
     }
 }
 
-/// A file written under a temporary name in the target's folder, renamed over the target by
-/// [`Staged::commit`] and removed if dropped before.
-struct Staged {
-    tmp: PathBuf,
-    path: PathBuf,
-    file: Option<File>,
-}
-
-impl Staged {
-    fn create(path: &Path) -> Result<Self> {
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = path
-            .file_name()
-            .with_context(|| format!("{}: not a file path", path.display()))?;
-        let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .with_context(|| format!("{}: cannot write", tmp.display()))?;
-        Ok(Self {
-            tmp,
-            path: path.to_owned(),
-            file: Some(file),
-        })
-    }
-
-    fn file(&mut self) -> &mut File {
-        self.file.as_mut().expect("open until committed")
-    }
-
-    /// Syncs the data, renames over the target and syncs the folder.
-    fn commit(mut self) -> Result<()> {
-        let file = self.file.take().expect("open until committed");
-        file.sync_all()
-            .and_then(|()| std::fs::rename(&self.tmp, &self.path))
-            .with_context(|| format!("{}: cannot write", self.path.display()))?;
-        if let Some(d) = self.path.parent().and_then(|d| {
-            File::open(if d.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                d
-            })
-            .ok()
-        }) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        if self.file.take().is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
 fn byte_bar(total: u64, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
@@ -126,27 +61,13 @@ pub(crate) fn compress(a: &super::compress::Args) -> Result<ExitCode> {
     );
     let base = Checkpoint::open(&a.base)?;
     let fine = Checkpoint::open(&a.fine)?;
-    let name = match &a.name {
-        Some(n) => n.clone(),
-        None => a
-            .fine
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-    };
-    anyhow::ensure!(
-        bitdelta::format::is_valid_variant_name(&name),
-        "variant name {name:?}: expected 1 to 64 characters from [A-Za-z0-9._-] (use --name)"
-    );
+    let name = a.variant_name()?;
     let opts = Options {
         name: &name,
         description: &a.description,
         labels: "",
         sequence: a.sequence,
-        policy: match a.codec {
-            CodecArg::Auto => Policy::Auto,
-            CodecArg::Seed => Policy::Seed,
-        },
+        policy: a.policy(),
     };
     let what = || {
         format!(
@@ -173,13 +94,11 @@ pub(crate) fn compress(a: &super::compress::Args) -> Result<ExitCode> {
     verify_delta(file)
         .with_context(|| format!("{}: written delta does not read back", a.output.display()))?;
     out.commit()?;
-    println!(
-        "{}: {} tensors, {} params, {} bytes, {:.3} bits/param",
-        a.output.display(),
-        summary.tensors,
+    super::compress::print_written(
+        &a.output,
+        summary.tensors as usize,
         summary.params,
         summary.file_len,
-        summary.file_len as f64 * 8.0 / summary.params.max(1) as f64
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -76,34 +76,55 @@ pub(super) enum CodecArg {
     Seed,
 }
 
+impl Args {
+    /// `--name`, else the fine-tuned file's stem; checked against the format's rule.
+    pub(super) fn variant_name(&self) -> Result<String> {
+        let name = match &self.name {
+            Some(n) => n.clone(),
+            None => self
+                .fine
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        anyhow::ensure!(
+            bitdelta::format::is_valid_variant_name(&name),
+            "variant name {name:?}: expected 1 to 64 characters from [A-Za-z0-9._-] (use --name)"
+        );
+        Ok(name)
+    }
+
+    /// The codec policy `--codec` names.
+    pub(super) fn policy(&self) -> Policy {
+        match self.codec {
+            CodecArg::Auto => Policy::Auto,
+            CodecArg::Seed => Policy::Seed,
+        }
+    }
+}
+
+/// The line every compress path ends with.
+pub(super) fn print_written(output: &Path, tensors: usize, params: u64, bytes: u64) {
+    println!(
+        "{}: {tensors} tensors, {params} params, {bytes} bytes, {:.3} bits/param",
+        output.display(),
+        bytes as f64 * 8.0 / params.max(1) as f64
+    );
+}
+
 pub(crate) fn run(a: Args) -> Result<ExitCode> {
     if super::checkpoint::is_safetensors(&a.base) {
         return super::checkpoint::compress(&a);
     }
     let base = Model::open(&a.base)?;
     let fine = Model::open(&a.fine)?;
-    let name = match a.name.clone() {
-        Some(n) => n,
-        None => a
-            .fine
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-    };
-    anyhow::ensure!(
-        bitdelta::format::is_valid_variant_name(&name),
-        "variant name {name:?}: expected 1 to 64 characters from [A-Za-z0-9._-] (use --name)"
-    );
-    let policy = match a.codec {
-        CodecArg::Auto => Policy::Auto,
-        CodecArg::Seed => Policy::Seed,
-    };
+    let name = a.variant_name()?;
     let opts = Options {
         name: &name,
         description: &a.description,
         labels: "",
         sequence: a.sequence,
-        policy,
+        policy: a.policy(),
     };
     if let Some(dir) = &a.calib {
         return calibrated(&a, dir, &base, &fine, &opts);
@@ -131,13 +152,11 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
     bar.finish_and_clear();
     write_atomic(&a.output, &bytes)?;
     let params = base.weights.params();
-    println!(
-        "{}: {} tensors, {} params, {} bytes, {:.3} bits/param",
-        a.output.display(),
+    print_written(
+        &a.output,
         base.weights.initializers.len(),
         params,
-        bytes.len(),
-        bytes.len() as f64 * 8.0 / params as f64
+        bytes.len() as u64,
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -310,13 +329,11 @@ fn calibrated(
         plan.evaluations,
         started.elapsed().as_secs_f64()
     );
-    println!(
-        "{}: {} tensors, {} params, {} bytes, {:.3} bits/param",
-        a.output.display(),
+    print_written(
+        &a.output,
         base.weights.initializers.len(),
         params,
-        bytes.len(),
-        bytes.len() as f64 * 8.0 / params as f64
+        bytes.len() as u64,
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,5 @@
 //! `bitdelta keygen` and `bitdelta sign`, and reading key files for the other commands.
 
-use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,7 +8,7 @@ use anyhow::{Context, Result};
 use bitdelta::sign::{self, KeyKind, ENVELOPE_HEADER_LEN};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
-use crate::files::{read_delta, write_atomic};
+use crate::files::{read_delta, write_atomic, Staged};
 
 /// Generate an ed25519 key pair for signing deltas.
 ///
@@ -166,40 +165,11 @@ fn public_path(secret: &Path) -> PathBuf {
 /// Writes the secret key file: a new temporary file created with mode 0600 (unix), fsync,
 /// rename over `path`, fsync of the directory.
 fn write_secret(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .with_context(|| format!("{}: not a file path", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    let res = (|| {
-        match std::fs::remove_file(&tmp) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let mut opts = OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok::<_, std::io::Error>(())
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res.with_context(|| format!("{}: cannot write", path.display()))
+    let mut out = Staged::create_private(path)?;
+    out.file()
+        .write_all(bytes)
+        .with_context(|| format!("{}: cannot write", path.display()))?;
+    out.commit()
 }
 
 /// Overwrites a buffer that held key material (best effort: the optimiser must not drop it).

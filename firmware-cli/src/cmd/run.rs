@@ -54,11 +54,7 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
                 "--variant: not with a store (the store's active variant runs; see `bitdelta activate`)"
             );
             let store = a.store.open()?;
-            let (s, resolved) = super::store::open_session(&store, a.card.as_deref())?;
-            for p in &resolved.problems {
-                eprintln!("warning: {}: {p}", store.dir().display());
-            }
-            s
+            super::store::open_session(&store, a.card.as_deref())?.0
         }
     };
     let name = match a.variant.as_slice() {

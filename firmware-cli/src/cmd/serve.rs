@@ -218,9 +218,6 @@ impl StoreWatch {
             stamp: stamp(store.dir()),
             running: resolved.running().to_owned(),
         };
-        for p in &resolved.problems {
-            eprintln!("warning: {}: {p}", w.dir.display());
-        }
         w.register(&store, &mut s);
         Ok((s, w))
     }
@@ -265,14 +262,12 @@ impl StoreWatch {
         self.stamp = now;
         let store = bitdelta::store::Store::open(&self.dir)?;
         let resolved = store.resolve();
-        for p in &resolved.problems {
-            eprintln!("warning: {}: {p}", self.dir.display());
-        }
+        super::store::warn_problems(&self.dir, &resolved);
         let before = s.engine.active().0.to_owned();
         // Drop the running model's registration when it is replaced, so the new files load.
         let target = resolved.running().to_owned();
         if let Some((slot, c)) = &resolved.variant {
-            let fp = bitdelta::store::hex(s.engine.active().1);
+            let fp = bitdelta::fingerprint::hex(s.engine.active().1);
             if !(before == slot.name && fp == slot.fingerprint) {
                 s.engine.switch(bitdelta::tract::BASE)?;
                 s.engine.remove_variant(&slot.name);

@@ -264,25 +264,18 @@ pub(crate) fn activate(a: ActivateArgs) -> Result<ExitCode> {
 
 fn activate_in(s: &mut Store, name: &str) -> Result<ExitCode> {
     let (card, base) = (card_of(s)?, s.base_path());
-    let res = s.activate(name, |c| self_test(&base, &card, name, c));
-    match res {
-        Ok(slot) => {
-            println!("active: {}", describe(slot.as_ref()));
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e) => fail(e),
-    }
+    report_active(s.activate(name, |c| self_test(&base, &card, c)))
 }
 
 pub(crate) fn rollback(a: RollbackArgs) -> Result<ExitCode> {
     let mut s = a.store.open()?;
     let (card, base) = (card_of(&s)?, s.base_path());
-    let name = s
-        .state()
-        .previous
-        .as_ref()
-        .map_or(BASE.to_string(), |p| p.name.clone());
-    match s.rollback(|c| self_test(&base, &card, &name, c)) {
+    report_active(s.rollback(|c| self_test(&base, &card, c)))
+}
+
+/// Prints what is active after `activate` or `rollback`, or the error.
+fn report_active(res: Result<Option<Slot>, StoreError>) -> Result<ExitCode> {
+    match res {
         Ok(slot) => {
             println!("active: {}", describe(slot.as_ref()));
             Ok(ExitCode::SUCCESS)
@@ -334,7 +327,7 @@ fn installed_json(s: &Store) -> Result<Vec<Value>> {
                 Ok(c) => (
                     true,
                     None,
-                    Some(bitdelta::store::hex(&c.fingerprint)),
+                    Some(bitdelta::fingerprint::hex(&c.fingerprint)),
                     c.signed_by.clone(),
                 ),
                 Err(e) => (false, Some(e.clone()), None, None),
@@ -465,12 +458,8 @@ pub(crate) fn card_of(s: &Store) -> Result<PathBuf> {
 /// Trial-loads `candidate` (None = the base) as `serve` would and checks it: the rebuilt
 /// weights' fingerprint (first build), finite outputs on fixed inputs, and the card's golden
 /// inputs for this variant.
-fn self_test(
-    base: &Path,
-    card_path: &Path,
-    name: &str,
-    candidate: Option<&Checked>,
-) -> Result<(), String> {
+fn self_test(base: &Path, card_path: &Path, candidate: Option<&Checked>) -> Result<(), String> {
+    let name = candidate.map_or(BASE, |c| c.name.as_str());
     let run = || -> Result<()> {
         let mut session = Session::open(base, Some(card_path))?;
         let shown = match candidate {
@@ -528,23 +517,31 @@ fn self_test(
     run().map_err(|e| format!("{e:#}"))
 }
 
-/// Opens a session on the store's base and what [`Store::resolve`] says should run; problems
-/// (a corrupt active variant, ...) are returned for the caller to log.
+/// Logs what [`Store::resolve`] had to skip (a corrupt active variant, ...) on stderr.
+pub(crate) fn warn_problems(dir: &Path, resolved: &Resolved) {
+    for p in &resolved.problems {
+        eprintln!("warning: {}: {p}", dir.display());
+    }
+}
+
+/// Opens a session on the store's base and what [`Store::resolve`] says should run, logging
+/// what it had to skip.
 pub(crate) fn open_session(s: &Store, card: Option<&Path>) -> Result<(Session, Resolved)> {
     let card = match card {
         Some(c) => c.to_owned(),
         None => card_of(s)?,
     };
     let mut session = Session::open(&s.base_path(), Some(&card))?;
-    let found = bitdelta::store::hex(session.engine.base_fingerprint());
+    let found = session.engine.base_fingerprint();
     anyhow::ensure!(
-        found == s.config().base.fingerprint,
+        *found == s.base_fingerprint(),
         "{}: the store's base model is corrupt: expected fingerprint {}, found {}",
         s.base_path().display(),
         &s.config().base.fingerprint[..16],
-        &found[..16]
+        bitdelta::fingerprint::short_hex(found, 8)
     );
     let resolved = s.resolve();
+    warn_problems(s.dir(), &resolved);
     let name = match &resolved.variant {
         Some((slot, c)) => {
             session.add_variant_bytes(&slot.name, c.delta().to_vec())?;
