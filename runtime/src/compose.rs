@@ -115,13 +115,32 @@ pub fn reconstruct(
     deltas: &[(Payload<'_>, f32)],
     out: &mut [f32],
 ) -> Result<(), ComposeError> {
-    let n = out.len();
-    if base.len() != n {
+    if base.len() != out.len() {
         return Err(ComposeError::LengthMismatch {
-            expected: n,
+            expected: out.len(),
             found: base.len(),
         });
     }
+    reconstruct_at(base, deltas, 0, out)
+}
+
+/// Reconstructs the elements `first..first + out.len()` of one tensor (`base` is the whole
+/// tensor): the same values [`reconstruct`] gives there, bit for bit, without the rest of it.
+pub fn reconstruct_at(
+    base: Base<'_>,
+    deltas: &[(Payload<'_>, f32)],
+    first: usize,
+    out: &mut [f32],
+) -> Result<(), ComposeError> {
+    let n = base.len();
+    let last =
+        first
+            .checked_add(out.len())
+            .filter(|&e| e <= n)
+            .ok_or(ComposeError::LengthMismatch {
+                expected: n,
+                found: first.saturating_add(out.len()),
+            })?;
     for (p, alpha) in deltas {
         if !alpha.is_finite() {
             return Err(ComposeError::BadAlpha);
@@ -152,10 +171,10 @@ pub fn reconstruct(
             });
         }
     }
-    let mut start = 0;
-    while start < n {
-        let end = (start + CHUNK).min(n);
-        let chunk = &mut out[start..end];
+    let mut start = first;
+    while start < last {
+        let end = (start + CHUNK).min(last);
+        let chunk = &mut out[start - first..end - first];
         let mut filled = false;
         for (k, (p, alpha)) in deltas.iter().enumerate() {
             let alpha = *alpha;

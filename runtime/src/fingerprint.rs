@@ -29,6 +29,12 @@ impl Fingerprinter {
     }
     /// Adds one tensor. Callers add tensors in ascending byte order of their names.
     pub fn add(&mut self, name: &str, dtype: DType, dims: &[u64], data: &[u8]) {
+        self.begin(name, dtype, dims, data.len() as u64);
+        self.update(data);
+    }
+    /// Starts one tensor of `len` bytes, to be given in pieces with [`Fingerprinter::update`]
+    /// (the same fingerprint as one [`Fingerprinter::add`]).
+    pub fn begin(&mut self, name: &str, dtype: DType, dims: &[u64], len: u64) {
         let h = &mut self.0;
         h.update(&(name.len() as u32).to_le_bytes());
         h.update(name.as_bytes());
@@ -36,8 +42,11 @@ impl Fingerprinter {
         for d in dims {
             h.update(&d.to_le_bytes());
         }
-        h.update(&(data.len() as u64).to_le_bytes());
-        h.update(data);
+        h.update(&len.to_le_bytes());
+    }
+    /// The next bytes of the tensor started by [`Fingerprinter::begin`].
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
     }
     /// The fingerprint.
     pub fn finish(&self) -> Fingerprint {

@@ -1,0 +1,445 @@
+//! In-place weight rewriting of an optimized tract model (the fast switch).
+//!
+//! After `into_optimized()`, tract 0.23.9 keeps a model's weights in three kinds of places:
+//! plain `Const` nodes (biases, depthwise kernels, reshaped but in element order), `Const` nodes
+//! holding one packed matrix (`PackedMatrixStorage`, e.g. an im2col convolution's kernel), and
+//! packed operands baked into `OptMatMul` micro-ops (`MatMulOperand::Const`). [`Sites::find`]
+//! locates every weight of the base ONNX in those places by *content*: a plain constant must hold
+//! the same elements, a packed one must equal what the operand's own packing format makes of the
+//! weight read as an `(mn, k)` or a `(k, mn)` matrix. A weight is only given a site when that
+//! match is unique both ways (one place for the weight, one weight for the place); weights whose
+//! elements are all equal (zero biases, which tract may drop or share) never get one. A switch
+//! that would change a weight without a site falls back to a full rebuild.
+//!
+//! Packed sites must use tract's f32 panel layout (`PackedFormat`: element `(m, k)` of an
+//! `(mn, k)` operand at `(m / r) * panel + k * r + m % r`); the match is made by writing the
+//! current weight with that rule in compare mode, so a site is only accepted when this module's
+//! writer reproduces tract's packed bytes exactly.
+//!
+//! [`write`] then overwrites one site with new values, chunk by chunk (the weight is never whole
+//! in memory): packed operands baked into `OptMatMul` are rewritten in their own buffers, and
+//! constants (immutable in tract) are replaced by a new tensor of their size. The model then runs
+//! exactly what tract would have built from those weights with the same plan.
+//!
+//! These are tract's public-but-internal types: tract is pinned to `=0.23.9` in the workspace
+//! and the switch is tested against tract running the applied ONNX of every variant.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::vec::Vec;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::{bail, format_err};
+use tract_onnx::tract_core::ops::konst::Const;
+use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
+use tract_onnx::tract_core::tract_linalg::mmm::{
+    EagerPackedInput, MMMInputValue, PackedMatrixStorage,
+};
+use tract_onnx::tract_core::tract_linalg::pack::PackedFormat;
+
+/// Elements reconstructed at a time.
+const CHUNK: usize = 1 << 16;
+
+/// Where one weight lives in an optimized model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Site {
+    /// A `Const` node with the weight's elements in order (any shape).
+    Plain { node: usize },
+    /// A `Const` node holding one packed matrix.
+    Packed { node: usize, layout: Layout },
+    /// Operand `a` (or `b`) of micro-op `op` of an `OptMatMul` node, packed.
+    Baked {
+        node: usize,
+        op: usize,
+        b: bool,
+        layout: Layout,
+    },
+}
+
+/// How a weight's elements read as the packed matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// Row-major `(mn, k)`: a conv kernel `(O, I*H*W)`, a Gemm weight with `transB`.
+    MnK,
+    /// Row-major `(k, mn)`: a MatMul weight.
+    KMn,
+}
+
+/// tract's f32 panel layout of one packed operand.
+#[derive(Clone, Copy, Debug)]
+struct Panels {
+    r: usize,
+    /// Elements per panel (`k * r`, padded and aligned).
+    panel: usize,
+    mn: usize,
+    k: usize,
+}
+
+impl Panels {
+    fn of(v: &dyn MMMInputValue) -> Option<(Panels, PackedFormat)> {
+        let e = v.downcast_ref::<EagerPackedInput>()?;
+        let f = e.fact.format.downcast_ref::<PackedFormat>()?;
+        let (mn, k) = (e.mn, e.fact.k);
+        let p = Panels {
+            r: f.r,
+            panel: f.single_panel_len(k),
+            mn,
+            k,
+        };
+        (f.dt == f32::datum_type()
+            && f.r > 0
+            && p.panel >= k * f.r
+            && e.packed.len() == f.len(k, mn) * 4)
+            .then(|| (p, f.clone()))
+    }
+
+    /// Calls `f(dst, src, len)` for each run of the weight's elements `first..first + n` (read
+    /// as `layout`) that is contiguous in the packed buffer: `dst` is the run's index in the
+    /// buffer, `src` its offset from `first`.
+    fn runs(&self, layout: Layout, first: usize, n: usize, mut f: impl FnMut(usize, usize, usize)) {
+        let (r, panel) = (self.r, self.panel);
+        let mut i = 0;
+        match layout {
+            Layout::MnK => {
+                let (mut m, mut kk) = (first / self.k, first % self.k);
+                while i < n {
+                    let at = (m / r) * panel + m % r;
+                    let take = (self.k - kk).min(n - i);
+                    for j in 0..take {
+                        f(at + (kk + j) * r, i + j, 1);
+                    }
+                    i += take;
+                    kk = 0;
+                    m += 1;
+                }
+            }
+            Layout::KMn => {
+                let (mut kk, mut m) = (first / self.mn, first % self.mn);
+                while i < n {
+                    let take = (r - m % r).min(self.mn - m).min(n - i);
+                    f((m / r) * panel + kk * r + m % r, i, take);
+                    i += take;
+                    m += take;
+                    if m == self.mn {
+                        m = 0;
+                        kk += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A place in the model that may hold a weight, with what it holds now.
+enum Place<'m> {
+    Plain(&'m [f32]),
+    Packed(Panels, &'m [f32]),
+}
+
+impl Place<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Place::Plain(v) => v.len(),
+            Place::Packed(p, _) => p.mn * p.k,
+        }
+    }
+}
+
+fn packed_f32(v: &dyn MMMInputValue) -> Option<(Panels, &[f32])> {
+    let (p, _) = Panels::of(v)?;
+    let e = v.downcast_ref::<EagerPackedInput>()?;
+    Some((p, bytemuck::try_cast_slice(e.packed.as_bytes()).ok()?))
+}
+
+/// The sites of a model's weights, by weight index.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Sites(Vec<Option<Site>>);
+
+impl Sites {
+    /// The site of weight `i`, if it has a unique one.
+    pub(crate) fn get(&self, i: usize) -> Option<Site> {
+        self.0.get(i).copied().flatten()
+    }
+
+    /// How many weights have a site.
+    pub(crate) fn found(&self) -> usize {
+        self.0.iter().flatten().count()
+    }
+
+    /// Locates weights in `model`. `lens[i]` is weight `i`'s element count (`None`: it cannot be
+    /// rewritten, e.g. an f16 weight); `current(i, first, out)` fills `out` with its elements
+    /// `first..` as the model holds them now.
+    pub(crate) fn find<'m>(
+        model: &'m TypedModel,
+        lens: &[Option<usize>],
+        mut current: impl FnMut(usize, usize, &mut [f32]) -> TractResult<()>,
+    ) -> TractResult<Sites> {
+        // Every candidate place, grouped by element count.
+        let mut places: BTreeMap<usize, Vec<(Site, Place<'m>)>> = BTreeMap::new();
+        let mut add = |site: Site, place: Place<'m>| {
+            places.entry(place.len()).or_default().push((site, place));
+        };
+        for node in model.nodes() {
+            if let Some(c) = node.op_as::<Const>() {
+                let t = c.val();
+                if t.datum_type() == f32::datum_type() && t.is_plain_ram() {
+                    let v = t.try_as_plain_ram()?.as_slice::<f32>()?;
+                    add(Site::Plain { node: node.id }, Place::Plain(v));
+                } else if let Ok(s) = t.try_storage_as::<PackedMatrixStorage>() {
+                    if let [v] = s.values() {
+                        if let Some((p, held)) = packed_f32(&**v) {
+                            let site = Site::Packed {
+                                node: node.id,
+                                layout: Layout::MnK,
+                            };
+                            add(site, Place::Packed(p, held));
+                        }
+                    }
+                }
+            } else if let Some(m) = node.op_as::<OptMatMul>() {
+                for (op, spec) in m.micro_ops.iter().enumerate() {
+                    if let ProtoFusedSpec::AddMatMul { a, b, .. } = spec {
+                        for (is_b, operand) in [(false, a), (true, b)] {
+                            if let MatMulOperand::Const(v) = operand {
+                                if let Some((p, held)) = packed_f32(&**v) {
+                                    let site = Site::Baked {
+                                        node: node.id,
+                                        op,
+                                        b: is_b,
+                                        layout: Layout::MnK,
+                                    };
+                                    add(site, Place::Packed(p, held));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Every (weight, place) pair whose contents agree, compared chunk by chunk.
+        let mut matches: Vec<(usize, Site)> = Vec::new();
+        let mut buf = Vec::new();
+        for (i, len) in lens.iter().enumerate() {
+            let Some(n) = *len else { continue };
+            let Some(candidates) = places.get(&n) else {
+                continue;
+            };
+            // Per candidate: still equal as (plain or MnK, KMn).
+            let mut equal: Vec<[bool; 2]> = candidates
+                .iter()
+                .map(|(_, p)| [true, matches!(p, Place::Packed(..))])
+                .collect();
+            let mut first_bits = None;
+            let mut uniform = true;
+            let mut at = 0;
+            while at < n && equal.iter().any(|e| e[0] || e[1]) {
+                let len = CHUNK.min(n - at);
+                buf.resize(len, 0.0);
+                current(i, at, &mut buf)?;
+                let b0 = *first_bits.get_or_insert(buf[0].to_bits());
+                uniform &= buf.iter().all(|v| v.to_bits() == b0);
+                for ((_, place), eq) in candidates.iter().zip(equal.iter_mut()) {
+                    match place {
+                        Place::Plain(held) => {
+                            eq[0] &= same(&held[at..at + len], &buf);
+                        }
+                        Place::Packed(p, held) => {
+                            for (e, layout) in eq.iter_mut().zip([Layout::MnK, Layout::KMn]) {
+                                if *e {
+                                    p.runs(layout, at, len, |d, s, l| {
+                                        *e &= same(&held[d..d + l], &buf[s..s + l]);
+                                    });
+                                }
+                            }
+                        }
+                    }
+                }
+                at += len;
+            }
+            if uniform && at >= n {
+                continue; // all elements equal: not identifiable (tract may share or drop it)
+            }
+            for ((site, _), eq) in candidates.iter().zip(&equal) {
+                // A weight that reads the same both ways is ambiguous.
+                match (site, eq) {
+                    (Site::Plain { .. }, [true, _]) => matches.push((i, *site)),
+                    (_, [true, false]) => matches.push((i, with_layout(*site, Layout::MnK))),
+                    (_, [false, true]) => matches.push((i, with_layout(*site, Layout::KMn))),
+                    _ => {}
+                }
+            }
+        }
+        let mut per_weight = vec![0usize; lens.len()];
+        let mut per_place: BTreeMap<(usize, usize, bool), usize> = BTreeMap::new();
+        for (i, s) in &matches {
+            per_weight[*i] += 1;
+            *per_place.entry(place_key(*s)).or_default() += 1;
+        }
+        let mut sites = vec![None; lens.len()];
+        for (i, s) in matches {
+            if per_weight[i] == 1 && per_place[&place_key(s)] == 1 {
+                sites[i] = Some(s);
+            }
+        }
+        Ok(Sites(sites))
+    }
+}
+
+fn same(a: &[f32], b: &[f32]) -> bool {
+    a.iter()
+        .map(|x| x.to_bits())
+        .eq(b.iter().map(|x| x.to_bits()))
+}
+
+fn with_layout(site: Site, layout: Layout) -> Site {
+    match site {
+        Site::Packed { node, .. } => Site::Packed { node, layout },
+        Site::Baked { node, op, b, .. } => Site::Baked {
+            node,
+            op,
+            b,
+            layout,
+        },
+        s => s,
+    }
+}
+
+fn place_key(site: Site) -> (usize, usize, bool) {
+    match site {
+        Site::Plain { node } | Site::Packed { node, .. } => (node, usize::MAX, false),
+        Site::Baked { node, op, b, .. } => (node, op, b),
+    }
+}
+
+/// Writes a weight of `n` elements (`fill(first, out)` gives its elements `first..`) into a
+/// packed f32 buffer, chunk by chunk.
+fn scatter(
+    p: &Panels,
+    layout: Layout,
+    n: usize,
+    dst: &mut [f32],
+    fill: &mut impl FnMut(usize, &mut [f32]) -> TractResult<()>,
+) -> TractResult<()> {
+    let mut buf = Vec::new();
+    let mut at = 0;
+    while at < n {
+        let len = CHUNK.min(n - at);
+        buf.resize(len, 0.0);
+        fill(at, &mut buf)?;
+        p.runs(layout, at, len, |d, s, l| {
+            dst[d..d + l].copy_from_slice(&buf[s..s + l]);
+        });
+        at += len;
+    }
+    Ok(())
+}
+
+/// A new packed operand like `like` (same format and size) holding the weight.
+fn repacked(
+    like: &dyn MMMInputValue,
+    layout: Layout,
+    fill: &mut impl FnMut(usize, &mut [f32]) -> TractResult<()>,
+) -> TractResult<EagerPackedInput> {
+    let (p, format) = Panels::of(like).ok_or_else(|| format_err!("not an f32 panel operand"))?;
+    let mut e = format.new_packed_buffer(p.k, p.mn)?;
+    let blob = Arc::get_mut(&mut e.packed).ok_or_else(|| format_err!("new buffer is shared"))?;
+    let dst = bytemuck::try_cast_slice_mut(blob.as_bytes_mut())
+        .map_err(|e| format_err!("packed buffer: {e}"))?;
+    scatter(&p, layout, p.mn * p.k, dst, fill)?;
+    Ok(e)
+}
+
+/// Replaces weight `i`'s data at `site` with `n` new elements, given chunk by chunk by
+/// `fill(first, out)`.
+pub(crate) fn write(
+    model: &mut TypedModel,
+    site: Site,
+    n: usize,
+    mut fill: impl FnMut(usize, &mut [f32]) -> TractResult<()>,
+) -> TractResult<()> {
+    match site {
+        Site::Plain { node } => {
+            let node = model.node_mut(node);
+            let old = node
+                .op_as::<Const>()
+                .ok_or_else(|| format_err!("node {} is not a constant", node.name))?;
+            let mut t = Tensor::zero::<f32>(old.val().shape())?;
+            let mut view = t.try_as_plain_ram_mut()?;
+            let dst = view.as_slice_mut::<f32>()?;
+            if dst.len() != n {
+                bail!(
+                    "constant {} holds {} elements, not {n}",
+                    node.name,
+                    dst.len()
+                );
+            }
+            let mut at = 0;
+            while at < n {
+                let len = CHUNK.min(n - at);
+                fill(at, &mut dst[at..at + len])?;
+                at += len;
+            }
+            node.op = Box::new(Const::new(Arc::new(t))?);
+            refresh_fact(node)
+        }
+        Site::Packed { node, layout } => {
+            let node = model.node_mut(node);
+            let old = node
+                .op_as::<Const>()
+                .ok_or_else(|| format_err!("node {} is not a constant", node.name))?;
+            let storage = old.val().try_storage_as::<PackedMatrixStorage>()?;
+            let [held] = storage.values() else {
+                bail!("constant {} holds more than one packed matrix", node.name);
+            };
+            let value = repacked(&**held, layout, &mut fill)?;
+            let t = PackedMatrixStorage::new_batched(
+                storage.batch_shape(),
+                tvec![Box::new(value) as Box<dyn MMMInputValue>],
+            )
+            .into_tensor(old.val().datum_type());
+            let fact = t.exotic_fact()?;
+            node.op = Box::new(Const::new_with_opt_exotic_fact(Arc::new(t), fact)?);
+            refresh_fact(node)
+        }
+        Site::Baked {
+            node,
+            op,
+            b,
+            layout,
+        } => {
+            let m = model
+                .node_mut(node)
+                .op_as_mut::<OptMatMul>()
+                .ok_or_else(|| format_err!("node {node} is not a matrix product"))?;
+            let Some(ProtoFusedSpec::AddMatMul { a, b: bb, .. }) = m.micro_ops.get_mut(op) else {
+                bail!("node {node} has no matrix product at micro-op {op}");
+            };
+            let MatMulOperand::Const(held) = (if b { bb } else { a }) else {
+                bail!("node {node}: operand is not constant");
+            };
+            // Rewrite the operand's own buffer when nothing else holds it.
+            if let Some(e) = held.downcast_mut::<EagerPackedInput>() {
+                if let Some((p, _)) = Panels::of(&*e) {
+                    if let Some(blob) = Arc::get_mut(&mut e.packed) {
+                        let dst = bytemuck::try_cast_slice_mut(blob.as_bytes_mut())
+                            .map_err(|e| format_err!("packed buffer: {e}"))?;
+                        return scatter(&p, layout, n, dst, &mut fill);
+                    }
+                }
+            }
+            *held = Box::new(repacked(&**held, layout, &mut fill)?);
+            Ok(())
+        }
+    }
+}
+
+/// A constant's output fact holds its tensor (`konst`): renew it, or the old weights stay alive.
+fn refresh_fact(node: &mut TypedNode) -> TractResult<()> {
+    let facts = node.op.output_facts(&[])?;
+    let fact = facts
+        .into_iter()
+        .next()
+        .ok_or_else(|| format_err!("constant {} has no output", node.name))?;
+    node.outputs[0].fact = fact;
+    Ok(())
+}

@@ -1,0 +1,563 @@
+//! tract adapter: run an ONNX classifier, and switch it between variants of one base without a
+//! second copy of the weights.
+//!
+//! The first model is built straight from the memory-mapped base: the ONNX protobuf is decoded
+//! once, each float initializer's bytes are overwritten in place with its reconstruction (the
+//! delta kernels, tensor by tensor), and tract parses and optimizes that.
+//!
+//! A switch then rewrites the running model's weights in place ([`inplace`]): only the weights
+//! the old or the new variant changes are reconstructed, repacked by tract's own packing format
+//! and swapped in one at a time, and the execution plan is re-made around the same optimized
+//! model. When that is not possible (a weight tract folded away or shares, a variant changing a
+//! weight whose place was not found, or [`Engine::set_in_place`] off) the engine falls back to
+//! a full rebuild: the running plan is dropped *before* the next one is built and freed memory
+//! is returned to the OS (`malloc_trim` on glibc), so the peak stays that of loading one model.
+//!
+//! Either way the new variant's checksums and binding to the base are checked before the model
+//! changes, its rebuilt weights are hashed against the manifest the first time it runs, and a
+//! variant that fails leaves the engine on the variant it had.
+
+mod inplace;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::string::{String, ToString};
+use std::sync::Arc;
+use std::vec::Vec;
+
+use prost::Message;
+use tract_onnx::pb::ModelProto;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::{bail, ensure, format_err};
+
+use crate::apply::{self, base_view, check_binding};
+use crate::compose;
+use crate::fingerprint::{Fingerprint, Fingerprinter};
+use crate::format::{Codec, DType, DeltaFile, Payload};
+use crate::onnx::OnnxWeights;
+use inplace::Sites;
+
+/// Name of the base model as a variant.
+pub const BASE: &str = "base";
+
+/// An optimized tract plan for a single-input, single-output classifier.
+#[derive(Clone, Debug)]
+pub struct Classifier {
+    plan: Arc<TypedSimplePlan>,
+    /// The optimized model the plan runs (shared with it).
+    model: Arc<TypedModel>,
+    input_shape: Vec<usize>,
+}
+
+impl Classifier {
+    /// Loads ONNX bytes, fixes the input to `input_shape` (batch included) and optimizes.
+    pub fn from_onnx_bytes(bytes: &[u8], input_shape: &[usize]) -> TractResult<Self> {
+        let proto = ModelProto::decode(bytes)?;
+        Self::from_proto(proto, input_shape)
+    }
+
+    pub(crate) fn from_proto(proto: ModelProto, input_shape: &[usize]) -> TractResult<Self> {
+        let model = tract_onnx::onnx().model_for_proto_model(&proto)?;
+        drop(proto);
+        let model = model
+            .with_input_fact(0, f32::fact(input_shape).into())?
+            .into_optimized()?;
+        Self::from_model(Arc::new(model), input_shape.to_vec())
+    }
+
+    fn from_model(model: Arc<TypedModel>, input_shape: Vec<usize>) -> TractResult<Self> {
+        Ok(Self {
+            plan: model.clone().into_runnable()?,
+            model,
+            input_shape,
+        })
+    }
+
+    /// The input shape the plan was built for.
+    pub fn input_shape(&self) -> &[usize] {
+        &self.input_shape
+    }
+
+    /// Runs one input (as many values as the input shape holds) and returns the flat output.
+    pub fn run(&self, input: &[f32]) -> TractResult<Vec<f32>> {
+        let t = Tensor::from_shape(&self.input_shape, input)?;
+        let out = self.plan.run(tvec!(t.into()))?;
+        let out = out
+            .first()
+            .ok_or_else(|| TractError::msg("model has no output"))?;
+        Ok(out.to_plain_array_view::<f32>()?.iter().copied().collect())
+    }
+}
+
+/// A registered variant: its deltas (owned bytes) and alphas.
+struct Variant {
+    deltas: Vec<(Vec<u8>, f32)>,
+    /// Indices of the base weights that some delta of the variant changes.
+    changed: Vec<usize>,
+    /// Fingerprint of the rebuilt weights, once they have been hashed (and, for a single delta
+    /// at alpha 1, matched the manifest's).
+    result: Option<Fingerprint>,
+}
+
+/// How the engine made its last switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwitchKind {
+    /// The running model's weights were rewritten in place.
+    InPlace,
+    /// The model was built again from the base (first build, or the fallback).
+    Rebuild,
+}
+
+impl SwitchKind {
+    /// Lowercase name (`in-place`, `rebuild`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            SwitchKind::InPlace => "in-place",
+            SwitchKind::Rebuild => "rebuild",
+        }
+    }
+}
+
+/// Loads a base once and serves it or any registered variant, switching in place.
+pub struct Engine {
+    base: Box<dyn AsRef<[u8]> + Send + Sync>,
+    weights: OnnxWeights,
+    base_fingerprint: Fingerprint,
+    input_shape: Vec<usize>,
+    variants: BTreeMap<String, Variant>,
+    classifier: Option<Classifier>,
+    /// Where each weight lives in the classifier's model (found on the first in-place switch).
+    sites: Option<Sites>,
+    in_place: bool,
+    last_switch: Option<SwitchKind>,
+    active: String,
+    active_fingerprint: Fingerprint,
+}
+
+impl Engine {
+    /// Opens a base model (e.g. a memory map) for `input_shape`, and builds `start` (a registered
+    /// variant name later, so at first only [`BASE`]) lazily on the first [`Engine::switch`] or
+    /// [`Engine::run`].
+    pub fn new(
+        base: Box<dyn AsRef<[u8]> + Send + Sync>,
+        input_shape: &[usize],
+    ) -> TractResult<Self> {
+        let weights = OnnxWeights::scan((*base).as_ref())?;
+        let base_fingerprint = weights.fingerprint((*base).as_ref());
+        Ok(Self {
+            base,
+            weights,
+            base_fingerprint,
+            input_shape: input_shape.to_vec(),
+            variants: BTreeMap::new(),
+            classifier: None,
+            sites: None,
+            in_place: true,
+            last_switch: None,
+            active: String::new(),
+            active_fingerprint: [0; 32],
+        })
+    }
+
+    /// The base model's weights.
+    pub fn weights(&self) -> &OnnxWeights {
+        &self.weights
+    }
+
+    /// Fingerprint of the base weights, computed from the bytes when the engine was opened.
+    pub fn base_fingerprint(&self) -> &Fingerprint {
+        &self.base_fingerprint
+    }
+
+    /// Switch by rewriting the running model's weights in place (`true`, the default) or always
+    /// by rebuilding the model from the base (`false`: tract's public API only).
+    pub fn set_in_place(&mut self, on: bool) {
+        self.in_place = on;
+    }
+
+    /// How the last switch that changed the model was made (`None` before the first build).
+    pub fn last_switch(&self) -> Option<SwitchKind> {
+        self.last_switch
+    }
+
+    /// How many of the base's weights the running model can rewrite in place (`None` until the
+    /// first in-place switch has located them).
+    pub fn located_weights(&self) -> Option<usize> {
+        self.sites.as_ref().map(Sites::found)
+    }
+
+    /// Forgets a registered variant; the running model is kept (it stays active until the next
+    /// switch). Returns whether it was registered.
+    pub fn remove_variant(&mut self, name: &str) -> bool {
+        self.variants.remove(name).is_some()
+    }
+
+    /// Registers a variant made of one or more deltas with alphas. Each delta is fully checked
+    /// now (structure, checksums, binding to this base); builds check again.
+    pub fn add_variant(&mut self, name: &str, deltas: Vec<(Vec<u8>, f32)>) -> TractResult<()> {
+        ensure!(
+            name != BASE,
+            "variant name {BASE:?} is reserved for the base model"
+        );
+        ensure!(!deltas.is_empty(), "variant {name:?}: no delta");
+        let mut changed = BTreeSet::new();
+        for (k, (bytes, alpha)) in deltas.iter().enumerate() {
+            ensure!(alpha.is_finite(), "variant {name:?}: alpha is not finite");
+            let file = DeltaFile::parse(bytes).map_err(|e| format_err!("variant {name:?}: {e}"))?;
+            file.verify_payloads()
+                .map_err(|e| format_err!("variant {name:?}: {e}"))?;
+            check_binding(&file, k, &self.weights, &self.base_fingerprint)
+                .map_err(|e| format_err!("variant {name:?}: {e}"))?;
+            changed.extend(
+                file.tensors()
+                    .enumerate()
+                    .filter(|(_, e)| e.codec != Codec::Unchanged)
+                    .map(|(i, _)| i),
+            );
+        }
+        self.variants.insert(
+            name.to_string(),
+            Variant {
+                deltas,
+                changed: changed.into_iter().collect(),
+                result: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Names of the registered variants (without the base).
+    pub fn variants(&self) -> impl Iterator<Item = &str> {
+        self.variants.keys().map(String::as_str)
+    }
+
+    /// The active variant's name and weights fingerprint (empty before the first build).
+    pub fn active(&self) -> (&str, &Fingerprint) {
+        (&self.active, &self.active_fingerprint)
+    }
+
+    /// Makes `name` (a registered variant or [`BASE`]) the running model. Returns `false` when it
+    /// already was. On failure the previous variant stays (or, after a failed rebuild, is rebuilt
+    /// and stays) active.
+    pub fn switch(&mut self, name: &str) -> TractResult<bool> {
+        if self.classifier.is_some() && self.active == name {
+            return Ok(false);
+        }
+        ensure!(
+            name == BASE || self.variants.contains_key(name),
+            "unknown variant {name:?}"
+        );
+        if self.in_place && self.classifier.is_some() {
+            match self.switch_in_place(name) {
+                Ok(true) => {
+                    self.last_switch = Some(SwitchKind::InPlace);
+                    return Ok(true);
+                }
+                Ok(false) => {}
+                Err(e) => return Err(e.context(format!("switching to variant {name:?}"))),
+            }
+        }
+        let previous = std::mem::take(&mut self.active);
+        // Drop the running plan first: its weights are the memory the next build needs.
+        self.classifier = None;
+        self.sites = None;
+        crate::mem::release_free_memory();
+        match self.build(name) {
+            Ok((clf, fp)) => {
+                self.classifier = Some(clf);
+                if let Some(v) = self.variants.get_mut(name) {
+                    v.result = Some(fp);
+                }
+                self.active = name.to_string();
+                self.active_fingerprint = fp;
+                self.last_switch = Some(SwitchKind::Rebuild);
+                Ok(true)
+            }
+            Err(e) => {
+                if !previous.is_empty() {
+                    if let Ok((clf, fp)) = self.build(&previous) {
+                        self.classifier = Some(clf);
+                        self.active = previous;
+                        self.active_fingerprint = fp;
+                    }
+                }
+                Err(e.context(format!("switching to variant {name:?}")))
+            }
+        }
+    }
+
+    /// The parsed deltas of a variant (none for the base).
+    fn deltas_of<'v>(
+        variants: &'v BTreeMap<String, Variant>,
+        name: &str,
+    ) -> TractResult<Vec<(DeltaFile<'v>, f32)>> {
+        match variants.get(name) {
+            None => Ok(Vec::new()),
+            Some(v) => v
+                .deltas
+                .iter()
+                .map(|(b, a)| Ok((DeltaFile::parse(b).map_err(|e| format_err!("{e}"))?, *a)))
+                .collect(),
+        }
+    }
+
+    /// Rewrites the running model's weights for `name`. `Ok(false)`: not possible here (the
+    /// caller rebuilds; the model may have been dropped). `Err`: the variant was refused before
+    /// anything changed.
+    fn switch_in_place(&mut self, name: &str) -> TractResult<bool> {
+        if self.active != BASE && !self.variants.contains_key(&self.active) {
+            return Ok(false); // the running variant was removed: its weights are unknown
+        }
+        let base = (*self.base).as_ref();
+        let weights = &self.weights;
+        let variants = &self.variants;
+        let from = Self::deltas_of(variants, &self.active)?;
+        let to = Self::deltas_of(variants, name)?;
+        let changed = |n: &str| variants.get(n).map_or(&[][..], |v| &v.changed[..]);
+        let set: BTreeSet<usize> = changed(&self.active)
+            .iter()
+            .chain(changed(name))
+            .copied()
+            .collect();
+        if self.sites.is_none() {
+            let Some(clf) = self.classifier.as_ref() else {
+                return Ok(false);
+            };
+            let lens: Vec<Option<usize>> = weights
+                .initializers
+                .iter()
+                .map(|init| (init.dtype == DType::F32).then_some(init.numel() as usize))
+                .collect();
+            let mut held: Option<(usize, Vec<(Payload<'_>, f32)>)> = None;
+            let sites = inplace::Sites::find(&clf.model, &lens, |i, first, out| {
+                if held.as_ref().is_none_or(|(j, _)| *j != i) {
+                    held = Some((i, payloads(weights, &from, i)?));
+                }
+                let p = &held.as_ref().expect("set above").1;
+                reconstruct_at(base, weights, i, p, first, out)
+            })?;
+            self.sites = Some(sites);
+        }
+        let sites = self.sites.as_ref().expect("found above");
+        if set.iter().any(|&i| sites.get(i).is_none()) {
+            return Ok(false);
+        }
+        // Check the target before the model changes: binding, the checksums of every payload
+        // used, and the first time, the fingerprint of its rebuilt weights.
+        for (k, (f, _)) in to.iter().enumerate() {
+            check_binding(f, k, weights, &self.base_fingerprint).map_err(|e| format_err!("{e}"))?;
+        }
+        let mut values = Vec::new();
+        for &i in &set {
+            payloads(weights, &to, i)?;
+        }
+        let fp = match variants.get(name) {
+            None => self.base_fingerprint,
+            Some(v) => match v.result {
+                Some(fp) => fp,
+                None => {
+                    let mut fp = Fingerprinter::new();
+                    let mut stored = Vec::new();
+                    for (i, init) in weights.initializers.iter().enumerate() {
+                        if v.changed.binary_search(&i).is_err() {
+                            fp.add(&init.name, init.dtype, &init.dims, &base[init.data.clone()]);
+                            continue;
+                        }
+                        fp.begin(&init.name, init.dtype, &init.dims, init.data.len() as u64);
+                        let p = payloads(weights, &to, i)?;
+                        let n = init.numel() as usize;
+                        let width = init.data.len() / n.max(1);
+                        let mut at = 0;
+                        while at < n {
+                            let len = (1 << 16).min(n - at);
+                            values.resize(len, 0.0);
+                            reconstruct_at(base, weights, i, &p, at, &mut values)?;
+                            stored.resize(len * width, 0);
+                            apply::store(init.dtype, &values, &mut stored);
+                            fp.update(&stored);
+                            at += len;
+                        }
+                    }
+                    let fp = fp.finish();
+                    if let [(f, a)] = to.as_slice() {
+                        let expected = f.manifest().result_fingerprint;
+                        ensure!(
+                            *a != 1.0 || expected == fp,
+                            "rebuilt weights do not match the delta: expected fingerprint {}, found {}",
+                            crate::fingerprint::short_hex(&expected, 8),
+                            crate::fingerprint::short_hex(&fp, 8)
+                        );
+                    }
+                    fp
+                }
+            },
+        };
+        // Rewrite, one weight at a time; a failure here leaves no model (the caller rebuilds).
+        let Classifier {
+            plan,
+            mut model,
+            input_shape,
+        } = self.classifier.take().expect("checked above");
+        drop(plan);
+        let sites = self.sites.take().expect("found above");
+        let Some(m) = Arc::get_mut(&mut model) else {
+            return Ok(false); // the model is shared with a clone of the classifier
+        };
+        for &i in &set {
+            let site = sites.get(i).expect("checked above");
+            let n = weights.initializers[i].numel() as usize;
+            let written = payloads(weights, &to, i).and_then(|p| {
+                inplace::write(m, site, n, |first, out| {
+                    reconstruct_at(base, weights, i, &p, first, out)
+                })
+            });
+            if written.is_err() {
+                return Ok(false);
+            }
+        }
+        drop(values);
+        let Ok(clf) = Classifier::from_model(model, input_shape) else {
+            return Ok(false);
+        };
+        drop(from);
+        drop(to);
+        self.classifier = Some(clf);
+        self.sites = Some(sites);
+        crate::mem::release_free_memory();
+        if let Some(v) = self.variants.get_mut(name) {
+            v.result = Some(fp);
+        }
+        self.active = name.to_string();
+        self.active_fingerprint = fp;
+        Ok(true)
+    }
+
+    fn build(&self, name: &str) -> TractResult<(Classifier, Fingerprint)> {
+        let base = (*self.base).as_ref();
+        let mut proto = ModelProto::decode(base)?;
+        let fp = match self.variants.get(name) {
+            None => self.base_fingerprint,
+            Some(v) => {
+                let files = Self::deltas_of(&self.variants, name)?;
+                let list: Vec<_> = files.iter().map(|(f, a)| (f, *a)).collect();
+                let graph = proto
+                    .graph
+                    .as_mut()
+                    .ok_or_else(|| format_err!("model has no graph"))?;
+                let index: BTreeMap<String, usize> = graph
+                    .initializer
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (t.name.clone(), i))
+                    .collect();
+                let mut missing = None;
+                // A single delta at alpha 1 carries the fingerprint of its result; the first build
+                // hashes the rebuilt weights (and compares them with it), later builds re-check
+                // every payload checksum and the binding, not the hash.
+                let manifest = match list.as_slice() {
+                    [(f, a)] if *a == 1.0 => Some(f.manifest().result_fingerprint),
+                    _ => None,
+                };
+                let hashed = apply::rebuild_with(
+                    base,
+                    &self.weights,
+                    &self.base_fingerprint,
+                    &list,
+                    v.result.is_none(),
+                    |init, bytes| match index.get(&init.name).map(|&i| &mut graph.initializer[i]) {
+                        Some(t) if t.raw_data.len() == bytes.len() => {
+                            t.raw_data.copy_from_slice(bytes);
+                        }
+                        Some(t) if t.float_data.len() * 4 == bytes.len() => {
+                            for (o, c) in t.float_data.iter_mut().zip(bytes.chunks_exact(4)) {
+                                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                            }
+                        }
+                        _ => missing = Some(init.name.clone()),
+                    },
+                )
+                .map_err(|e| format_err!("{e}"))?;
+                if let (Some(k), Some(f)) = (manifest, hashed) {
+                    ensure!(
+                        k == f,
+                        "rebuilt weights do not match the delta: expected fingerprint {}, found {}",
+                        crate::fingerprint::short_hex(&k, 8),
+                        crate::fingerprint::short_hex(&f, 8)
+                    );
+                }
+                if let Some(m) = missing {
+                    bail!("initializer {m:?} not found in the decoded model");
+                }
+                v.result.or(hashed).expect("hashed when not known")
+            }
+        };
+        let clf = Classifier::from_proto(proto, &self.input_shape)?;
+        crate::mem::release_free_memory();
+        Ok((clf, fp))
+    }
+
+    /// Runs the active model (building the base first if nothing is active yet).
+    pub fn run(&mut self, input: &[f32]) -> TractResult<Vec<f32>> {
+        if self.classifier.is_none() {
+            self.switch(BASE)?;
+        }
+        self.classifier
+            .as_ref()
+            .expect("switch built a classifier")
+            .run(input)
+    }
+}
+
+/// The checked payloads of weight `i` in `deltas`, with their alphas.
+fn payloads<'d>(
+    weights: &OnnxWeights,
+    deltas: &[(DeltaFile<'d>, f32)],
+    i: usize,
+) -> TractResult<Vec<(Payload<'d>, f32)>> {
+    deltas
+        .iter()
+        .map(|(f, a)| {
+            let e = f.tensor(i).ok_or_else(|| {
+                format_err!(
+                    "tensor {:?} is missing from the delta",
+                    weights.initializers[i].name
+                )
+            })?;
+            Ok((e.payload().map_err(|e| format_err!("{e}"))?, *a))
+        })
+        .collect()
+}
+
+/// Elements `first..first + out.len()` of weight `i` with the checked `payloads` applied.
+fn reconstruct_at(
+    base: &[u8],
+    weights: &OnnxWeights,
+    i: usize,
+    payloads: &[(Payload<'_>, f32)],
+    first: usize,
+    out: &mut [f32],
+) -> TractResult<()> {
+    let view = base_view(base, &weights.initializers[i]);
+    compose::reconstruct_at(view, payloads, first, out).map_err(|e| format_err!("{e}"))
+}
+
+/// Index of the largest value (first one on ties), or `None` for an empty slice.
+pub fn argmax(v: &[f32]) -> Option<usize> {
+    v.iter()
+        .enumerate()
+        .fold(None, |best: Option<(usize, f32)>, (i, &x)| match best {
+            Some((_, b)) if b >= x => best,
+            _ => Some((i, x)),
+        })
+        .map(|(i, _)| i)
+}
+
+/// Softmax in f64 (numerically stable), as f32 probabilities.
+pub fn softmax(v: &[f32]) -> Vec<f32> {
+    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let e: Vec<f64> = v.iter().map(|&x| (x as f64 - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|x| (x / s) as f32).collect()
+}
+
+#[cfg(test)]
+mod tests;

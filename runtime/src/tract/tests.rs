@@ -1,0 +1,224 @@
+//! The engine's switches against tract running the applied ONNX of each variant.
+
+use super::*;
+use crate::apply::apply_onnx;
+use crate::compress::{compress_onnx, Options, Policy};
+
+fn model(name: &str) -> Vec<u8> {
+    let p = format!(
+        "{}/../models/species/{name}.onnx",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{p}: {e}"))
+}
+
+fn delta(base: &[u8], fine: &[u8], policy: Policy) -> Vec<u8> {
+    let (bw, fw) = (
+        OnnxWeights::scan(base).unwrap(),
+        OnnxWeights::scan(fine).unwrap(),
+    );
+    let opts = Options {
+        name: "variant",
+        description: "",
+        labels: "",
+        sequence: 1,
+        policy,
+    };
+    compress_onnx(base, &bw, fine, &fw, &opts, |_, _| {}).unwrap()
+}
+
+/// Three deterministic inputs in [0, 1).
+fn inputs() -> Vec<Vec<f32>> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..3)
+        .map(|_| {
+            (0..3 * 32 * 32)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 40) as f32 / (1u64 << 24) as f32
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A variant's deltas with their alphas.
+type Deltas = Vec<(Vec<u8>, f32)>;
+
+struct Family {
+    base: Vec<u8>,
+    variants: Vec<(&'static str, Deltas)>,
+}
+
+fn family() -> Family {
+    let base = model("species-base");
+    let night = delta(&base, &model("night"), Policy::Auto);
+    let fog = delta(&base, &model("fog"), Policy::Auto);
+    let seed = delta(&base, &model("night"), Policy::Seed);
+    let variants = vec![
+        ("night", vec![(night.clone(), 1.0)]),
+        ("fog", vec![(fog.clone(), 1.0)]),
+        ("soup", vec![(night, 0.5), (fog, 0.5)]),
+        ("seed", vec![(seed, 1.0)]),
+    ];
+    Family { base, variants }
+}
+
+/// tract's outputs on the applied ONNX of every variant (and the base), per input.
+fn references(f: &Family) -> BTreeMap<String, Vec<Vec<f32>>> {
+    let weights = OnnxWeights::scan(&f.base).unwrap();
+    let run = |onnx: &[u8]| {
+        let clf = Classifier::from_onnx_bytes(onnx, &[1, 3, 32, 32]).unwrap();
+        inputs().iter().map(|x| clf.run(x).unwrap()).collect()
+    };
+    let mut out = BTreeMap::new();
+    out.insert(BASE.to_string(), run(&f.base));
+    for (name, deltas) in &f.variants {
+        let files: Vec<_> = deltas
+            .iter()
+            .map(|(b, a)| (DeltaFile::parse(b).unwrap(), *a))
+            .collect();
+        let list: Vec<_> = files.iter().map(|(d, a)| (d, *a)).collect();
+        let applied = apply_onnx(&f.base, &weights, &list).unwrap();
+        out.insert(name.to_string(), run(&applied.model));
+    }
+    out
+}
+
+fn engine(f: &Family, in_place: bool) -> Engine {
+    let mut e = Engine::new(Box::new(f.base.clone()), &[1, 3, 32, 32]).unwrap();
+    e.set_in_place(in_place);
+    for (name, deltas) in &f.variants {
+        e.add_variant(name, deltas.clone()).unwrap();
+    }
+    e
+}
+
+const ORDER: [&str; 9] = [
+    "night", "fog", BASE, "soup", "night", "seed", BASE, "fog", "soup",
+];
+
+fn check_switches(in_place: bool) {
+    let f = family();
+    let reference = references(&f);
+    let mut e = engine(&f, in_place);
+    for (k, name) in ORDER.iter().enumerate() {
+        assert!(e.switch(name).unwrap(), "{name}: switched");
+        let expected = if in_place && k > 0 {
+            SwitchKind::InPlace
+        } else {
+            SwitchKind::Rebuild
+        };
+        assert_eq!(e.last_switch(), Some(expected), "switch {k} to {name}");
+        for (x, want) in inputs().iter().zip(&reference[*name]) {
+            let got = e.run(x).unwrap();
+            assert!(
+                got.iter()
+                    .map(|v| v.to_bits())
+                    .eq(want.iter().map(|v| v.to_bits())),
+                "{name} after switch {k}: {got:?} != tract on the applied ONNX {want:?}"
+            );
+        }
+    }
+    // The active fingerprint is that of the applied weights.
+    let (name, fp) = e.active();
+    assert_eq!(name, "soup");
+    let weights = OnnxWeights::scan(&f.base).unwrap();
+    let soup = &f.variants[2].1;
+    let files: Vec<_> = soup
+        .iter()
+        .map(|(b, a)| (DeltaFile::parse(b).unwrap(), *a))
+        .collect();
+    let list: Vec<_> = files.iter().map(|(d, a)| (d, *a)).collect();
+    assert_eq!(
+        *fp,
+        apply_onnx(&f.base, &weights, &list).unwrap().fingerprint
+    );
+}
+
+#[test]
+fn in_place_switches_equal_tract_on_the_applied_onnx() {
+    check_switches(true);
+}
+
+#[test]
+fn rebuild_switches_equal_tract_on_the_applied_onnx() {
+    check_switches(false);
+}
+
+#[test]
+fn every_weight_of_the_species_model_is_located() {
+    let f = family();
+    let mut e = engine(&f, true);
+    e.switch(BASE).unwrap();
+    assert_eq!(e.located_weights(), None);
+    e.switch("night").unwrap();
+    let weights = OnnxWeights::scan(&f.base).unwrap();
+    // Every float initializer of the species model has a unique site: the switches above never
+    // need the rebuild.
+    assert_eq!(e.located_weights(), Some(weights.initializers.len()));
+}
+
+#[test]
+fn a_removed_running_variant_is_left_by_a_rebuild() {
+    let f = family();
+    let reference = references(&f);
+    let mut e = engine(&f, true);
+    e.switch("night").unwrap();
+    assert!(e.remove_variant("night"));
+    e.switch("fog").unwrap();
+    assert_eq!(e.last_switch(), Some(SwitchKind::Rebuild));
+    assert_eq!(e.run(&inputs()[0]).unwrap(), reference["fog"][0]);
+    e.switch(BASE).unwrap();
+    assert_eq!(e.last_switch(), Some(SwitchKind::InPlace));
+    assert_eq!(e.run(&inputs()[0]).unwrap(), reference[BASE][0]);
+}
+
+#[test]
+fn a_shared_classifier_makes_the_switch_rebuild() {
+    let f = family();
+    let mut e = engine(&f, true);
+    e.switch("night").unwrap();
+    let held = e.classifier.clone().unwrap();
+    let before = held.run(&inputs()[0]).unwrap();
+    e.switch("fog").unwrap();
+    assert_eq!(e.last_switch(), Some(SwitchKind::Rebuild));
+    // The clone still runs the model it had.
+    assert_eq!(held.run(&inputs()[0]).unwrap(), before);
+}
+
+#[test]
+fn partial_reconstruction_equals_the_whole() {
+    let f = family();
+    let weights = OnnxWeights::scan(&f.base).unwrap();
+    let night = DeltaFile::parse(&f.variants[0].1[0].0).unwrap();
+    let fog = DeltaFile::parse(&f.variants[1].1[0].0).unwrap();
+    let list = [(night, 0.7f32), (fog, -0.4)];
+    for i in 0..weights.initializers.len() {
+        let p = payloads(&weights, &list, i).unwrap();
+        let n = weights.initializers[i].numel() as usize;
+        let mut whole = vec![0f32; n];
+        compose::reconstruct(base_view(&f.base, &weights.initializers[i]), &p, &mut whole).unwrap();
+        for (first, len) in [
+            (0, n),
+            (1, n - 1),
+            (n / 3, n / 2),
+            (n - 1, 1),
+            (7, n.min(4100) - 7),
+        ] {
+            let mut part = vec![0f32; len];
+            reconstruct_at(&f.base, &weights, i, &p, first, &mut part).unwrap();
+            assert!(
+                part.iter()
+                    .map(|v| v.to_bits())
+                    .eq(whole[first..first + len].iter().map(|v| v.to_bits())),
+                "tensor {i} elements {first}..{}",
+                first + len
+            );
+        }
+        let mut over = vec![0f32; 2];
+        assert!(reconstruct_at(&f.base, &weights, i, &p, n - 1, &mut over).is_err());
+    }
+}
