@@ -11,7 +11,7 @@ use std::ops::Range;
 use std::string::String;
 use std::vec::Vec;
 
-use prost::encoding::{decode_key, decode_varint, WireType};
+use prost::encoding::{decode_key, decode_varint, encode_key, encode_varint, WireType};
 
 use crate::fingerprint::{Fingerprint, Fingerprinter};
 use crate::format::DType;
@@ -99,6 +99,8 @@ struct FieldRef {
     varint: u64,
     /// Byte range of the value (payload of a length-delimited field) within the walked slice.
     range: Range<usize>,
+    /// Byte range of the whole field (key included) within the walked slice.
+    span: Range<usize>,
 }
 
 /// Iterates the fields of one message `bytes`; `base` is its offset in the file, for errors.
@@ -170,12 +172,14 @@ fn fields(bytes: &[u8], base: usize) -> impl Iterator<Item = Result<FieldRef, On
         } else {
             start..end
         };
+        let span = pos..end;
         pos = end;
         Some(Ok(FieldRef {
             number,
             wire,
             varint,
             range,
+            span,
         }))
     })
 }
@@ -210,6 +214,79 @@ pub fn scan(bytes: &[u8]) -> Result<OnnxWeights, OnnxError> {
         }
     }
     Ok(out)
+}
+
+/// The model without the data of its float initializers: each one (every entry of
+/// `weights`, as [`scan`] found them in `bytes`) is marked as ONNX external data at location
+/// `"."` with its index in `weights` as `offset`, so a loader's data resolver can produce its
+/// values (e.g. base + delta) while the rest of the model decodes without copying any weight.
+pub fn without_weights(bytes: &[u8], weights: &OnnxWeights) -> Result<Vec<u8>, OnnxError> {
+    let index: std::collections::BTreeMap<usize, usize> = weights
+        .initializers
+        .iter()
+        .enumerate()
+        .map(|(i, init)| (init.data.start, i))
+        .collect();
+    let mut out = Vec::with_capacity(bytes.len() - weights.data_bytes().min(bytes.len()));
+    for f in fields(bytes, 0) {
+        let f = f?;
+        if !(f.number == 7 && f.wire == WireType::LengthDelimited) {
+            out.extend_from_slice(&bytes[f.span]);
+            continue;
+        }
+        let graph = f.range;
+        let mut g = Vec::new();
+        for f in fields(&bytes[graph.clone()], graph.start) {
+            let f = f?;
+            let start = graph.start + f.range.start;
+            let whole = graph.start + f.span.start..graph.start + f.span.end;
+            let init = if f.number == 5 && f.wire == WireType::LengthDelimited {
+                tensor(&bytes[start..graph.start + f.range.end], start)?
+            } else {
+                None
+            };
+            match init.and_then(|init| index.get(&init.data.start).copied()) {
+                Some(i) => {
+                    let t = external_tensor(&bytes[start..graph.start + f.range.end], start, i)?;
+                    encode_key(5, WireType::LengthDelimited, &mut g);
+                    encode_varint(t.len() as u64, &mut g);
+                    g.extend_from_slice(&t);
+                }
+                None => g.extend_from_slice(&bytes[whole]),
+            }
+        }
+        encode_key(7, WireType::LengthDelimited, &mut out);
+        encode_varint(g.len() as u64, &mut out);
+        out.extend_from_slice(&g);
+    }
+    Ok(out)
+}
+
+/// A `TensorProto` without `raw_data`/`float_data`, as external data `(".", offset = index)`.
+fn external_tensor(bytes: &[u8], base: usize, index: usize) -> Result<Vec<u8>, OnnxError> {
+    let mut t = Vec::new();
+    for f in fields(bytes, base) {
+        let f = f?;
+        if !matches!(f.number, 4 | 9 | 13 | 14) {
+            t.extend_from_slice(&bytes[f.span]);
+        }
+    }
+    let index = index.to_string();
+    for (key, value) in [("location", "."), ("offset", index.as_str())] {
+        let mut e = Vec::new();
+        for (n, v) in [(1, key), (2, value)] {
+            encode_key(n, WireType::LengthDelimited, &mut e);
+            encode_varint(v.len() as u64, &mut e);
+            e.extend_from_slice(v.as_bytes());
+        }
+        encode_key(13, WireType::LengthDelimited, &mut t);
+        encode_varint(e.len() as u64, &mut t);
+        t.extend_from_slice(&e);
+    }
+    // data_location = EXTERNAL
+    encode_key(14, WireType::Varint, &mut t);
+    encode_varint(1, &mut t);
+    Ok(t)
 }
 
 fn tensor(bytes: &[u8], base: usize) -> Result<Option<Initializer>, OnnxError> {
@@ -309,6 +386,11 @@ impl OnnxWeights {
             .ok()
             .map(|i| &self.initializers[i])
     }
+    /// Bytes of float weight data in the file.
+    pub fn data_bytes(&self) -> usize {
+        self.initializers.iter().map(|i| i.data.len()).sum()
+    }
+
     /// Total number of float parameters.
     pub fn params(&self) -> u64 {
         self.initializers.iter().map(Initializer::numel).sum()

@@ -156,17 +156,6 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn median_of(k: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?; // warm-up
-    let mut v = Vec::with_capacity(k);
-    for _ in 0..k.max(1) {
-        let t = Instant::now();
-        f()?;
-        v.push(t.elapsed());
-    }
-    Ok(median(v).as_secs_f64())
-}
-
 /// Switching measurements for one family, all in this process: cold load of the fine-tuned ONNX
 /// by tract, cold start from base + delta, switch base <-> variant, inference, and peak RSS (the
 /// kernel's high-water mark, reset between phases).
@@ -192,21 +181,41 @@ fn switching(
     let delta = compress_onnx(&base, &bw, &fine, &fw, &opts, |_, _| {})?;
     let weights_mb = bw.params() as f64 * 4.0 / 1e6;
     let input = vec![0.1f32; shape.iter().product()];
-    // tract on the fine-tuned ONNX: the reference for load time and inference time.
-    let cold_fine = median_of(k, || Classifier::from_onnx_bytes(&fine, shape).map(drop))?;
-    drop(fine);
     let base: std::sync::Arc<[u8]> = base.into();
     let engine = |b: &std::sync::Arc<[u8]>| -> Result<Engine> {
         let mut e = Engine::new(Box::new(b.clone()), shape)?;
         e.add_variant("variant", vec![(delta.clone(), 1.0)])?;
         Ok(e)
     };
-    // Cold start: base + delta to the first inference.
-    let cold_start = median_of(k, || {
+    // tract loading the fine-tuned ONNX (the reference for load time) and the engine's cold
+    // start from base + delta, both up to their first inference, timed alternately so both see
+    // the same machine; the first round of each is a warm-up.
+    let (mut tf, mut tr, mut ts) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..=k.max(1) {
+        let t = Instant::now();
+        let clf = Classifier::from_onnx_bytes(&fine, shape)?;
+        let fine_load = t.elapsed();
+        clf.run(&input)?;
+        let fine_first = t.elapsed();
+        drop(clf);
+        let t = Instant::now();
         let mut e = engine(&base)?;
         e.switch("variant")?;
-        e.run(&input).map(drop)
-    })?;
+        e.run(&input)?;
+        let start = t.elapsed();
+        drop(e);
+        if round > 0 {
+            tf.push(fine_load);
+            tr.push(fine_first);
+            ts.push(start);
+        }
+    }
+    drop(fine);
+    let (cold_fine, fine_first, cold_start) = (
+        median(tf).as_secs_f64(),
+        median(tr).as_secs_f64(),
+        median(ts).as_secs_f64(),
+    );
     release_free_memory();
     // Peak RSS with one variant, then while switching.
     reset_peak_rss();
@@ -249,14 +258,15 @@ fn switching(
     let (infer_fine, infer_after) = (median(tf).as_secs_f64(), median(te).as_secs_f64());
     let r = json!({
         "weights_mb": weights_mb, "delta_bytes": delta.len(),
-        "cold_load_fine_ms": cold_fine * 1e3, "cold_start_ms": cold_start * 1e3, "switch_ms": switch * 1e3,
+        "cold_load_fine_ms": cold_fine * 1e3, "first_inference_fine_ms": fine_first * 1e3, "cold_start_ms": cold_start * 1e3, "switch_ms": switch * 1e3,
         "infer_fine_ms": infer_fine * 1e3, "infer_after_switch_ms": infer_after * 1e3,
         "peak_rss_one_mb": peak_one as f64 / 1e6, "peak_rss_switching_mb": peak_switch as f64 / 1e6,
-        "switches_for_rss": switches, "rss_after_10_mb": rss_early as f64 / 1e6, "rss_after_n_mb": rss_late as f64 / 1e6,
+        "switches_for_rss": switches,
+        "switch_kind": e.last_switch().map(|k| k.name()), "rss_after_10_mb": rss_early as f64 / 1e6, "rss_after_n_mb": rss_late as f64 / 1e6,
         "switch_vs_cold_load": switch / cold_fine,
         "switch_peak_rss_vs_one": peak_switch as f64 / peak_one.max(1) as f64,
         "infer_after_switch_vs_fine": infer_after / infer_fine,
-        "cold_start_vs_fine_load": cold_start / cold_fine,
+        "cold_start_vs_fine_load": cold_start / fine_first,
         "rss_growth_over_switches": rss_late as f64 / rss_early.max(1) as f64,
     });
     if text {
@@ -274,9 +284,11 @@ fn switching(
             println!("  {key:<28} {:.3}", r[key].as_f64().unwrap_or(f64::NAN));
         }
         println!(
-            "  switch {:.1} ms, cold load {:.1} ms, peak RSS {:.1} MB one / {:.1} MB switching",
+            "  switch {:.1} ms ({}), cold load {:.1} ms, cold start {:.1} ms, peak RSS {:.1} MB one / {:.1} MB switching",
             switch * 1e3,
+            e.last_switch().map_or("-", |k| k.name()),
             cold_fine * 1e3,
+            cold_start * 1e3,
             peak_one as f64 / 1e6,
             peak_switch as f64 / 1e6
         );

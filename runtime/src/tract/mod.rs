@@ -27,7 +27,7 @@ use std::vec::Vec;
 use prost::Message;
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::internal::{bail, ensure, format_err};
+use tract_onnx::tract_core::internal::{ensure, format_err};
 
 use crate::apply::{self, base_view, check_binding};
 use crate::compose;
@@ -90,7 +90,7 @@ impl Classifier {
 
 /// A registered variant: its deltas (owned bytes) and alphas.
 struct Variant {
-    deltas: Vec<(Vec<u8>, f32)>,
+    deltas: Vec<(Arc<[u8]>, f32)>,
     /// Indices of the base weights that some delta of the variant changes.
     changed: Vec<usize>,
     /// Fingerprint of the rebuilt weights, once they have been hashed (and, for a single delta
@@ -119,8 +119,8 @@ impl SwitchKind {
 
 /// Loads a base once and serves it or any registered variant, switching in place.
 pub struct Engine {
-    base: Box<dyn AsRef<[u8]> + Send + Sync>,
-    weights: OnnxWeights,
+    base: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    weights: Arc<OnnxWeights>,
     base_fingerprint: Fingerprint,
     input_shape: Vec<usize>,
     variants: BTreeMap<String, Variant>,
@@ -144,8 +144,8 @@ impl Engine {
         let weights = OnnxWeights::scan((*base).as_ref())?;
         let base_fingerprint = weights.fingerprint((*base).as_ref());
         Ok(Self {
-            base,
-            weights,
+            base: Arc::from(base),
+            weights: Arc::new(weights),
             base_fingerprint,
             input_shape: input_shape.to_vec(),
             variants: BTreeMap::new(),
@@ -217,7 +217,7 @@ impl Engine {
         self.variants.insert(
             name.to_string(),
             Variant {
-                deltas,
+                deltas: deltas.into_iter().map(|(b, a)| (Arc::from(b), a)).collect(),
                 changed: changed.into_iter().collect(),
                 result: None,
             },
@@ -346,7 +346,6 @@ impl Engine {
         for (k, (f, _)) in to.iter().enumerate() {
             check_binding(f, k, weights, &self.base_fingerprint).map_err(|e| format_err!("{e}"))?;
         }
-        let mut values = Vec::new();
         for &i in &set {
             payloads(weights, &to, i)?;
         }
@@ -355,29 +354,7 @@ impl Engine {
             Some(v) => match v.result {
                 Some(fp) => fp,
                 None => {
-                    let mut fp = Fingerprinter::new();
-                    let mut stored = Vec::new();
-                    for (i, init) in weights.initializers.iter().enumerate() {
-                        if v.changed.binary_search(&i).is_err() {
-                            fp.add(&init.name, init.dtype, &init.dims, &base[init.data.clone()]);
-                            continue;
-                        }
-                        fp.begin(&init.name, init.dtype, &init.dims, init.data.len() as u64);
-                        let p = payloads(weights, &to, i)?;
-                        let n = init.numel() as usize;
-                        let width = init.data.len() / n.max(1);
-                        let mut at = 0;
-                        while at < n {
-                            let len = (1 << 16).min(n - at);
-                            values.resize(len, 0.0);
-                            reconstruct_at(base, weights, i, &p, at, &mut values)?;
-                            stored.resize(len * width, 0);
-                            apply::store(init.dtype, &values, &mut stored);
-                            fp.update(&stored);
-                            at += len;
-                        }
-                    }
-                    let fp = fp.finish();
+                    let fp = rebuilt_fingerprint(base, weights, &to)?;
                     if let [(f, a)] = to.as_slice() {
                         let expected = f.manifest().result_fingerprint;
                         ensure!(
@@ -414,7 +391,6 @@ impl Engine {
                 return Ok(false);
             }
         }
-        drop(values);
         let Ok(clf) = Classifier::from_model(model, input_shape) else {
             return Ok(false);
         };
@@ -431,66 +407,68 @@ impl Engine {
         Ok(true)
     }
 
+    /// Builds `name` from scratch: tract decodes the base without its weights and reads each
+    /// weight from [`Rebuilder`] (base + deltas, reconstructed as tract asks for it), while the
+    /// rebuilt weights are hashed on another thread the first time.
     fn build(&self, name: &str) -> TractResult<(Classifier, Fingerprint)> {
         let base = (*self.base).as_ref();
-        let mut proto = ModelProto::decode(base)?;
-        let fp = match self.variants.get(name) {
-            None => self.base_fingerprint,
-            Some(v) => {
-                let files = Self::deltas_of(&self.variants, name)?;
-                let list: Vec<_> = files.iter().map(|(f, a)| (f, *a)).collect();
-                let graph = proto
-                    .graph
-                    .as_mut()
-                    .ok_or_else(|| format_err!("model has no graph"))?;
-                let index: BTreeMap<String, usize> = graph
-                    .initializer
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| (t.name.clone(), i))
-                    .collect();
-                let mut missing = None;
-                // A single delta at alpha 1 carries the fingerprint of its result; the first build
-                // hashes the rebuilt weights (and compares them with it), later builds re-check
-                // every payload checksum and the binding, not the hash.
-                let manifest = match list.as_slice() {
-                    [(f, a)] if *a == 1.0 => Some(f.manifest().result_fingerprint),
-                    _ => None,
-                };
-                let hashed = apply::rebuild_with(
-                    base,
-                    &self.weights,
-                    &self.base_fingerprint,
-                    &list,
-                    v.result.is_none(),
-                    |init, bytes| match index.get(&init.name).map(|&i| &mut graph.initializer[i]) {
-                        Some(t) if t.raw_data.len() == bytes.len() => {
-                            t.raw_data.copy_from_slice(bytes);
-                        }
-                        Some(t) if t.float_data.len() * 4 == bytes.len() => {
-                            for (o, c) in t.float_data.iter_mut().zip(bytes.chunks_exact(4)) {
-                                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                            }
-                        }
-                        _ => missing = Some(init.name.clone()),
-                    },
-                )
+        let variant = self.variants.get(name);
+        let files = Self::deltas_of(&self.variants, name)?;
+        for (k, (f, _)) in files.iter().enumerate() {
+            check_binding(f, k, &self.weights, &self.base_fingerprint)
                 .map_err(|e| format_err!("{e}"))?;
-                if let (Some(k), Some(f)) = (manifest, hashed) {
+        }
+        let stripped = crate::onnx::without_weights(base, &self.weights)?;
+        let proto = ModelProto::decode(&stripped[..])?;
+        drop(stripped);
+        let mut onnx = tract_onnx::onnx();
+        onnx.provider = Arc::new(Rebuilder {
+            base: self.base.clone(),
+            weights: self.weights.clone(),
+            deltas: variant.map(|v| v.deltas.clone()).unwrap_or_default(),
+        });
+        let (parsed, hashed) = std::thread::scope(|s| {
+            let hasher = variant
+                .filter(|v| v.result.is_none())
+                .map(|_| s.spawn(|| rebuilt_fingerprint(base, &self.weights, &files)));
+            // Any existing directory: the resolver ignores the path ("." inside it).
+            let parsed = onnx.parse(&proto, Some("/"));
+            let hashed = hasher.map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(format_err!("fingerprint thread panicked")))
+            });
+            (parsed, hashed)
+        });
+        drop(proto);
+        let fp = match (variant, hashed) {
+            (None, _) => self.base_fingerprint,
+            (Some(v), None) => v.result.expect("hashed when not known"),
+            (Some(_), Some(fp)) => {
+                let fp = fp?;
+                // A single delta at alpha 1 carries the fingerprint of its result.
+                if let [(f, a)] = files.as_slice() {
+                    let expected = f.manifest().result_fingerprint;
                     ensure!(
-                        k == f,
+                        *a != 1.0 || expected == fp,
                         "rebuilt weights do not match the delta: expected fingerprint {}, found {}",
-                        crate::fingerprint::short_hex(&k, 8),
-                        crate::fingerprint::short_hex(&f, 8)
+                        crate::fingerprint::short_hex(&expected, 8),
+                        crate::fingerprint::short_hex(&fp, 8)
                     );
                 }
-                if let Some(m) = missing {
-                    bail!("initializer {m:?} not found in the decoded model");
-                }
-                v.result.or(hashed).expect("hashed when not known")
+                fp
             }
         };
-        let clf = Classifier::from_proto(proto, &self.input_shape)?;
+        let parsed = parsed?;
+        ensure!(
+            parsed.unresolved_inputs.is_empty(),
+            "could not resolve inputs at top level: {:?}",
+            parsed.unresolved_inputs
+        );
+        let model = parsed
+            .model
+            .with_input_fact(0, f32::fact(&self.input_shape).into())?
+            .into_optimized()?;
+        let clf = Classifier::from_model(Arc::new(model), self.input_shape.clone())?;
         crate::mem::release_free_memory();
         Ok((clf, fp))
     }
@@ -538,6 +516,96 @@ fn reconstruct_at(
 ) -> TractResult<()> {
     let view = base_view(base, &weights.initializers[i]);
     compose::reconstruct_at(view, payloads, first, out).map_err(|e| format_err!("{e}"))
+}
+
+/// Fingerprint of the base with `deltas` applied, chunk by chunk (weights the deltas leave
+/// unchanged are hashed straight from the base).
+fn rebuilt_fingerprint(
+    base: &[u8],
+    weights: &OnnxWeights,
+    deltas: &[(DeltaFile<'_>, f32)],
+) -> TractResult<Fingerprint> {
+    let mut fp = Fingerprinter::new();
+    let (mut values, mut stored) = (Vec::new(), Vec::new());
+    for (i, init) in weights.initializers.iter().enumerate() {
+        let p = payloads(weights, deltas, i)?;
+        if p.iter().all(|(p, _)| matches!(p, Payload::Unchanged)) {
+            fp.add(&init.name, init.dtype, &init.dims, &base[init.data.clone()]);
+            continue;
+        }
+        fp.begin(&init.name, init.dtype, &init.dims, init.data.len() as u64);
+        let n = init.numel() as usize;
+        let width = init.data.len() / n.max(1);
+        let mut at = 0;
+        while at < n {
+            let len = CHUNK.min(n - at);
+            values.resize(len, 0.0);
+            reconstruct_at(base, weights, i, &p, at, &mut values)?;
+            stored.resize(len * width, 0);
+            apply::store(init.dtype, &values, &mut stored);
+            fp.update(&stored);
+            at += len;
+        }
+    }
+    Ok(fp.finish())
+}
+
+/// Elements reconstructed at a time.
+const CHUNK: usize = 1 << 16;
+
+/// tract's data resolver for a build: each weight (marked as external data by
+/// [`crate::onnx::without_weights`], offset = its index) is reconstructed from the base and the
+/// deltas when tract reads it, so the decoded model never holds a second copy of the weights.
+struct Rebuilder {
+    base: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    weights: Arc<OnnxWeights>,
+    deltas: Vec<(Arc<[u8]>, f32)>,
+}
+
+impl tract_onnx::data_resolver::ModelDataResolver for Rebuilder {
+    fn read_bytes_from_path(
+        &self,
+        buf: &mut Vec<u8>,
+        _path: &std::path::Path,
+        offset: usize,
+        length: Option<usize>,
+    ) -> TractResult<()> {
+        let base = (*self.base).as_ref();
+        let init = self
+            .weights
+            .initializers
+            .get(offset)
+            .ok_or_else(|| format_err!("no weight {offset}"))?;
+        ensure!(
+            length.is_none_or(|l| l == init.data.len()),
+            "weight {:?}: asked for {length:?} bytes",
+            init.name
+        );
+        let files = self
+            .deltas
+            .iter()
+            .map(|(b, a)| Ok((DeltaFile::parse(b).map_err(|e| format_err!("{e}"))?, *a)))
+            .collect::<TractResult<Vec<_>>>()?;
+        let p = payloads(&self.weights, &files, offset)?;
+        buf.clear();
+        buf.resize(init.data.len(), 0);
+        let n = init.numel() as usize;
+        let width = init.data.len() / n.max(1);
+        let mut values = Vec::new();
+        let mut at = 0;
+        while at < n {
+            let len = CHUNK.min(n - at);
+            values.resize(len, 0.0);
+            reconstruct_at(base, &self.weights, offset, &p, at, &mut values)?;
+            apply::store(
+                init.dtype,
+                &values,
+                &mut buf[at * width..(at + len) * width],
+            );
+            at += len;
+        }
+        Ok(())
+    }
 }
 
 /// Index of the largest value (first one on ties), or `None` for an empty slice.

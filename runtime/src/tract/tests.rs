@@ -222,3 +222,45 @@ fn partial_reconstruction_equals_the_whole() {
         assert!(reconstruct_at(&f.base, &weights, i, &p, n - 1, &mut over).is_err());
     }
 }
+
+#[test]
+fn the_stripped_model_is_the_base_with_each_weight_marked_external() {
+    use tract_onnx::pb::tensor_proto::DataLocation;
+    let base = model("species-base");
+    let weights = OnnxWeights::scan(&base).unwrap();
+    let stripped = crate::onnx::without_weights(&base, &weights).unwrap();
+    assert!(stripped.len() + weights.data_bytes() <= base.len() + 64 * weights.initializers.len());
+    let (mut full, mut thin) = (
+        ModelProto::decode(&base[..]).unwrap(),
+        ModelProto::decode(&stripped[..]).unwrap(),
+    );
+    let (fg, tg) = (full.graph.as_mut().unwrap(), thin.graph.as_mut().unwrap());
+    assert_eq!(fg.initializer.len(), tg.initializer.len());
+    for (f, t) in fg.initializer.iter_mut().zip(&mut tg.initializer) {
+        let i = weights
+            .initializers
+            .iter()
+            .position(|w| w.name == f.name)
+            .unwrap();
+        assert!(
+            t.raw_data.is_empty() && t.float_data.is_empty(),
+            "{}",
+            t.name
+        );
+        assert_eq!(t.data_location, Some(DataLocation::External as i32));
+        let kv: Vec<_> = t
+            .external_data
+            .iter()
+            .map(|e| (e.key.as_str(), e.value.as_str()))
+            .collect();
+        assert_eq!(kv, [("location", "."), ("offset", i.to_string().as_str())]);
+        // Everything else is unchanged.
+        f.raw_data.clear();
+        t.external_data.clear();
+        t.data_location = f.data_location;
+        assert_eq!(f, t);
+    }
+    fg.initializer.clear();
+    tg.initializer.clear();
+    assert_eq!(full, thin);
+}
