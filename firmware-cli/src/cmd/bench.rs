@@ -247,13 +247,19 @@ fn switching(
     // Inference after a switch against tract on the fine-tuned ONNX, timed alternately.
     let clf = Classifier::from_onnx_bytes(&make_fine()?, shape)?;
     let (mut tf, mut te) = (Vec::new(), Vec::new());
-    for _ in 0..k * 20 + 1 {
-        let t = Instant::now();
-        clf.run(&input)?;
-        tf.push(t.elapsed());
-        let t = Instant::now();
-        e.run(&input)?;
-        te.push(t.elapsed());
+    // Alternately, each one first in every other pair (ABBA), so neither always runs on the
+    // caches the other left.
+    for i in 0..k * 20 + 2 {
+        for fine_first in [i % 2 == 0, i % 2 == 1] {
+            let t = Instant::now();
+            if fine_first {
+                clf.run(&input)?;
+                tf.push(t.elapsed());
+            } else {
+                e.run(&input)?;
+                te.push(t.elapsed());
+            }
+        }
     }
     let (infer_fine, infer_after) = (median(tf).as_secs_f64(), median(te).as_secs_f64());
     let r = json!({

@@ -257,12 +257,18 @@ impl Engine {
             }
         }
         let previous = std::mem::take(&mut self.active);
-        // Drop the running plan first: its weights are the memory the next build needs.
-        self.classifier = None;
+        // Drop the running plan first: its weights are the memory the next build needs, and
+        // give what it freed back to the OS (glibc keeps it otherwise).
         self.sites = None;
-        crate::mem::release_free_memory();
+        let dropped = self.classifier.take().is_some();
+        if dropped {
+            crate::mem::release_free_memory();
+        }
         match self.build(name) {
             Ok((clf, fp)) => {
+                if dropped {
+                    crate::mem::release_free_memory();
+                }
                 self.classifier = Some(clf);
                 if let Some(v) = self.variants.get_mut(name) {
                     v.result = Some(fp);
@@ -469,7 +475,6 @@ impl Engine {
             .with_input_fact(0, f32::fact(&self.input_shape).into())?
             .into_optimized()?;
         let clf = Classifier::from_model(Arc::new(model), self.input_shape.clone())?;
-        crate::mem::release_free_memory();
         Ok((clf, fp))
     }
 
