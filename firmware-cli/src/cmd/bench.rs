@@ -249,7 +249,7 @@ fn switching(
     let (mut tf, mut te) = (Vec::new(), Vec::new());
     // Alternately, each one first in every other pair (ABBA), so neither always runs on the
     // caches the other left.
-    for i in 0..k * 20 + 2 {
+    for i in 0..(k * 20).max(100) + 2 {
         for fine_first in [i % 2 == 0, i % 2 == 1] {
             let t = Instant::now();
             if fine_first {
