@@ -295,6 +295,7 @@ fn camera_trap(
     }
     let known: Vec<String> = engine.variants().map(str::to_owned).collect();
     let mut switch_ms = Vec::new();
+    let mut first_load_ms = None;
     let (mut total, mut ok_switch, mut ok_base) = ([0usize; 3], [0usize; 3], [0usize; 3]);
     let mut base_only = Engine::new(Box::new(base.map.to_vec()), &shape)?;
     println!("\ncamera-trap loop: {} frames from clean/night/fog in runs; rules fog:brightness>0.5, night:contrast<0.16", frames.len());
@@ -309,8 +310,14 @@ fn camera_trap(
             .filter(|v| known.contains(v))
             .unwrap_or_else(|| BASE.to_owned());
         let t = Instant::now();
+        let first = engine.active().0.is_empty();
         if engine.switch(&want)? {
-            switch_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            if first {
+                first_load_ms = Some(ms);
+            } else {
+                switch_ms.push(ms);
+            }
         }
         let input = ev.card.preprocess_gray(gray);
         let pred = argmax(&engine.run(&input)?).unwrap_or(0);
@@ -342,11 +349,15 @@ fn camera_trap(
             acc(ok_base[c])
         );
     }
+    if let Some(ms) = first_load_ms {
+        println!("  first load (base) {ms:.1} ms");
+    }
     switch_ms.sort_by(f64::total_cmp);
     if !switch_ms.is_empty() {
         println!(
-            "  {} switches, median {:.1} ms, max {:.1} ms",
+            "  {} switches ({}), median {:.1} ms, max {:.1} ms",
             switch_ms.len(),
+            engine.last_switch().map_or("-", |k| k.name()),
             switch_ms[switch_ms.len() / 2],
             switch_ms[switch_ms.len() - 1]
         );
