@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 
 use tract_onnx::prelude::*;
 
-use crate::reference::{compress, model, ok, p, scratch, species};
+use crate::reference::{command, compress, model, ok, p, scratch, species};
 
 /// Softmax of tract's logits for one image, computed here from the model file (the reference).
 fn reference_probs(onnx: &Path, image: &Path) -> Vec<f32> {
@@ -121,7 +121,7 @@ fn alternating(dir: &Path) -> Alternating {
 /// Runs `serve` with `requests`, returns the answers and the server's peak RSS in KiB (VmHWM,
 /// read while it is still alive after answering everything).
 fn serve(args: &[&str], requests: &[String]) -> (Vec<serde_json::Value>, u64) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bitdelta"))
+    let mut child = command()
         .arg("serve")
         .args(args)
         .stdin(Stdio::piped())
@@ -174,6 +174,10 @@ fn serve_alternating_variants_answers_what_tract_gives_on_the_applied_models() {
         // serve starts on the base; after that every request changes variant.
         assert_eq!(a["switched"], i != 0, "request {i}");
         assert_eq!(a["switch_ms"].as_f64().unwrap() > 0.0, i != 0);
+        if i != 0 {
+            // Switches rewrite the running model's weights (the first request builds the base).
+            assert_eq!(a["switch"], "in-place", "request {i}");
+        }
         assert!(a["infer_ms"].as_f64().unwrap() > 0.0);
         let fp = a["fingerprint"].as_str().unwrap().to_string();
         assert_eq!(

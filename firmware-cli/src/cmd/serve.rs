@@ -15,7 +15,8 @@ use super::classify::{image, stats, Csv, Session};
 /// Each input line is a request `{"image": PATH, "variant": NAME}` (`"base"` = the base model;
 /// no variant = the current one, or the first --rule that matches the image). Each answer line
 /// has `image`, `variant`, `fingerprint`, `label`, `top` (label + p), `switched`, `switch_ms`,
-/// `infer_ms`, and the image's `brightness` and `contrast` (for tuning rules). A malformed request gets `{"error": ...}` and the loop goes on; exits 0 at EOF.
+/// `infer_ms`, and the image's `brightness` and `contrast` (for tuning rules); after a switch,
+/// `switch` says how it was made (`in-place`, or `rebuild` for the first load and the fallback). A malformed request gets `{"error": ...}` and the loop goes on; exits 0 at EOF.
 /// Only one model is held in memory: a switch drops the running one before building the next.
 ///
 /// With --store (or $BITDELTA_STORE and no --base), every installed variant can be named, and
@@ -332,6 +333,13 @@ fn handle(
     let mut v = ans.json();
     v["switched"] = json!(switched);
     v["switch_ms"] = json!(if switched { switch_ms } else { 0.0 });
+    if switched {
+        // "in-place" (weights rewritten in the running model) or "rebuild".
+        v["switch"] = json!(s.engine.last_switch().map(|k| k.name()));
+        if let Some(why) = s.engine.fallback_reason() {
+            eprintln!("note: switch to {} rebuilt the model: {why}", v["variant"]);
+        }
+    }
     v["brightness"] = json!(brightness);
     v["contrast"] = json!(contrast);
     Ok(v)

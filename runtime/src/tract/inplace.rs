@@ -43,8 +43,13 @@ const CHUNK: usize = 1 << 16;
 /// Where one weight lives in an optimized model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Site {
-    /// A `Const` node with the weight's elements in order (any shape).
-    Plain { node: usize },
+    /// A `Const` node with the weight's elements in order (any shape), or transposed: the
+    /// weight read as `(rows, n / rows)` stored column by column (`Some(rows)`, e.g. a depthwise
+    /// kernel read tap-major by tract's channel-last depthwise convolution).
+    Plain {
+        node: usize,
+        transposed: Option<usize>,
+    },
     /// A `Const` node holding one packed matrix.
     Packed { node: usize, layout: Layout },
     /// Operand `a` (or `b`) of micro-op `op` of an `OptMatMul` node, packed.
@@ -166,12 +171,12 @@ impl Sites {
         self.0.iter().flatten().count()
     }
 
-    /// Locates weights in `model`. `lens[i]` is weight `i`'s element count (`None`: it cannot be
-    /// rewritten, e.g. an f16 weight); `current(i, first, out)` fills `out` with its elements
-    /// `first..` as the model holds them now.
+    /// Locates weights in `model`. `shapes[i]` is weight `i`'s element count and leading
+    /// dimension (`None`: it cannot be rewritten, e.g. an f16 weight); `current(i, first, out)`
+    /// fills `out` with its elements `first..` as the model holds them now.
     pub(crate) fn find<'m>(
         model: &'m TypedModel,
-        lens: &[Option<usize>],
+        shapes: &[Option<(usize, usize)>],
         mut current: impl FnMut(usize, usize, &mut [f32]) -> TractResult<()>,
     ) -> TractResult<Sites> {
         // Every candidate place, grouped by element count.
@@ -184,7 +189,11 @@ impl Sites {
                 let t = c.val();
                 if t.datum_type() == f32::datum_type() && t.is_plain_ram() {
                     let v = t.try_as_plain_ram()?.as_slice::<f32>()?;
-                    add(Site::Plain { node: node.id }, Place::Plain(v));
+                    let site = Site::Plain {
+                        node: node.id,
+                        transposed: None,
+                    };
+                    add(site, Place::Plain(v));
                 } else if let Ok(s) = t.try_storage_as::<PackedMatrixStorage>() {
                     if let [v] = s.values() {
                         if let Some((p, held)) = packed_f32(&**v) {
@@ -219,15 +228,22 @@ impl Sites {
         // Every (weight, place) pair whose contents agree, compared chunk by chunk.
         let mut matches: Vec<(usize, Site)> = Vec::new();
         let mut buf = Vec::new();
-        for (i, len) in lens.iter().enumerate() {
-            let Some(n) = *len else { continue };
+        for (i, shape) in shapes.iter().enumerate() {
+            let Some((n, rows)) = *shape else { continue };
+            // The weight as (rows, cols), stored column by column.
+            let columns = (rows > 1 && rows < n && n.is_multiple_of(rows)).then_some(Panels {
+                r: rows,
+                panel: n,
+                mn: rows,
+                k: n / rows,
+            });
             let Some(candidates) = places.get(&n) else {
                 continue;
             };
-            // Per candidate: still equal as (plain or MnK, KMn).
+            // Per candidate: still equal as (plain in order or MnK, plain transposed or KMn).
             let mut equal: Vec<[bool; 2]> = candidates
                 .iter()
-                .map(|(_, p)| [true, matches!(p, Place::Packed(..))])
+                .map(|(_, p)| [true, matches!(p, Place::Packed(..)) || columns.is_some()])
                 .collect();
             let mut first_bits = None;
             let mut uniform = true;
@@ -242,6 +258,11 @@ impl Sites {
                     match place {
                         Place::Plain(held) => {
                             eq[0] &= same(&held[at..at + len], &buf);
+                            if let (true, Some(t)) = (eq[1], &columns) {
+                                t.runs(Layout::MnK, at, len, |d, s, l| {
+                                    eq[1] &= same(&held[d..d + l], &buf[s..s + l]);
+                                });
+                            }
                         }
                         Place::Packed(p, held) => {
                             for (e, layout) in eq.iter_mut().zip([Layout::MnK, Layout::KMn]) {
@@ -262,20 +283,34 @@ impl Sites {
             for ((site, _), eq) in candidates.iter().zip(&equal) {
                 // A weight that reads the same both ways is ambiguous.
                 match (site, eq) {
-                    (Site::Plain { .. }, [true, _]) => matches.push((i, *site)),
+                    (Site::Plain { node, .. }, [true, false]) => matches.push((
+                        i,
+                        Site::Plain {
+                            node: *node,
+                            transposed: None,
+                        },
+                    )),
+                    (Site::Plain { node, .. }, [false, true]) => matches.push((
+                        i,
+                        Site::Plain {
+                            node: *node,
+                            transposed: Some(rows),
+                        },
+                    )),
+                    (Site::Plain { .. }, _) => {}
                     (_, [true, false]) => matches.push((i, with_layout(*site, Layout::MnK))),
                     (_, [false, true]) => matches.push((i, with_layout(*site, Layout::KMn))),
                     _ => {}
                 }
             }
         }
-        let mut per_weight = vec![0usize; lens.len()];
+        let mut per_weight = vec![0usize; shapes.len()];
         let mut per_place: BTreeMap<(usize, usize, bool), usize> = BTreeMap::new();
         for (i, s) in &matches {
             per_weight[*i] += 1;
             *per_place.entry(place_key(*s)).or_default() += 1;
         }
-        let mut sites = vec![None; lens.len()];
+        let mut sites = vec![None; shapes.len()];
         for (i, s) in matches {
             if per_weight[i] == 1 && per_place[&place_key(s)] == 1 {
                 sites[i] = Some(s);
@@ -306,7 +341,7 @@ fn with_layout(site: Site, layout: Layout) -> Site {
 
 fn place_key(site: Site) -> (usize, usize, bool) {
     match site {
-        Site::Plain { node } | Site::Packed { node, .. } => (node, usize::MAX, false),
+        Site::Plain { node, .. } | Site::Packed { node, .. } => (node, usize::MAX, false),
         Site::Baked { node, op, b, .. } => (node, op, b),
     }
 }
@@ -358,7 +393,7 @@ pub(crate) fn write(
     mut fill: impl FnMut(usize, &mut [f32]) -> TractResult<()>,
 ) -> TractResult<()> {
     match site {
-        Site::Plain { node } => {
+        Site::Plain { node, transposed } => {
             let node = model.node_mut(node);
             let old = node
                 .op_as::<Const>()
@@ -373,11 +408,24 @@ pub(crate) fn write(
                     dst.len()
                 );
             }
-            let mut at = 0;
-            while at < n {
-                let len = CHUNK.min(n - at);
-                fill(at, &mut dst[at..at + len])?;
-                at += len;
+            match transposed {
+                None => {
+                    let mut at = 0;
+                    while at < n {
+                        let len = CHUNK.min(n - at);
+                        fill(at, &mut dst[at..at + len])?;
+                        at += len;
+                    }
+                }
+                Some(rows) => {
+                    let columns = Panels {
+                        r: rows,
+                        panel: n,
+                        mn: rows,
+                        k: n / rows.max(1),
+                    };
+                    scatter(&columns, Layout::MnK, n, dst, &mut fill)?;
+                }
             }
             node.op = Box::new(Const::new(Arc::new(t))?);
             refresh_fact(node)

@@ -129,6 +129,8 @@ pub struct Engine {
     sites: Option<Sites>,
     in_place: bool,
     last_switch: Option<SwitchKind>,
+    /// Why the last switch could not be made in place.
+    fallback: Option<String>,
     active: String,
     active_fingerprint: Fingerprint,
 }
@@ -153,6 +155,7 @@ impl Engine {
             sites: None,
             in_place: true,
             last_switch: None,
+            fallback: None,
             active: String::new(),
             active_fingerprint: [0; 32],
         })
@@ -177,6 +180,12 @@ impl Engine {
     /// How the last switch that changed the model was made (`None` before the first build).
     pub fn last_switch(&self) -> Option<SwitchKind> {
         self.last_switch
+    }
+
+    /// Why the last switch rebuilt the model instead of rewriting it in place (`None` when it
+    /// did not, or when in-place switching is off or nothing was running yet).
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.fallback.as_deref()
     }
 
     /// How many of the base's weights the running model can rewrite in place (`None` until the
@@ -246,6 +255,7 @@ impl Engine {
             name == BASE || self.variants.contains_key(name),
             "unknown variant {name:?}"
         );
+        self.fallback = None;
         if self.in_place && self.classifier.is_some() {
             match self.switch_in_place(name) {
                 Ok(true) => {
@@ -311,7 +321,8 @@ impl Engine {
     /// anything changed.
     fn switch_in_place(&mut self, name: &str) -> TractResult<bool> {
         if self.active != BASE && !self.variants.contains_key(&self.active) {
-            return Ok(false); // the running variant was removed: its weights are unknown
+            self.fallback = Some("the running variant was removed".into());
+            return Ok(false);
         }
         let base = (*self.base).as_ref();
         let weights = &self.weights;
@@ -328,13 +339,16 @@ impl Engine {
             let Some(clf) = self.classifier.as_ref() else {
                 return Ok(false);
             };
-            let lens: Vec<Option<usize>> = weights
+            let shapes: Vec<Option<(usize, usize)>> = weights
                 .initializers
                 .iter()
-                .map(|init| (init.dtype == DType::F32).then_some(init.numel() as usize))
+                .map(|init| {
+                    let rows = init.dims.first().copied().unwrap_or(1) as usize;
+                    (init.dtype == DType::F32).then_some((init.numel() as usize, rows))
+                })
                 .collect();
             let mut held: Option<(usize, Vec<(Payload<'_>, f32)>)> = None;
-            let sites = inplace::Sites::find(&clf.model, &lens, |i, first, out| {
+            let sites = inplace::Sites::find(&clf.model, &shapes, |i, first, out| {
                 if held.as_ref().is_none_or(|(j, _)| *j != i) {
                     held = Some((i, payloads(weights, &from, i)?));
                 }
@@ -344,7 +358,17 @@ impl Engine {
             self.sites = Some(sites);
         }
         let sites = self.sites.as_ref().expect("found above");
-        if set.iter().any(|&i| sites.get(i).is_none()) {
+        let missing: Vec<&str> = set
+            .iter()
+            .filter(|&&i| sites.get(i).is_none())
+            .map(|&i| weights.initializers[i].name.as_str())
+            .collect();
+        if !missing.is_empty() {
+            self.fallback = Some(format!(
+                "{} weight(s) not found in tract's optimized model: {}",
+                missing.len(),
+                missing.join(", ")
+            ));
             return Ok(false);
         }
         // Check the target before the model changes: binding, the checksums of every payload
@@ -383,7 +407,8 @@ impl Engine {
         drop(plan);
         let sites = self.sites.take().expect("found above");
         let Some(m) = Arc::get_mut(&mut model) else {
-            return Ok(false); // the model is shared with a clone of the classifier
+            self.fallback = Some("the running model is shared with a clone".into());
+            return Ok(false);
         };
         for &i in &set {
             let site = sites.get(i).expect("checked above");
@@ -393,7 +418,8 @@ impl Engine {
                     reconstruct_at(base, weights, i, &p, first, out)
                 })
             });
-            if written.is_err() {
+            if let Err(e) = written {
+                self.fallback = Some(format!("rewriting {}: {e}", weights.initializers[i].name));
                 return Ok(false);
             }
         }

@@ -264,3 +264,86 @@ fn the_stripped_model_is_the_base_with_each_weight_marked_external() {
     tg.initializer.clear();
     assert_eq!(full, thin);
 }
+
+#[test]
+fn a_constant_stored_transposed_is_located_and_rewritten_in_its_order() {
+    // A depthwise kernel (C=6, 1, 3, 3) as tract's channel-last depthwise holds it: tap-major
+    // [1, 9, 6]. Plus one in order and one that matches neither way.
+    let (c, k) = (6usize, 9usize);
+    let w: Vec<f32> = (0..c * k).map(|i| (i as f32 * 0.37).sin()).collect();
+    let tap_major: Vec<f32> = (0..k * c).map(|j| w[(j % c) * k + j / c]).collect();
+    let mut model = TypedModel::default();
+    let t = model
+        .add_const("t", Tensor::from_shape(&[1, k, c], &tap_major).unwrap())
+        .unwrap();
+    let s = model
+        .add_const("s", Tensor::from_shape(&[c, k], &w).unwrap())
+        .unwrap();
+    let other: Vec<f32> = w.iter().map(|v| v + 1.0).collect();
+    model
+        .add_const("o", Tensor::from_shape(&[c * k], &other).unwrap())
+        .unwrap();
+    // Weight 0 is held transposed in `t`; weight 1 (same values, other name) would be ambiguous
+    // with weight 0 in `s`, so give it the other values: it matches nothing.
+    let weights = [w.clone(), w.iter().map(|v| v * 3.0).collect::<Vec<f32>>()];
+    let shapes = [Some((c * k, c)), Some((c * k, c))];
+    let sites = inplace::Sites::find(&model, &shapes, |i, first, out| {
+        out.copy_from_slice(&weights[i][first..first + out.len()]);
+        Ok(())
+    })
+    .unwrap();
+    // Weight 0 matches `t` transposed and `s` in order: two places, so no site.
+    assert_eq!(sites.get(0), None);
+    assert_eq!(sites.get(1), None);
+    // Without `s`, weight 0 has exactly one place, transposed.
+    let mut model = TypedModel::default();
+    let t2 = model
+        .add_const("t", Tensor::from_shape(&[1, k, c], &tap_major).unwrap())
+        .unwrap();
+    let sites = inplace::Sites::find(&model, &shapes[..1], |_, first, out| {
+        out.copy_from_slice(&w[first..first + out.len()]);
+        Ok(())
+    })
+    .unwrap();
+    let site = sites.get(0).expect("located");
+    assert_eq!(
+        site,
+        inplace::Site::Plain {
+            node: t2.node,
+            transposed: Some(c)
+        }
+    );
+    let new: Vec<f32> = w.iter().map(|v| v * -2.0 + 0.5).collect();
+    inplace::write(&mut model, site, c * k, |first, out| {
+        out.copy_from_slice(&new[first..first + out.len()]);
+        Ok(())
+    })
+    .unwrap();
+    let held = model
+        .node(t2.node)
+        .op_as::<tract_onnx::tract_core::ops::konst::Const>()
+        .unwrap()
+        .val()
+        .clone();
+    assert_eq!(held.shape(), &[1, k, c]);
+    let held = held.try_as_plain_ram().unwrap();
+    let held = held.as_slice::<f32>().unwrap();
+    for ch in 0..c {
+        for tap in 0..k {
+            assert_eq!(held[tap * c + ch].to_bits(), new[ch * k + tap].to_bits());
+        }
+    }
+    // The output fact carries the new constant, not the old one.
+    let fact = model.outlet_fact(t2).unwrap();
+    assert_eq!(
+        fact.konst
+            .as_ref()
+            .unwrap()
+            .try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap(),
+        held
+    );
+    let _ = (t, s);
+}
