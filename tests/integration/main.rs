@@ -14,3 +14,4 @@ mod seed;
 mod serve;
 mod sign;
 mod store;
+mod unseen;
