@@ -210,12 +210,31 @@ fn switching(
             ts.push(start);
         }
     }
-    drop(fine);
     let (cold_fine, fine_first, cold_start) = (
         median(tf).as_secs_f64(),
         median(tr).as_secs_f64(),
         median(ts).as_secs_f64(),
     );
+    // Memory a load needs: peak RSS growth over the RSS before it, tract loading the fine ONNX
+    // (from bytes in memory) against the engine's cold start (from the base in memory).
+    let growth = |f: &mut dyn FnMut() -> Result<()>| -> Result<u64> {
+        release_free_memory();
+        let before = rss().map_or(0, |r| r.0);
+        reset_peak_rss();
+        f()?;
+        Ok(rss().map_or(0, |r| r.1).saturating_sub(before))
+    };
+    let fine_growth = growth(&mut || {
+        Classifier::from_onnx_bytes(&fine, shape)?.run(&input)?;
+        Ok(())
+    })?;
+    drop(fine);
+    let start_growth = growth(&mut || {
+        let mut e = engine(&base)?;
+        e.switch("variant")?;
+        e.run(&input)?;
+        Ok(())
+    })?;
     release_free_memory();
     // Peak RSS with one variant, then while switching.
     reset_peak_rss();
@@ -273,6 +292,8 @@ fn switching(
         "switch_peak_rss_vs_one": peak_switch as f64 / peak_one.max(1) as f64,
         "infer_after_switch_vs_fine": infer_after / infer_fine,
         "cold_start_vs_fine_load": cold_start / fine_first,
+        "cold_start_memory_vs_fine_load": start_growth as f64 / fine_growth.max(1) as f64,
+        "cold_start_peak_growth_mb": start_growth as f64 / 1e6, "fine_load_peak_growth_mb": fine_growth as f64 / 1e6,
         "rss_growth_over_switches": rss_late as f64 / rss_early.max(1) as f64,
     });
     if text {
@@ -285,9 +306,10 @@ fn switching(
             "switch_peak_rss_vs_one",
             "infer_after_switch_vs_fine",
             "cold_start_vs_fine_load",
+            "cold_start_memory_vs_fine_load",
             "rss_growth_over_switches",
         ] {
-            println!("  {key:<28} {:.3}", r[key].as_f64().unwrap_or(f64::NAN));
+            println!("  {key:<30} {:.3}", r[key].as_f64().unwrap_or(f64::NAN));
         }
         println!(
             "  switch {:.1} ms ({}), cold load {:.1} ms, cold start {:.1} ms, peak RSS {:.1} MB one / {:.1} MB switching",
