@@ -89,6 +89,7 @@ impl Classifier {
 }
 
 /// A registered variant: its deltas (owned bytes) and alphas.
+#[derive(Clone)]
 struct Variant {
     deltas: Vec<(Arc<[u8]>, f32)>,
     /// Indices of the base weights that some delta of the variant changes.
@@ -131,6 +132,9 @@ pub struct Engine {
     last_switch: Option<SwitchKind>,
     /// Why the last switch could not be made in place.
     fallback: Option<String>,
+    /// The variant the running model holds (`None`: the base), kept apart from the registry,
+    /// which may drop or replace it while it runs.
+    running: Option<Variant>,
     active: String,
     active_fingerprint: Fingerprint,
 }
@@ -156,6 +160,7 @@ impl Engine {
             in_place: true,
             last_switch: None,
             fallback: None,
+            running: None,
             active: String::new(),
             active_fingerprint: [0; 32],
         })
@@ -201,7 +206,9 @@ impl Engine {
     }
 
     /// Registers a variant made of one or more deltas with alphas. Each delta is fully checked
-    /// now (structure, checksums, binding to this base); builds check again.
+    /// now (structure, checksums, binding to this base); builds check again. Registering the
+    /// running variant's name again replaces the registration, not the running model: the new
+    /// deltas load at the next switch to that name from another variant.
     pub fn add_variant(&mut self, name: &str, deltas: Vec<(Vec<u8>, f32)>) -> TractResult<()> {
         ensure!(
             name != BASE,
@@ -283,6 +290,7 @@ impl Engine {
                 if let Some(v) = self.variants.get_mut(name) {
                     v.result = Some(fp);
                 }
+                self.running = self.variants.get(name).cloned();
                 self.active = name.to_string();
                 self.active_fingerprint = fp;
                 self.last_switch = Some(SwitchKind::Rebuild);
@@ -292,6 +300,7 @@ impl Engine {
                 if !previous.is_empty() {
                     if let Ok((clf, fp)) = self.build(&previous) {
                         self.classifier = Some(clf);
+                        self.running = self.variants.get(&previous).cloned();
                         self.active = previous;
                         self.active_fingerprint = fp;
                     }
@@ -306,34 +315,22 @@ impl Engine {
         variants: &'v BTreeMap<String, Variant>,
         name: &str,
     ) -> TractResult<Vec<(DeltaFile<'v>, f32)>> {
-        match variants.get(name) {
-            None => Ok(Vec::new()),
-            Some(v) => v
-                .deltas
-                .iter()
-                .map(|(b, a)| Ok((DeltaFile::parse(b).map_err(|e| format_err!("{e}"))?, *a)))
-                .collect(),
-        }
+        parse(variants.get(name))
     }
 
     /// Rewrites the running model's weights for `name`. `Ok(false)`: not possible here (the
     /// caller rebuilds; the model may have been dropped). `Err`: the variant was refused before
     /// anything changed.
     fn switch_in_place(&mut self, name: &str) -> TractResult<bool> {
-        if self.active != BASE && !self.variants.contains_key(&self.active) {
-            self.fallback = Some("the running variant was removed".into());
-            return Ok(false);
-        }
         let base = (*self.base).as_ref();
         let weights = &self.weights;
         let variants = &self.variants;
-        let from = Self::deltas_of(variants, &self.active)?;
+        let from = parse(self.running.as_ref())?;
         let to = Self::deltas_of(variants, name)?;
-        let changed = |n: &str| variants.get(n).map_or(&[][..], |v| &v.changed[..]);
-        let set: BTreeSet<usize> = changed(&self.active)
-            .iter()
-            .chain(changed(name))
-            .copied()
+        let set: BTreeSet<usize> = [self.running.as_ref(), variants.get(name)]
+            .into_iter()
+            .flatten()
+            .flat_map(|v| v.changed.iter().copied())
             .collect();
         if self.sites.is_none() {
             let Some(clf) = self.classifier.as_ref() else {
@@ -434,6 +431,7 @@ impl Engine {
         if let Some(v) = self.variants.get_mut(name) {
             v.result = Some(fp);
         }
+        self.running = self.variants.get(name).cloned();
         self.active = name.to_string();
         self.active_fingerprint = fp;
         Ok(true)
@@ -514,6 +512,14 @@ impl Engine {
             .expect("switch built a classifier")
             .run(input)
     }
+}
+
+/// The parsed deltas of a variant (none for the base).
+fn parse(v: Option<&Variant>) -> TractResult<Vec<(DeltaFile<'_>, f32)>> {
+    v.map_or(&[][..], |v| &v.deltas[..])
+        .iter()
+        .map(|(b, a)| Ok((DeltaFile::parse(b).map_err(|e| format_err!("{e}"))?, *a)))
+        .collect()
 }
 
 /// The checked payloads of weight `i` in `deltas`, with their alphas.

@@ -162,18 +162,29 @@ fn every_weight_of_the_species_model_is_located() {
 }
 
 #[test]
-fn a_removed_running_variant_is_left_by_a_rebuild() {
+fn a_removed_or_replaced_running_variant_still_switches_in_place() {
     let f = family();
     let reference = references(&f);
+    let x = &inputs()[0];
     let mut e = engine(&f, true);
+    e.switch(BASE).unwrap();
     e.switch("night").unwrap();
+    // The registration goes away while night runs: the engine still knows what it holds.
     assert!(e.remove_variant("night"));
     e.switch("fog").unwrap();
-    assert_eq!(e.last_switch(), Some(SwitchKind::Rebuild));
-    assert_eq!(e.run(&inputs()[0]).unwrap(), reference["fog"][0]);
+    assert_eq!(e.last_switch(), Some(SwitchKind::InPlace));
+    assert_eq!(e.run(x).unwrap(), reference["fog"][0]);
+    // "fog" is registered again with night's delta while fog runs: the running model stays fog.
+    e.add_variant("fog", f.variants[0].1.clone()).unwrap();
+    assert!(!e.switch("fog").unwrap());
+    assert_eq!(e.run(x).unwrap(), reference["fog"][0]);
     e.switch(BASE).unwrap();
     assert_eq!(e.last_switch(), Some(SwitchKind::InPlace));
-    assert_eq!(e.run(&inputs()[0]).unwrap(), reference[BASE][0]);
+    assert_eq!(e.run(x).unwrap(), reference[BASE][0]);
+    // Back to the name "fog": now its new deltas (night's).
+    e.switch("fog").unwrap();
+    assert_eq!(e.last_switch(), Some(SwitchKind::InPlace));
+    assert_eq!(e.run(x).unwrap(), reference["night"][0]);
 }
 
 #[test]
