@@ -5,7 +5,7 @@
 //! number of deltas. The arithmetic is the one `docs/FORMAT.md` specifies (f32, non-fused), so the
 //! result is bit-identical on every backend and every CPU.
 
-use crate::format::{Payload, Scales};
+use crate::format::{plane_byte, Payload};
 use crate::kernels;
 
 /// Elements per chunk (16 KiB of f32): small enough for L1/L2, large enough for SIMD bodies.
@@ -102,7 +102,25 @@ fn payload_elems(p: &Payload<'_>, n: usize) -> Option<usize> {
             n
         }
         Payload::Q8Groups { q, .. } => q.len(),
+        Payload::SignPlanes { planes, bits, .. } => {
+            if *planes == 0 || Some(bits.len()) != n.div_ceil(8).checked_mul(*planes) {
+                return None;
+            }
+            n
+        }
     })
+}
+
+/// Scale groups of a payload (1 for codecs without group scales), or `None` when its scale
+/// table is not a whole number of groups per plane.
+fn payload_groups(p: &Payload<'_>) -> Option<usize> {
+    match p {
+        Payload::SignGroups { scales, .. } | Payload::Q8Groups { scales, .. } => Some(scales.len()),
+        Payload::SignPlanes { planes, scales, .. } => {
+            (*planes > 0 && scales.len().is_multiple_of(*planes)).then(|| scales.len() / planes)
+        }
+        _ => Some(1),
+    }
 }
 
 /// Reconstructs one tensor: `out = base + sum(alpha_i * delta_i)`, in one pass over memory.
@@ -141,10 +159,7 @@ pub fn reconstruct(
                 })
             }
         }
-        let groups = match p {
-            Payload::SignGroups { scales, .. } | Payload::Q8Groups { scales, .. } => scales.len(),
-            _ => 1,
-        };
+        let groups = payload_groups(p).unwrap_or(0);
         if groups == 0 || !n.is_multiple_of(groups) {
             return Err(ComposeError::LengthMismatch {
                 expected: n,
@@ -176,21 +191,50 @@ pub fn reconstruct(
                 }
                 Payload::SignGroups { scales, bits } => {
                     fill(&base, start, chunk, &mut filled);
-                    for_groups(scales, n, start, end, |lo, hi, sc| {
+                    for_groups(scales.len(), n, start, end, |lo, hi, g| {
                         kernels::add_signs(
                             &mut chunk[lo - start..hi - start],
                             bits,
                             lo,
-                            alpha * sc,
+                            alpha * scales.get(g),
                         );
                     });
                 }
                 Payload::Q8Groups { scales, q } => {
                     fill(&base, start, chunk, &mut filled);
                     let q: &[i8] = bytemuck::cast_slice(q);
-                    for_groups(scales, n, start, end, |lo, hi, sc| {
-                        kernels::add_q8(&mut chunk[lo - start..hi - start], &q[lo..hi], sc, alpha);
+                    for_groups(scales.len(), n, start, end, |lo, hi, g| {
+                        kernels::add_q8(
+                            &mut chunk[lo - start..hi - start],
+                            &q[lo..hi],
+                            scales.get(g),
+                            alpha,
+                        );
                     });
+                }
+                Payload::SignPlanes {
+                    planes,
+                    scales,
+                    bits,
+                } => {
+                    fill(&base, start, chunk, &mut filled);
+                    let groups = scales.len() / planes;
+                    // `start` is a multiple of CHUNK, so the chunk's bits start on a byte.
+                    let rows = (end - start).div_ceil(8);
+                    let mut plane = [0u8; CHUNK / 8];
+                    for j in 0..*planes {
+                        for (r, b) in plane[..rows].iter_mut().enumerate() {
+                            *b = bits[plane_byte(*planes, start + 8 * r, j)];
+                        }
+                        for_groups(groups, n, start, end, |lo, hi, g| {
+                            kernels::add_signs(
+                                &mut chunk[lo - start..hi - start],
+                                &plane[..rows],
+                                lo - start,
+                                alpha * scales.get(j * groups + g),
+                            );
+                        });
+                    }
                 }
                 Payload::RawF32(_) | Payload::RawF16(_) => {
                     let raw = match p {
@@ -224,20 +268,21 @@ fn fill(base: &Base<'_>, start: usize, chunk: &mut [f32], filled: &mut bool) {
     }
 }
 
-/// Calls `f(lo, hi, scale)` for each group segment `[lo, hi)` intersecting `[start, end)`.
+/// Calls `f(lo, hi, g)` for each segment `[lo, hi)` of group `g` (of `groups` equal groups of
+/// `n` elements) intersecting `[start, end)`.
 fn for_groups(
-    scales: &Scales<'_>,
+    groups: usize,
     n: usize,
     start: usize,
     end: usize,
-    mut f: impl FnMut(usize, usize, f32),
+    mut f: impl FnMut(usize, usize, usize),
 ) {
-    let gsize = n / scales.len();
+    let gsize = n / groups;
     let mut lo = start;
     while lo < end {
         let g = lo / gsize;
         let hi = ((g + 1) * gsize).min(end);
-        f(lo, hi, scales.get(g));
+        f(lo, hi, g);
         lo = hi;
     }
 }
