@@ -440,7 +440,8 @@ fn candidates(
     let n: u64 = dims.iter().product();
     let channels = if dims.len() >= 2 { dims[0] } else { 1 };
     let mut signs = |label: String, mut enc: Encoded| {
-        let rounded = rounding.is_some_and(|r| codec::round_signs_to_outputs(&mut enc, base, fine, r));
+        let rounded =
+            rounding.is_some_and(|r| codec::round_signs_to_outputs(&mut enc, base, fine, r));
         let label = if rounded {
             format!("{label} GPTQ")
         } else {
@@ -919,6 +920,117 @@ mod tests {
     }
 
     #[test]
+    fn patches_give_the_output_error_of_a_convolution() {
+        // A grouped convolution with a non-square kernel, stride, dilation and asymmetric pads:
+        // for a weight error e, the sum over the output positions of (conv_e(x))² of output
+        // channel o is e_o H e_oᵀ with H the patches' second moments of o's group.
+        let s = ConvShape {
+            group: 2,
+            cig: 2,
+            kernel: [3, 2],
+            stride: [2, 1],
+            dilation: [1, 2],
+            pads: [1, 0, 2, 1],
+        };
+        let shape = [2usize, 4, 7, 6];
+        let (n, c, ih, iw) = (shape[0], shape[1], shape[2], shape[3]);
+        let wave = |i: usize, k: f64| ((i as f64 * k).sin() * 1.7) as f32;
+        let a: Vec<f32> = (0..n * c * ih * iw).map(|i| wave(i, 0.37)).collect();
+        let co = 4;
+        let e: Vec<f64> = (0..co * s.cols())
+            .map(|i| f64::from(wave(i, 0.91)))
+            .collect();
+        let mut h = vec![vec![0f64; s.cols() * s.cols()]; s.group];
+        add_patches(&s, &a, &shape, &mut h);
+        h.iter_mut().for_each(|m| mirror(m, s.cols()));
+        // The convolution, straight from the ONNX definition.
+        let (oh, ow) = ((ih + 1 + 2 - 3) / 2 + 1, (iw + 1 - (2 * 1 + 1)) + 1);
+        for o in 0..co {
+            let g = o / (co / s.group);
+            let mut sum = 0f64;
+            for img in 0..n {
+                for y in 0..oh {
+                    for x in 0..ow {
+                        let mut v = 0f64;
+                        for ci in 0..s.cig {
+                            for ky in 0..3 {
+                                for kx in 0..2 {
+                                    let (py, px) = (y * 2 + ky, x + kx * 2);
+                                    if py < 1 || px >= iw || py - 1 >= ih {
+                                        continue;
+                                    }
+                                    let xv =
+                                        a[((img * c + g * s.cig + ci) * ih + py - 1) * iw + px];
+                                    v += e[o * s.cols() + (ci * 3 + ky) * 2 + kx] * f64::from(xv);
+                                }
+                            }
+                        }
+                        sum += v * v;
+                    }
+                }
+            }
+            let k = s.cols();
+            let row = &e[o * k..(o + 1) * k];
+            let quad: f64 = (0..k)
+                .map(|p| {
+                    (0..k)
+                        .map(|q| row[p] * h[g][p * k + q] * row[q])
+                        .sum::<f64>()
+                })
+                .sum();
+            assert!(
+                (quad - sum).abs() <= 1e-9 * sum.abs(),
+                "channel {o}: {quad} vs {sum}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_weight_of_the_species_model_gets_its_inputs() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/species/night.onnx");
+        let bytes = std::fs::read(path).unwrap();
+        let w = OnnxWeights::scan(&bytes).unwrap();
+        use prost::Message;
+        let proto = tract_onnx::pb::ModelProto::decode(&bytes[..]).unwrap();
+        let uses = weight_uses(proto.graph.as_ref().unwrap(), &w);
+        // Every conv kernel and the classifier: the tensors of rank 2 and 4; biases are added,
+        // not multiplied.
+        let mut want: Vec<&str> = w
+            .initializers
+            .iter()
+            .filter(|i| i.dims.len() >= 2)
+            .map(|i| i.name.as_str())
+            .collect();
+        let mut got: Vec<&str> = uses.iter().map(|u| u.weight.as_str()).collect();
+        want.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, want);
+        for u in &uses {
+            let dims = &w.get(&u.weight).unwrap().dims;
+            match &u.conv {
+                // Depthwise convolutions have one group per channel.
+                Some(s) => assert!(s.group == 1 || s.group as u64 == dims[0], "{}", u.weight),
+                None => assert_eq!(u.weight, "fc.weight"),
+            }
+        }
+        // The probe model exposes them, and gives an output-aware rounding for every one.
+        let images = Images {
+            data: (0..3 * 3 * 32 * 32)
+                .map(|i| ((i % 97) as f32 - 48.0) / 30.0)
+                .collect(),
+            count: 3,
+            shape: [3, 32, 32],
+        };
+        let r = output_roundings(&bytes, &w, &images);
+        assert_eq!(r.len(), want.len());
+        for (name, r) in &r {
+            let dims = &w.get(name).unwrap().dims;
+            let n: u64 = dims.iter().product();
+            assert_eq!(n % r.cols() as u64, 0, "{name}");
+        }
+    }
+
+    #[test]
     fn multiplier_one_is_the_plain_encoder() {
         let base: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
         let fine: Vec<f32> = (0..64).map(|i| (i as f32 * 0.41).cos()).collect();
@@ -964,10 +1076,7 @@ impl ConvShape {
 
 /// The weights that exactly one `Conv` (2-D, explicit padding) or `Gemm` (`transA = 0`,
 /// `transB = 1`) node multiplies with its first input, and with nothing else.
-fn weight_uses(
-    graph: &tract_onnx::pb::GraphProto,
-    weights: &OnnxWeights,
-) -> Vec<WeightUse> {
+fn weight_uses(graph: &tract_onnx::pb::GraphProto, weights: &OnnxWeights) -> Vec<WeightUse> {
     let mut count: BTreeMap<&str, usize> = BTreeMap::new();
     for node in &graph.node {
         for i in &node.input {
@@ -1081,6 +1190,15 @@ fn add_patches(s: &ConvShape, a: &[f32], shape: &[usize], h: &mut [Vec<f64>]) {
     }
 }
 
+/// Copies the upper triangle of the `k × k` matrix `h` onto its lower one.
+fn mirror(h: &mut [f64], k: usize) {
+    for r in 0..k {
+        for c in 0..r {
+            h[r * k + c] = h[c * k + r];
+        }
+    }
+}
+
 /// `h += p pᵀ`, upper triangle only.
 fn add_outer(h: &mut [f64], p: &[f64]) {
     let k = p.len();
@@ -1168,15 +1286,11 @@ fn probe_inputs(
     }
     let mut out = BTreeMap::new();
     for (u, mut hu) in uses.into_iter().zip(h) {
-        let cols = hu.first().map_or(0, |m| (m.len() as f64).sqrt() as usize);
-        for m in &mut hu {
-            // Mirror the upper triangle.
-            for r in 0..cols {
-                for c in 0..r {
-                    m[r * cols + c] = m[c * cols + r];
-                }
-            }
-        }
+        let cols = match &u.conv {
+            Some(s) => s.cols(),
+            None => fine_w.get(&u.weight).map_or(0, |w| w.dims[1] as usize),
+        };
+        hu.iter_mut().for_each(|m| mirror(m, cols));
         if let Some(r) = codec::OutputRounding::new(cols, &hu) {
             out.insert(u.weight, r);
         }

@@ -779,11 +779,7 @@ fn mutants(good: &[u8], l: &Layout, other_base: &[u8], onnx: &[u8]) -> Vec<Mutan
         if e.codec == 6 && e.numel % 8 != 0 {
             // The first plane's last byte starts the last row.
             let at = e.payload.end - planes;
-            edits.push((
-                "plane 0 padding bit set".into(),
-                at,
-                vec![good[at] | 0x80],
-            ));
+            edits.push(("plane 0 padding bit set".into(), at, vec![good[at] | 0x80]));
         }
         if e.codec == 3 || e.codec == 4 || e.codec == 6 {
             let bits_start = if e.codec == 3 {

@@ -203,8 +203,10 @@ impl core::error::Error for WriteError {}
 fn planes_padding_clear(bits: &[u8], planes: usize, n: u64) -> bool {
     let row = n.div_ceil(8) as usize;
     let used = ((n - 1) % 8 + 1) as usize;
-    bits.get((row - 1) * planes..)
-        .is_some_and(|last| last.iter().all(|&b| crate::pack::padding_bits_clear(&[b], used)))
+    bits.get((row - 1) * planes..).is_some_and(|last| {
+        last.iter()
+            .all(|&b| crate::pack::padding_bits_clear(&[b], used))
+    })
 }
 
 /// Writes a complete delta file. Tensors are sorted by name; `manifest.params` is filled in.
