@@ -175,6 +175,9 @@ pub struct Plan {
     pub images: usize,
     /// Model evaluations the search ran.
     pub evaluations: usize,
+    /// Tensors whose sign encodings were rounded to their outputs (GPTQ): the weights a
+    /// convolution or fully connected layer multiplies, when their inputs could be measured.
+    pub output_rounded: usize,
 }
 
 impl Plan {
@@ -621,6 +624,10 @@ pub fn plan(
         other => CalibError::Model(other.to_string()),
     })?;
     let params: u64 = tensors.iter().map(|t| t.params).sum();
+    let output_rounded = tensors
+        .iter()
+        .filter(|t| roundings.contains_key(&t.name))
+        .count();
 
     // Bytes before the payloads do not depend on the codecs.
     let meta_bytes = {
@@ -845,6 +852,7 @@ pub fn plan(
         divergence,
         images: images.count,
         evaluations: ev.evaluations,
+        output_rounded,
     })
 }
 

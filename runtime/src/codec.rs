@@ -780,6 +780,26 @@ mod tests {
         }
     }
 
+    #[test]
+    fn format_md_example() {
+        // docs/FORMAT.md §8, "Sign planes": levels ±0.5 ± 0.125.
+        let fine = [
+            0.625f32, 0.375, -0.375, -0.625, 0.625, 0.625, 0.625, 0.625, -0.625, 0.375,
+        ];
+        let base = [0f32; 10];
+        let enc = sign_planes(&base, &fine, 1, 2, true);
+        assert_eq!(
+            enc,
+            Encoded::SignPlanes {
+                planes: 2,
+                scales: OwnedScales::F16(vec![f16::from_f32(0.5), f16::from_f32(0.125)]),
+                bits: vec![0xf3, 0xf5, 0x02, 0x00],
+            }
+        );
+        assert_eq!(enc.payload_len(), 8);
+        assert_eq!(rebuild(&base, &enc), fine);
+    }
+
     // -----------------------------------------------------------------------------------------
     // Output-aware rounding
 
