@@ -952,7 +952,8 @@ mod tests {
         add_patches(&s, &a, &shape, &mut h);
         h.iter_mut().for_each(|m| mirror(m, s.cols()));
         // The convolution, straight from the ONNX definition.
-        let (oh, ow) = ((ih + 1 + 2 - 3) / 2 + 1, (iw + 1 - (2 * 1 + 1)) + 1);
+        // Padded 10 x 7, spans 3 x 3 (dilation 2 over 2 taps), strides 2 x 1.
+        let (oh, ow) = ((ih + 1 + 2 - 3) / 2 + 1, iw + 1 - 3 + 1);
         for o in 0..co {
             let g = o / (co / s.group);
             let mut sum = 0f64;
@@ -964,7 +965,7 @@ mod tests {
                             for ky in 0..3 {
                                 for kx in 0..2 {
                                     let (py, px) = (y * 2 + ky, x + kx * 2);
-                                    if py < 1 || px >= iw || py - 1 >= ih {
+                                    if py < 1 || px >= iw || py > ih {
                                         continue;
                                     }
                                     let xv =
@@ -1129,7 +1130,7 @@ fn weight_uses(graph: &tract_onnx::pb::GraphProto, weights: &OnnxWeights) -> Vec
                     continue;
                 }
                 let d: Vec<usize> = init.dims.iter().map(|&v| v as usize).collect();
-                if d[0] % group != 0 || stride.contains(&0) || dilation.contains(&0) {
+                if !d[0].is_multiple_of(group) || stride.contains(&0) || dilation.contains(&0) {
                     continue;
                 }
                 Some(ConvShape {
@@ -1264,13 +1265,14 @@ fn probe_inputs(
     for batch in images.data.chunks(PROBE_BATCH * image) {
         let n = batch.len() / image;
         let shape = images.batch_shape(n);
-        if !plans.contains_key(&n) {
-            let plan = model
-                .clone()
-                .with_input_fact(0, f32::fact(shape).into())?
-                .into_optimized()?
-                .into_runnable()?;
-            plans.insert(n, plan);
+        if let std::collections::btree_map::Entry::Vacant(slot) = plans.entry(n) {
+            slot.insert(
+                model
+                    .clone()
+                    .with_input_fact(0, f32::fact(shape).into())?
+                    .into_optimized()?
+                    .into_runnable()?,
+            );
         }
         let input = tract_onnx::prelude::Tensor::from_shape(&shape, batch)?;
         let out = plans[&n].run(tvec!(input.into()))?;

@@ -484,7 +484,7 @@ fn ldl_unit_lower(a: &[f64], k: usize) -> Option<Vec<f64>> {
             - (0..j)
                 .map(|p| l[j * k + p] * l[j * k + p] * d[p])
                 .sum::<f64>();
-        if !(dj > 0.0) || !dj.is_finite() {
+        if !dj.is_finite() || dj <= 0.0 {
             return None;
         }
         d[j] = dj;
@@ -888,7 +888,7 @@ mod tests {
     fn output_rounding_matches_optimal_brain_quantization() {
         let (rows, cols) = (6, 12);
         let (base, fine, h) = layer(rows, cols, 11);
-        let r = OutputRounding::new(cols, &[h.clone()]).unwrap();
+        let r = OutputRounding::new(cols, std::slice::from_ref(&h)).unwrap();
         let mut enc = sign_planes(&base, &fine, rows, 2, false);
         assert!(round_signs_to_outputs(&mut enc, &base, &fine, &r));
         let Encoded::SignPlanes {
@@ -943,7 +943,7 @@ mod tests {
     fn output_rounding_lowers_the_output_error() {
         let (rows, cols) = (16, 24);
         let (base, fine, h) = layer(rows, cols, 5);
-        let r = OutputRounding::new(cols, &[h.clone()]).unwrap();
+        let r = OutputRounding::new(cols, std::slice::from_ref(&h)).unwrap();
         let encoders: [(&str, Encoded); 4] = [
             ("sign", sign_tensor(&base, &fine)),
             ("sign-groups", sign_groups(&base, &fine, rows, true)),

@@ -346,7 +346,7 @@ mod tests {
                 let mut bits: Vec<u8> = (0..n.div_ceil(8) * planes)
                     .map(|_| (unit() * 1000.0) as i32 as u8)
                     .collect();
-                if n % 8 != 0 {
+                if !n.is_multiple_of(8) {
                     let last = bits.len() - planes;
                     bits[last..]
                         .iter_mut()
