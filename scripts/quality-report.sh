@@ -38,7 +38,9 @@ rows = json.load(open(ev))["rows"]
 delta = next(r for r in rows if r["kind"] == "delta")
 base = next(r for r in rows if r["kind"] == "base")
 codecs = json.load(open(ins))["codecs"]
-m = re.search(r"expected agreement .* on (\d+) calibration images: ([0-9.]+)", open(log).read())
+text = open(log).read()
+m = re.search(r"expected agreement .* on (\d+) calibration images: ([0-9.]+)", text)
+evals = re.search(r"(\d+) model evaluations", text)
 print(json.dumps({
     "variant": v, "recipe": recipe, "seconds": float(end) - float(start),
     "bits": delta["bits_per_param"], "accuracy": delta["accuracy"],
@@ -46,6 +48,7 @@ print(json.dumps({
     "retention": delta["retention"], "agreement": delta["agreement"], "kl": delta["mean_kl"],
     "expected": float(m.group(2)) if m else None,
     "codecs": {k: c["tensors"] for k, c in sorted(codecs.items())},
+    "evaluations": int(evals.group(1)) if evals else None,
 }))
 PY
   done
@@ -122,12 +125,15 @@ for v in ["night", "fog"]:
         print(f"- {v}: >= 99 % retention at <= 1.8 bits/param is NOT met: the best within 1.8 is "
               f"{100 * best['retention']:.1f} % at {best['bits']:.3f} bits/param ({best['recipe']}); "
               f"the data-free default gives {100 * auto['retention']:.1f} % at {auto['bits']:.3f}.")
-print("- Prototyped on the same calibration images (numpy + onnxruntime, not shipped): a 2-bit uniform")
-print("  codec with a least-squares step per channel keeps 0.925 on night when it replaces every tensor")
-print("  over 4096 elements, against 0.905 for sign + channel scales (0.918 with scales x1.4); a 4-bit")
-print("  one keeps 0.930. Adding such codecs to the format and the search is the next step for night.")
-print("- Compress time is dominated by rebuilding the model with tract for every evaluation (about")
-print("  450 evaluations on 64 images).")
+print("- Calibrated compression chooses among `unchanged`, `sign`, `sign-groups`, `sign-planes` (2 or 3")
+print("  sign bit-planes with least-squares (Lloyd) scales per output channel, docs/FORMAT.md §8) and")
+print("  `q8-groups`, and rounds the sign bits of every convolution and fully connected weight to the")
+print("  layer's outputs on the calibration images (GPTQ over the codec's levels, §14) instead of")
+print("  element by element. The decoder arithmetic is unchanged by that rounding.")
+ev = [r["evaluations"] for r in rows if r.get("evaluations")]
+if ev:
+    print(f"- Compress time is dominated by rebuilding the model with tract for every evaluation")
+    print(f"  ({min(ev)} to {max(ev)} evaluations on 64 images per calibrated compress).")
 print()
 print("## DeltaSoup")
 print()

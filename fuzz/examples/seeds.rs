@@ -1,6 +1,6 @@
 //! Writes the seed corpus of both fuzz targets: small valid deltas covering every codec, both
 //! dtypes and scale types, a scalar, a non-ASCII name, several alignments, an empty delta, and
-//! tensors longer than the stream decoder's 256-byte I/O buffer and sign segment.
+//! tensors longer than the stream decoder's 256-byte I/O buffer and sign segments.
 //!
 //! Run from `fuzz/`: `cargo run --example seeds`. It writes `corpus/{parse,stream}/seed-*.bdelta`
 //! and is deterministic, so the files only change when the format does.
@@ -31,6 +31,20 @@ impl Rng {
         let mut b: Vec<u8> = (0..n.div_ceil(8)).map(|_| self.next() as u8).collect();
         if !n.is_multiple_of(8) {
             *b.last_mut().unwrap() &= (1u8 << (n % 8)) - 1;
+        }
+        b
+    }
+    /// `planes` interleaved sign planes of `n` elements, the unused high bits of each plane's
+    /// last byte clear.
+    fn planes(&mut self, n: usize, planes: usize) -> Vec<u8> {
+        let mut b: Vec<u8> = (0..n.div_ceil(8) * planes)
+            .map(|_| self.next() as u8)
+            .collect();
+        if !n.is_multiple_of(8) {
+            let last = b.len() - planes;
+            for x in &mut b[last..] {
+                *x &= (1u8 << (n % 8)) - 1;
+            }
         }
         b
     }
@@ -125,6 +139,26 @@ fn every_codec(rng: &mut Rng, dtype: DType) -> Vec<TensorRecord> {
         ),
         record("i.scalar", dtype, &[], Encoded::RawF32(vec![rng.f32()])),
         record(
+            "j.sign_planes_f16",
+            dtype,
+            &[3, 5],
+            Encoded::SignPlanes {
+                planes: 2,
+                scales: rng.scales(6, true),
+                bits: rng.planes(15, 2),
+            },
+        ),
+        record(
+            "k.sign_planes_f32",
+            dtype,
+            &[11],
+            Encoded::SignPlanes {
+                planes: 3,
+                scales: rng.scales(3, false),
+                bits: rng.planes(11, 3),
+            },
+        ),
+        record(
             "z.\u{fc}n\u{ef}code",
             dtype,
             &[2],
@@ -156,6 +190,26 @@ fn long(rng: &mut Rng) -> Vec<TensorRecord> {
             Encoded::SignGroups {
                 scales: rng.scales(3, true),
                 bits: rng.bits(4095),
+            },
+        ),
+        record(
+            "conv.sign_planes",
+            DType::F32,
+            &[3, 1001],
+            Encoded::SignPlanes {
+                planes: 3,
+                scales: rng.scales(9, true),
+                bits: rng.planes(3003, 3),
+            },
+        ),
+        record(
+            "conv.sign_planes_8",
+            DType::F16,
+            &[2, 333],
+            Encoded::SignPlanes {
+                planes: 8,
+                scales: rng.scales(16, false),
+                bits: rng.planes(666, 8),
             },
         ),
         record(

@@ -195,6 +195,15 @@ fn encoded(p: Payload<'_>) -> Encoded {
             scales: owned(scales),
             q: q.iter().map(|&b| b as i8).collect(),
         },
+        Payload::SignPlanes {
+            planes,
+            scales,
+            bits,
+        } => Encoded::SignPlanes {
+            planes,
+            scales: owned(scales),
+            bits: bits.to_vec(),
+        },
     }
 }
 

@@ -6,9 +6,14 @@
 //! costs less output error than signs cost bits. Which tensors matter depends on the variant,
 //! so this module measures it on a few unlabelled images from the variant's own domain:
 //!
+//! 0. **Inputs.** The second moments `E[x xᵀ]` of what every convolution and fully connected
+//!    weight multiplies, in the fine-tuned model on all the calibration images. Sign encodings of
+//!    those weights choose their bits by their effect on the layer's outputs (GPTQ with the
+//!    codec's levels, [`codec::OutputRounding`]) rather than element by element.
 //! 1. **Reference.** The fine-tuned model's softmax outputs on the calibration images.
-//! 2. **Sensitivity.** For every tensor and every candidate encoding (unchanged, sign per tensor
-//!    or per output channel with a few scale multipliers, 8-bit per tensor or per channel), the
+//! 2. **Sensitivity.** For every tensor and every candidate encoding (unchanged; sign per tensor
+//!    or per output channel, and 2 or 3 sign planes, each with a few scale multipliers; 8-bit per
+//!    tensor or per channel), the
 //!    fine-tuned model with *only that tensor* reconstructed from the candidate: the mean
 //!    KL divergence of its outputs from the reference, on a subset of the images.
 //! 3. **Budget.** A greedy multiple-choice knapsack on those measurements: starting from the
@@ -41,9 +46,13 @@ use crate::format::{
 };
 use crate::onnx::OnnxWeights;
 use crate::tract::Classifier;
+use tract_onnx::prelude::*;
 
 /// Multipliers tried on the scales of sign encodings (1 = the mean |d| of the seed recipe).
 pub const SIGN_MULTIPLIERS: [f64; 3] = [1.0, 1.25, 1.5];
+
+/// Plane counts tried with the `sign-planes` codec (2 and 3 bits per element).
+pub const SIGN_PLANES: [usize; 2] = [2, 3];
 
 /// A divergence this small counts as lossless: costlier candidates of the tensor are not run.
 const LOSSLESS: f64 = 1e-7;
@@ -100,6 +109,8 @@ impl Default for Settings {
 /// Search stages, for progress reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
+    /// Measuring the inputs of every layer of the fine-tuned model (for output-aware rounding).
+    Inputs,
     /// Running the fine-tuned model on the images.
     Reference,
     /// Measuring each tensor's candidates in isolation.
@@ -116,6 +127,7 @@ impl Stage {
     /// Lowercase name.
     pub const fn name(self) -> &'static str {
         match self {
+            Self::Inputs => "inputs",
             Self::Reference => "reference",
             Self::Sensitivity => "sensitivity",
             Self::Target => "target",
@@ -163,6 +175,9 @@ pub struct Plan {
     pub images: usize,
     /// Model evaluations the search ran.
     pub evaluations: usize,
+    /// Tensors whose sign encodings were rounded to their outputs (GPTQ): the weights a
+    /// convolution or fully connected layer multiplies, when their inputs could be measured.
+    pub output_rounded: usize,
 }
 
 impl Plan {
@@ -381,6 +396,18 @@ pub fn reconstruct_encoded(base: &[f32], enc: &Encoded) -> Vec<f32> {
                 q: bytemuck::cast_slice(q),
             }
         }
+        Encoded::SignPlanes {
+            planes,
+            scales: s,
+            bits,
+        } => {
+            sb = scale_bytes(s);
+            Payload::SignPlanes {
+                planes: *planes,
+                scales: scales(&sb.0, sb.1),
+                bits,
+            }
+        }
     };
     compose::reconstruct(Base::F32(base), &[(payload, 1.0)], &mut out)
         .expect("encoders produce payloads that fit their tensor");
@@ -397,8 +424,14 @@ fn align(len: u64) -> u64 {
     len.div_ceil(u64::from(DEFAULT_ALIGN)) * u64::from(DEFAULT_ALIGN)
 }
 
-/// The candidate encodings of one tensor, cheapest first.
-fn candidates(dims: &[u64], base: &[f32], fine: &[f32]) -> Vec<(String, Encoded)> {
+/// The candidate encodings of one tensor, cheapest first. With `rounding`, the sign codecs
+/// choose their bits by their effect on the tensor's outputs ([`codec::round_signs_to_outputs`]).
+fn candidates(
+    dims: &[u64],
+    base: &[f32],
+    fine: &[f32],
+    rounding: Option<&codec::OutputRounding>,
+) -> Vec<(String, Encoded)> {
     let unchanged = base
         .iter()
         .zip(fine)
@@ -409,18 +442,42 @@ fn candidates(dims: &[u64], base: &[f32], fine: &[f32]) -> Vec<(String, Encoded)
     }
     let n: u64 = dims.iter().product();
     let channels = if dims.len() >= 2 { dims[0] } else { 1 };
+    let mut signs = |label: String, mut enc: Encoded| {
+        let rounded =
+            rounding.is_some_and(|r| codec::round_signs_to_outputs(&mut enc, base, fine, r));
+        let label = if rounded {
+            format!("{label} GPTQ")
+        } else {
+            label
+        };
+        out.push((label, enc));
+    };
     for m in SIGN_MULTIPLIERS {
-        out.push((
+        signs(
             format!("sign x{m}"),
             codec::sign_tensor_scaled(base, fine, m),
-        ));
+        );
     }
     if channels > 1 && n / channels >= MIN_SIGN_CHANNEL {
         for m in SIGN_MULTIPLIERS {
-            out.push((
+            signs(
                 format!("sign-groups x{m} (G={channels})"),
                 codec::sign_groups_scaled(base, fine, channels as usize, true, m),
-            ));
+            );
+        }
+    }
+    // Sign planes: per output channel where channels are long enough, else per tensor.
+    let g = if channels > 1 && n / channels >= MIN_SIGN_CHANNEL {
+        channels
+    } else {
+        1
+    };
+    for k in SIGN_PLANES {
+        for m in SIGN_MULTIPLIERS {
+            signs(
+                format!("sign-planes k={k} x{m} (G={g})"),
+                codec::sign_planes_scaled(base, fine, g as usize, k, true, m),
+            );
         }
     }
     out.push((
@@ -532,10 +589,15 @@ pub fn plan(
             found: images.data.len(),
         });
     }
+    // Output-aware rounding: the second moments of every layer's inputs in the fine-tuned model.
+    progress(Stage::Inputs, 0, 1);
+    let roundings = output_roundings(fine, fine_w, images);
+    progress(Stage::Inputs, 1, 1);
+
     let mut tensors = Vec::with_capacity(base_w.initializers.len());
     for_each_pair(base, base_w, fine, fine_w, |_, p| {
         let (b, bv, fv) = (p.base, &p.base_values, &p.fine_values);
-        let candidates = candidates(&b.dims, bv, fv)
+        let candidates = candidates(&b.dims, bv, fv, roundings.get(&b.name))
             .into_iter()
             .map(|(label, encoded)| Candidate {
                 label,
@@ -562,6 +624,10 @@ pub fn plan(
         other => CalibError::Model(other.to_string()),
     })?;
     let params: u64 = tensors.iter().map(|t| t.params).sum();
+    let output_rounded = tensors
+        .iter()
+        .filter(|t| roundings.contains_key(&t.name))
+        .count();
 
     // Bytes before the payloads do not depend on the codecs.
     let meta_bytes = {
@@ -786,6 +852,7 @@ pub fn plan(
         divergence,
         images: images.count,
         evaluations: ev.evaluations,
+        output_rounded,
     })
 }
 
@@ -861,6 +928,118 @@ mod tests {
     }
 
     #[test]
+    fn patches_give_the_output_error_of_a_convolution() {
+        // A grouped convolution with a non-square kernel, stride, dilation and asymmetric pads:
+        // for a weight error e, the sum over the output positions of (conv_e(x))² of output
+        // channel o is e_o H e_oᵀ with H the patches' second moments of o's group.
+        let s = ConvShape {
+            group: 2,
+            cig: 2,
+            kernel: [3, 2],
+            stride: [2, 1],
+            dilation: [1, 2],
+            pads: [1, 0, 2, 1],
+        };
+        let shape = [2usize, 4, 7, 6];
+        let (n, c, ih, iw) = (shape[0], shape[1], shape[2], shape[3]);
+        let wave = |i: usize, k: f64| ((i as f64 * k).sin() * 1.7) as f32;
+        let a: Vec<f32> = (0..n * c * ih * iw).map(|i| wave(i, 0.37)).collect();
+        let co = 4;
+        let e: Vec<f64> = (0..co * s.cols())
+            .map(|i| f64::from(wave(i, 0.91)))
+            .collect();
+        let mut h = vec![vec![0f64; s.cols() * s.cols()]; s.group];
+        add_patches(&s, &a, &shape, &mut h);
+        h.iter_mut().for_each(|m| mirror(m, s.cols()));
+        // The convolution, straight from the ONNX definition.
+        // Padded 10 x 7, spans 3 x 3 (dilation 2 over 2 taps), strides 2 x 1.
+        let (oh, ow) = ((ih + 1 + 2 - 3) / 2 + 1, iw + 1 - 3 + 1);
+        for o in 0..co {
+            let g = o / (co / s.group);
+            let mut sum = 0f64;
+            for img in 0..n {
+                for y in 0..oh {
+                    for x in 0..ow {
+                        let mut v = 0f64;
+                        for ci in 0..s.cig {
+                            for ky in 0..3 {
+                                for kx in 0..2 {
+                                    let (py, px) = (y * 2 + ky, x + kx * 2);
+                                    if py < 1 || px >= iw || py > ih {
+                                        continue;
+                                    }
+                                    let xv =
+                                        a[((img * c + g * s.cig + ci) * ih + py - 1) * iw + px];
+                                    v += e[o * s.cols() + (ci * 3 + ky) * 2 + kx] * f64::from(xv);
+                                }
+                            }
+                        }
+                        sum += v * v;
+                    }
+                }
+            }
+            let k = s.cols();
+            let row = &e[o * k..(o + 1) * k];
+            let quad: f64 = (0..k)
+                .map(|p| {
+                    (0..k)
+                        .map(|q| row[p] * h[g][p * k + q] * row[q])
+                        .sum::<f64>()
+                })
+                .sum();
+            assert!(
+                (quad - sum).abs() <= 1e-9 * sum.abs(),
+                "channel {o}: {quad} vs {sum}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_weight_of_the_species_model_gets_its_inputs() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/species/night.onnx");
+        let bytes = std::fs::read(path).unwrap();
+        let w = OnnxWeights::scan(&bytes).unwrap();
+        use prost::Message;
+        let proto = tract_onnx::pb::ModelProto::decode(&bytes[..]).unwrap();
+        let uses = weight_uses(proto.graph.as_ref().unwrap(), &w);
+        // Every conv kernel and the classifier: the tensors of rank 2 and 4; biases are added,
+        // not multiplied.
+        let mut want: Vec<&str> = w
+            .initializers
+            .iter()
+            .filter(|i| i.dims.len() >= 2)
+            .map(|i| i.name.as_str())
+            .collect();
+        let mut got: Vec<&str> = uses.iter().map(|u| u.weight.as_str()).collect();
+        want.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, want);
+        for u in &uses {
+            let dims = &w.get(&u.weight).unwrap().dims;
+            match &u.conv {
+                // Depthwise convolutions have one group per channel.
+                Some(s) => assert!(s.group == 1 || s.group as u64 == dims[0], "{}", u.weight),
+                None => assert_eq!(u.weight, "fc.weight"),
+            }
+        }
+        // The probe model exposes them, and gives an output-aware rounding for every one.
+        let images = Images {
+            data: (0..3 * 3 * 32 * 32)
+                .map(|i| ((i % 97) as f32 - 48.0) / 30.0)
+                .collect(),
+            count: 3,
+            shape: [3, 32, 32],
+        };
+        let r = output_roundings(&bytes, &w, &images);
+        assert_eq!(r.len(), want.len());
+        for (name, r) in &r {
+            let dims = &w.get(name).unwrap().dims;
+            let n: u64 = dims.iter().product();
+            assert_eq!(n % r.cols() as u64, 0, "{name}");
+        }
+    }
+
+    #[test]
     fn multiplier_one_is_the_plain_encoder() {
         let base: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
         let fine: Vec<f32> = (0..64).map(|i| (i as f32 * 0.41).cos()).collect();
@@ -873,4 +1052,258 @@ mod tests {
             codec::sign_groups(&base, &fine, 8, true)
         );
     }
+}
+
+/// Images per run of the probe model that exposes the layers' inputs.
+const PROBE_BATCH: usize = 50;
+
+/// How a weight multiplies its input: `x Wᵀ` (fully connected) or a 2-D convolution.
+#[derive(Clone, Debug)]
+struct WeightUse {
+    weight: String,
+    input: String,
+    conv: Option<ConvShape>,
+}
+
+/// A 2-D convolution's geometry (weight `[co, cig, kh, kw]`, `group` groups).
+#[derive(Clone, Copy, Debug)]
+struct ConvShape {
+    group: usize,
+    cig: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    /// Top, left, bottom, right.
+    pads: [usize; 4],
+}
+
+impl ConvShape {
+    fn cols(&self) -> usize {
+        self.cig * self.kernel[0] * self.kernel[1]
+    }
+}
+
+/// The weights that exactly one `Conv` (2-D, explicit padding) or `Gemm` (`transA = 0`,
+/// `transB = 1`) node multiplies with its first input, and with nothing else.
+fn weight_uses(graph: &tract_onnx::pb::GraphProto, weights: &OnnxWeights) -> Vec<WeightUse> {
+    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+    for node in &graph.node {
+        for i in &node.input {
+            *count.entry(i.as_str()).or_default() += 1;
+        }
+    }
+    let attr = |node: &tract_onnx::pb::NodeProto, name: &str| {
+        node.attribute.iter().find(|a| a.name == name).cloned()
+    };
+    let ints = |node: &tract_onnx::pb::NodeProto, name: &str, default: &[usize]| {
+        attr(node, name).map_or(Some(default.to_vec()), |a| {
+            a.ints.iter().map(|&v| usize::try_from(v).ok()).collect()
+        })
+    };
+    let mut out = Vec::new();
+    for node in &graph.node {
+        let (Some(x), Some(w)) = (node.input.first(), node.input.get(1)) else {
+            continue;
+        };
+        let Some(init) = weights.get(w) else { continue };
+        if count.get(w.as_str()) != Some(&1) {
+            continue;
+        }
+        let conv = match node.op_type.as_str() {
+            "Conv" if init.dims.len() == 4 => {
+                let auto_pad = attr(node, "auto_pad").map(|a| a.s).unwrap_or_default();
+                if !(auto_pad.is_empty() || auto_pad == b"NOTSET") {
+                    continue;
+                }
+                let group = attr(node, "group").map_or(1, |a| a.i);
+                let (Some(stride), Some(dilation), Some(pads)) = (
+                    ints(node, "strides", &[1, 1]),
+                    ints(node, "dilations", &[1, 1]),
+                    ints(node, "pads", &[0, 0, 0, 0]),
+                ) else {
+                    continue;
+                };
+                let Ok(group) = usize::try_from(group) else {
+                    continue;
+                };
+                if stride.len() != 2 || dilation.len() != 2 || pads.len() != 4 || group == 0 {
+                    continue;
+                }
+                let d: Vec<usize> = init.dims.iter().map(|&v| v as usize).collect();
+                if !d[0].is_multiple_of(group) || stride.contains(&0) || dilation.contains(&0) {
+                    continue;
+                }
+                Some(ConvShape {
+                    group,
+                    cig: d[1],
+                    kernel: [d[2], d[3]],
+                    stride: [stride[0], stride[1]],
+                    dilation: [dilation[0], dilation[1]],
+                    pads: [pads[0], pads[1], pads[2], pads[3]],
+                })
+            }
+            "Gemm" if init.dims.len() == 2 => {
+                let flag = |name| attr(node, name).map_or(0, |a| a.i);
+                if flag("transA") != 0 || flag("transB") != 1 {
+                    continue;
+                }
+                None
+            }
+            _ => continue,
+        };
+        out.push(WeightUse {
+            weight: w.clone(),
+            input: x.clone(),
+            conv,
+        });
+    }
+    out
+}
+
+/// Adds the patches of `a` (`[n, c, h, w]`, row-major) that convolution `s` multiplies to the
+/// upper triangles of `h` (one `cols × cols` matrix per group).
+fn add_patches(s: &ConvShape, a: &[f32], shape: &[usize], h: &mut [Vec<f64>]) {
+    let [n, c, ih, iw] = [shape[0], shape[1], shape[2], shape[3]];
+    let ([kh, kw], [sy, sx], [dy, dx]) = (s.kernel, s.stride, s.dilation);
+    let (span_y, span_x) = (dy * (kh - 1) + 1, dx * (kw - 1) + 1);
+    let (py, px) = (ih + s.pads[0] + s.pads[2], iw + s.pads[1] + s.pads[3]);
+    if c != s.cig * s.group || py < span_y || px < span_x {
+        return;
+    }
+    let (oh, ow) = ((py - span_y) / sy + 1, (px - span_x) / sx + 1);
+    let cols = s.cols();
+    let mut p = vec![0f64; cols];
+    for img in 0..n {
+        for (gi, hg) in h.iter_mut().enumerate() {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    for ci in 0..s.cig {
+                        let plane = &a[((img * c) + gi * s.cig + ci) * ih * iw..][..ih * iw];
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let y = (oy * sy + ky * dy).checked_sub(s.pads[0]);
+                                let x = (ox * sx + kx * dx).checked_sub(s.pads[1]);
+                                p[(ci * kh + ky) * kw + kx] = match (y, x) {
+                                    (Some(y), Some(x)) if y < ih && x < iw => {
+                                        f64::from(plane[y * iw + x])
+                                    }
+                                    _ => 0.0,
+                                };
+                            }
+                        }
+                    }
+                    add_outer(hg, &p);
+                }
+            }
+        }
+    }
+}
+
+/// Copies the upper triangle of the `k × k` matrix `h` onto its lower one.
+fn mirror(h: &mut [f64], k: usize) {
+    for r in 0..k {
+        for c in 0..r {
+            h[r * k + c] = h[c * k + r];
+        }
+    }
+}
+
+/// `h += p pᵀ`, upper triangle only.
+fn add_outer(h: &mut [f64], p: &[f64]) {
+    let k = p.len();
+    for (r, &pr) in p.iter().enumerate() {
+        if pr != 0.0 {
+            for (hc, &pc) in h[r * k + r..(r + 1) * k].iter_mut().zip(&p[r..]) {
+                *hc += pr * pc;
+            }
+        }
+    }
+}
+
+/// The output-aware rounding of every weight [`weight_uses`] finds, from its inputs in the
+/// fine-tuned model on all the calibration images. Empty when the probe model cannot be built
+/// or run: the sign codecs then round element by element, as without calibration.
+fn output_roundings(
+    fine: &[u8],
+    fine_w: &OnnxWeights,
+    images: &Images,
+) -> BTreeMap<String, codec::OutputRounding> {
+    probe_inputs(fine, fine_w, images).unwrap_or_default()
+}
+
+fn probe_inputs(
+    fine: &[u8],
+    fine_w: &OnnxWeights,
+    images: &Images,
+) -> TractResult<BTreeMap<String, codec::OutputRounding>> {
+    use prost::Message;
+    let proto = tract_onnx::pb::ModelProto::decode(fine)?;
+    let Some(graph) = proto.graph.as_ref() else {
+        return Ok(BTreeMap::new());
+    };
+    let uses = weight_uses(graph, fine_w);
+    let mut inputs: Vec<&str> = uses.iter().map(|u| u.input.as_str()).collect();
+    inputs.sort_unstable();
+    inputs.dedup();
+    if inputs.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let mut model = tract_onnx::onnx().model_for_proto_model(&proto)?;
+    model.select_outputs_by_name(&inputs)?;
+    let mut h: Vec<Vec<Vec<f64>>> = uses
+        .iter()
+        .map(|u| match &u.conv {
+            Some(s) => vec![vec![0f64; s.cols() * s.cols()]; s.group],
+            None => {
+                let k = fine_w.get(&u.weight).map_or(0, |w| w.dims[1] as usize);
+                vec![vec![0f64; k * k]]
+            }
+        })
+        .collect();
+    let mut plans: BTreeMap<usize, std::sync::Arc<TypedSimplePlan>> = BTreeMap::new();
+    let image = images.image_len();
+    for batch in images.data.chunks(PROBE_BATCH * image) {
+        let n = batch.len() / image;
+        let shape = images.batch_shape(n);
+        if let std::collections::btree_map::Entry::Vacant(slot) = plans.entry(n) {
+            slot.insert(
+                model
+                    .clone()
+                    .with_input_fact(0, f32::fact(shape).into())?
+                    .into_optimized()?
+                    .into_runnable()?,
+            );
+        }
+        let input = tract_onnx::prelude::Tensor::from_shape(&shape, batch)?;
+        let out = plans[&n].run(tvec!(input.into()))?;
+        for (u, hu) in uses.iter().zip(&mut h) {
+            let Ok(at) = inputs.binary_search(&u.input.as_str()) else {
+                continue;
+            };
+            let a = out[at].to_plain_array_view::<f32>()?;
+            let (values, dims) = (a.as_slice().unwrap_or(&[]), a.shape().to_vec());
+            match &u.conv {
+                Some(s) if dims.len() == 4 => add_patches(s, values, &dims, hu),
+                None if dims.len() == 2 && dims[1] * dims[1] == hu[0].len() => {
+                    for row in values.chunks_exact(dims[1]) {
+                        let p: Vec<f64> = row.iter().map(|&v| f64::from(v)).collect();
+                        add_outer(&mut hu[0], &p);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (u, mut hu) in uses.into_iter().zip(h) {
+        let cols = match &u.conv {
+            Some(s) => s.cols(),
+            None => fine_w.get(&u.weight).map_or(0, |w| w.dims[1] as usize),
+        };
+        hu.iter_mut().for_each(|m| mirror(m, cols));
+        if let Some(r) = codec::OutputRounding::new(cols, &hu) {
+            out.insert(u.weight, r);
+        }
+    }
+    Ok(out)
 }

@@ -548,6 +548,11 @@ fn payload_bytes(enc: &Encoded, out: &mut Vec<u8>) -> (u32, f32, u8) {
             out.extend(q.iter().map(|&v| v as u8));
             (scales.len() as u32, 0.0, flags)
         }
+        Encoded::SignPlanes { scales, bits, .. } => {
+            let flags = scales_bytes(scales, out);
+            out.extend_from_slice(bits);
+            (enc.groups() as u32, 0.0, flags)
+        }
     }
 }
 
@@ -582,6 +587,14 @@ fn payload_view<'a>(enc: &Encoded, bytes: &'a [u8]) -> Payload<'a> {
             let (scales, q) = split(scales);
             Payload::Q8Groups { scales, q }
         }
+        Encoded::SignPlanes { planes, scales, .. } => {
+            let (scales, bits) = split(scales);
+            Payload::SignPlanes {
+                planes: *planes,
+                scales,
+                bits,
+            }
+        }
     }
 }
 
@@ -590,7 +603,9 @@ fn scales_ok(enc: &Encoded) -> bool {
     let ok = |v: f32| v.is_finite() && (0.0..=MAX_SCALE).contains(&v);
     match enc {
         Encoded::Sign { scale, .. } => ok(*scale),
-        Encoded::SignGroups { scales, .. } | Encoded::Q8Groups { scales, .. } => match scales {
+        Encoded::SignGroups { scales, .. }
+        | Encoded::Q8Groups { scales, .. }
+        | Encoded::SignPlanes { scales, .. } => match scales {
             OwnedScales::F16(v) => v.iter().all(|s| ok(s.to_f32())),
             OwnedScales::F32(v) => v.iter().all(|&s| ok(s)),
         },

@@ -5,7 +5,7 @@
 //! number of deltas. The arithmetic is the one `docs/FORMAT.md` specifies (f32, non-fused), so the
 //! result is bit-identical on every backend and every CPU.
 
-use crate::format::{Payload, Scales};
+use crate::format::{plane_byte, Payload};
 use crate::kernels;
 
 /// Elements per chunk (16 KiB of f32): small enough for L1/L2, large enough for SIMD bodies.
@@ -102,7 +102,25 @@ fn payload_elems(p: &Payload<'_>, n: usize) -> Option<usize> {
             n
         }
         Payload::Q8Groups { q, .. } => q.len(),
+        Payload::SignPlanes { planes, bits, .. } => {
+            if *planes == 0 || Some(bits.len()) != n.div_ceil(8).checked_mul(*planes) {
+                return None;
+            }
+            n
+        }
     })
+}
+
+/// Scale groups of a payload (1 for codecs without group scales), or `None` when its scale
+/// table is not a whole number of groups per plane.
+fn payload_groups(p: &Payload<'_>) -> Option<usize> {
+    match p {
+        Payload::SignGroups { scales, .. } | Payload::Q8Groups { scales, .. } => Some(scales.len()),
+        Payload::SignPlanes { planes, scales, .. } => {
+            (*planes > 0 && scales.len().is_multiple_of(*planes)).then(|| scales.len() / planes)
+        }
+        _ => Some(1),
+    }
 }
 
 /// Reconstructs one tensor: `out = base + sum(alpha_i * delta_i)`, in one pass over memory.
@@ -160,10 +178,7 @@ pub fn reconstruct_at(
                 })
             }
         }
-        let groups = match p {
-            Payload::SignGroups { scales, .. } | Payload::Q8Groups { scales, .. } => scales.len(),
-            _ => 1,
-        };
+        let groups = payload_groups(p).unwrap_or(0);
         if groups == 0 || !n.is_multiple_of(groups) {
             return Err(ComposeError::LengthMismatch {
                 expected: n,
@@ -195,21 +210,50 @@ pub fn reconstruct_at(
                 }
                 Payload::SignGroups { scales, bits } => {
                     fill(&base, start, chunk, &mut filled);
-                    for_groups(scales, n, start, end, |lo, hi, sc| {
+                    for_groups(scales.len(), n, start, end, |lo, hi, g| {
                         kernels::add_signs(
                             &mut chunk[lo - start..hi - start],
                             bits,
                             lo,
-                            alpha * sc,
+                            alpha * scales.get(g),
                         );
                     });
                 }
                 Payload::Q8Groups { scales, q } => {
                     fill(&base, start, chunk, &mut filled);
                     let q: &[i8] = bytemuck::cast_slice(q);
-                    for_groups(scales, n, start, end, |lo, hi, sc| {
-                        kernels::add_q8(&mut chunk[lo - start..hi - start], &q[lo..hi], sc, alpha);
+                    for_groups(scales.len(), n, start, end, |lo, hi, g| {
+                        kernels::add_q8(
+                            &mut chunk[lo - start..hi - start],
+                            &q[lo..hi],
+                            scales.get(g),
+                            alpha,
+                        );
                     });
+                }
+                Payload::SignPlanes {
+                    planes,
+                    scales,
+                    bits,
+                } => {
+                    fill(&base, start, chunk, &mut filled);
+                    let groups = scales.len() / planes;
+                    // `start` is a multiple of CHUNK, so the chunk's bits start on a byte.
+                    let rows = (end - start).div_ceil(8);
+                    let mut plane = [0u8; CHUNK / 8];
+                    for j in 0..*planes {
+                        for (r, b) in plane[..rows].iter_mut().enumerate() {
+                            *b = bits[plane_byte(*planes, start + 8 * r, j)];
+                        }
+                        for_groups(groups, n, start, end, |lo, hi, g| {
+                            kernels::add_signs(
+                                &mut chunk[lo - start..hi - start],
+                                &plane[..rows],
+                                lo - start,
+                                alpha * scales.get(j * groups + g),
+                            );
+                        });
+                    }
                 }
                 Payload::RawF32(_) | Payload::RawF16(_) => {
                     let raw = match p {
@@ -243,20 +287,185 @@ fn fill(base: &Base<'_>, start: usize, chunk: &mut [f32], filled: &mut bool) {
     }
 }
 
-/// Calls `f(lo, hi, scale)` for each group segment `[lo, hi)` intersecting `[start, end)`.
+/// Calls `f(lo, hi, g)` for each segment `[lo, hi)` of group `g` (of `groups` equal groups of
+/// `n` elements) intersecting `[start, end)`.
 fn for_groups(
-    scales: &Scales<'_>,
+    groups: usize,
     n: usize,
     start: usize,
     end: usize,
-    mut f: impl FnMut(usize, usize, f32),
+    mut f: impl FnMut(usize, usize, usize),
 ) {
-    let gsize = n / scales.len();
+    let gsize = n / groups;
     let mut lo = start;
     while lo < end {
         let g = lo / gsize;
         let hi = ((g + 1) * gsize).min(end);
-        f(lo, hi, scales.get(g));
+        f(lo, hi, g);
         lo = hi;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::Scales;
+    use proptest::prelude::*;
+
+    /// `docs/FORMAT.md` §9 for `sign-planes` and `sign-groups`, written independently of the
+    /// kernels: f64 arithmetic rounded to f32 after every operation (one f32 rounding, since
+    /// f64 holds the exact sum or product of two f32), element by element, in list order.
+    fn reference(base: &[f32], deltas: &[(usize, Vec<f32>, Vec<u8>, f32)]) -> Vec<f32> {
+        let f = |x: f64| f64::from(x as f32);
+        let n = base.len();
+        (0..n)
+            .map(|i| {
+                let mut acc = f64::from(base[i]);
+                for (planes, scales, bits, alpha) in deltas {
+                    let groups = scales.len() / planes;
+                    let g = i / (n / groups);
+                    for j in 0..*planes {
+                        let byte = if *planes == 1 {
+                            i / 8
+                        } else {
+                            (i / 8) * planes + j
+                        };
+                        let s = f(f64::from(*alpha) * f64::from(scales[j * groups + g]));
+                        let plus = bits[byte] >> (i % 8) & 1 == 1;
+                        acc = f(acc + if plus { s } else { -s });
+                    }
+                }
+                acc as f32
+            })
+            .collect()
+    }
+
+    fn xorshift(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
+    /// A base, then `(planes, scales, bits, alpha)` per delta (1 plane = `sign-groups`), with
+    /// clear padding bits.
+    #[allow(clippy::type_complexity)]
+    fn case(
+        n: usize,
+        specs: &[(usize, usize, f32)],
+        seed: u64,
+    ) -> (Vec<f32>, Vec<(usize, Vec<f32>, Vec<u8>, f32)>) {
+        let mut s = seed | 1;
+        let mut unit = || (xorshift(&mut s) % 20001) as f32 / 10000.0 - 1.0;
+        let base: Vec<f32> = (0..n).map(|_| unit() * 3.0).collect();
+        let deltas = specs
+            .iter()
+            .map(|&(planes, groups, alpha)| {
+                let scales = (0..planes * groups).map(|_| unit().abs() * 0.5).collect();
+                let mut bits: Vec<u8> = (0..n.div_ceil(8) * planes)
+                    .map(|_| (unit() * 1000.0) as i32 as u8)
+                    .collect();
+                if !n.is_multiple_of(8) {
+                    let last = bits.len() - planes;
+                    bits[last..]
+                        .iter_mut()
+                        .for_each(|b| *b &= (1 << (n % 8)) - 1);
+                }
+                (planes, scales, bits, alpha)
+            })
+            .collect();
+        (base, deltas)
+    }
+
+    fn check(n: usize, specs: &[(usize, usize, f32)], seed: u64) {
+        let (base, deltas) = case(n, specs, seed);
+        let scale_bytes: Vec<Vec<u8>> = deltas
+            .iter()
+            .map(|d| d.1.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let payloads: Vec<(Payload<'_>, f32)> = deltas
+            .iter()
+            .zip(&scale_bytes)
+            .map(|((planes, _, bits, alpha), sb)| {
+                let scales = Scales::F32(sb);
+                let p = if *planes == 1 {
+                    Payload::SignGroups { scales, bits }
+                } else {
+                    Payload::SignPlanes {
+                        planes: *planes,
+                        scales,
+                        bits,
+                    }
+                };
+                (p, *alpha)
+            })
+            .collect();
+        let mut out = vec![0f32; n];
+        reconstruct(Base::F32(&base), &payloads, &mut out).unwrap();
+        let want = reference(&base, &deltas);
+        for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "element {i} of {n}, {specs:?}");
+        }
+    }
+
+    #[test]
+    fn sign_planes_match_the_reference() {
+        // Across chunk boundaries (CHUNK = 4096), groups that start inside a chunk or a byte,
+        // every plane count, composed with other deltas and alphas.
+        for (n, groups) in [(1, 1), (7, 7), (15, 3), (4097, 17), (9000, 9), (12288, 3)] {
+            for planes in 2..=8 {
+                check(n, &[(planes, groups, 1.0)], n as u64 ^ planes as u64);
+            }
+            check(n, &[(3, groups, 0.5), (1, 1, -1.25), (2, 1, 2.0)], n as u64);
+        }
+    }
+
+    #[test]
+    fn sign_planes_that_do_not_fit_are_refused() {
+        let base = [0f32; 10];
+        let mut out = [0f32; 10];
+        let s = [0u8; 4 * 4];
+        let scales = Scales::F32(&s);
+        for (planes, bits, scales) in [
+            (2, 3, scales),                // 3 bytes, 2 planes of 10 elements need 4
+            (2, 5, scales),                // 5
+            (0, 0, scales),                // no plane
+            (3, 6, scales),                // 4 scales, not a multiple of 3
+            (2, 4, Scales::F32(&s[..12])), // 3 scales for 2 planes
+        ] {
+            let bits = vec![0u8; bits];
+            let p = Payload::SignPlanes {
+                planes,
+                scales,
+                bits: &bits,
+            };
+            assert!(matches!(
+                reconstruct(Base::F32(&base), &[(p, 1.0)], &mut out),
+                Err(ComposeError::LengthMismatch { .. })
+            ));
+        }
+        // 4 scales, 2 planes: 2 groups, dividing 10.
+        let bits = [0u8; 4];
+        let p = Payload::SignPlanes {
+            planes: 2,
+            scales,
+            bits: &bits,
+        };
+        assert!(reconstruct(Base::F32(&base), &[(p, 1.0)], &mut out).is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn random_sign_planes_match_the_reference(
+            n in 1usize..9000,
+            planes in 2usize..=8,
+            groups_pick in any::<usize>(),
+            alpha in prop::sample::select(vec![1.0f32, 0.5, -0.75, 3.0]),
+            seed in any::<u64>(),
+        ) {
+            let divisors: Vec<usize> = (1..=n).filter(|g| n % g == 0).collect();
+            let groups = divisors[groups_pick % divisors.len()];
+            check(n, &[(planes, groups, alpha)], seed);
+        }
     }
 }

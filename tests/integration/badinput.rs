@@ -1,7 +1,8 @@
 //! Bad inputs: every mutant of a real delta is refused cleanly, and the fuzz corpus never panics
 //! the parser.
 //!
-//! The mutants start from `bitdelta compress` of the night variant: truncations, bit flips,
+//! The mutants start from `bitdelta compress` of the night variant (with two tensors re-encoded
+//! as `sign-planes`, so that every codec the compressor writes is there): truncations, bit flips,
 //! header and table fields set to boundary values, edited dims, names, payloads and manifests,
 //! appended bytes, garbage, and a delta made against another base. Every mutant is checked
 //! in-process with the calls `bitdelta verify --base` makes (parse, payload checks, binding and
@@ -182,6 +183,19 @@ struct Entry {
     payload: std::ops::Range<usize>,
 }
 
+impl Entry {
+    /// Sign planes of a `sign-planes` entry (payload length / plane length), else 0.
+    fn planes(&self) -> usize {
+        let ss = if self.flags & 1 != 0 { 2 } else { 4 };
+        let plane = self.groups * ss + self.numel.div_ceil(8) as usize;
+        if self.codec == 6 {
+            self.payload.len() / plane
+        } else {
+            0
+        }
+    }
+}
+
 struct Layout {
     len: usize,
     align: usize,
@@ -249,7 +263,7 @@ impl Layout {
     /// Indices of a few entries, one per codec present plus the first and the last.
     fn sample_entries(&self) -> Vec<usize> {
         let mut v = vec![0, self.entries.len() - 1];
-        for codec in 0..=5 {
+        for codec in 0..=6 {
             v.extend(self.entries.iter().position(|e| e.codec == codec));
         }
         v.sort_unstable();
@@ -474,7 +488,7 @@ fn entry_extras(f: &str, e: &Entry, l: &Layout, orig: u64) -> Vec<u64> {
             (l.len - e.payload.start) as u64,
         ],
         "name_len" => vec![4096, 4097],
-        "codec" => vec![3, 4, 5, 6, 0x80],
+        "codec" => vec![3, 4, 5, 6, 7, 0x80],
         "dtype" => vec![3, 0x80],
         "rank" => vec![8, 9],
         "flags" => vec![0x80],
@@ -720,13 +734,15 @@ fn mutants(good: &[u8], l: &Layout, other_base: &[u8], onnx: &[u8]) -> Vec<Mutan
     }
 
     // Payload values (sealed, payload CRC included): q8 deltas of -128 and +1, group scales
-    // NaN/±inf/-1/-0.0/absurd, sign padding bits set, a flipped sign bit.
+    // NaN/±inf/-1/-0.0/absurd, sign padding bits set (in every plane's last byte for
+    // sign-planes), a flipped sign bit.
     for (i, e) in l.entries.iter().enumerate() {
         let f16 = e.flags & 1 != 0;
         let ss = if f16 { 2 } else { 4 };
-        let scales_end = e.payload.start + e.groups * ss;
+        let planes = e.planes();
+        let scales_end = e.payload.start + planes.max(1) * e.groups * ss;
         let mut edits: Vec<(String, usize, Vec<u8>)> = Vec::new();
-        if e.codec == 4 || e.codec == 5 {
+        if e.codec == 4 || e.codec == 5 || e.codec == 6 {
             let bad: &[(&str, u32)] = if f16 {
                 &[
                     ("NaN", 0x7e00),
@@ -745,7 +761,7 @@ fn mutants(good: &[u8], l: &Layout, other_base: &[u8], onnx: &[u8]) -> Vec<Mutan
                 ]
             };
             for &(name, v) in bad {
-                let g = e.groups - 1;
+                let g = planes.max(1) * e.groups - 1;
                 let bytes = u64::from(v).to_le_bytes()[..ss].to_vec();
                 edits.push((
                     format!("scale {g} = {name}"),
@@ -760,7 +776,12 @@ fn mutants(good: &[u8], l: &Layout, other_base: &[u8], onnx: &[u8]) -> Vec<Mutan
             let q = if q == 127 { 126 } else { q + 1 };
             edits.push(("q8 + 1".into(), scales_end, vec![q as u8]));
         }
-        if e.codec == 3 || e.codec == 4 {
+        if e.codec == 6 && e.numel % 8 != 0 {
+            // The first plane's last byte starts the last row.
+            let at = e.payload.end - planes;
+            edits.push(("plane 0 padding bit set".into(), at, vec![good[at] | 0x80]));
+        }
+        if e.codec == 3 || e.codec == 4 || e.codec == 6 {
             let bits_start = if e.codec == 3 {
                 e.payload.start
             } else {
@@ -1058,7 +1079,8 @@ fn verify_refuses_every_mutant_cleanly() {
     let dir = scratch("badinput_mutants");
     let night = dir.join("night.bdelta");
     compress("night", &night, "auto");
-    let good = std::fs::read(&night).unwrap();
+    let good = with_sign_planes(&std::fs::read(&night).unwrap());
+    std::fs::write(&night, &good).unwrap();
     let fog = dir.join("fog-on-night.bdelta");
     let (b, f) = (model("night"), model("fog"));
     ok(&["compress", "--base", p(&b), "--fine", p(&f), "-o", p(&fog)]);
@@ -1262,6 +1284,54 @@ fn verify_refuses_every_mutant_cleanly() {
     );
 }
 
+/// `auto` writes no `sign-planes` entry (only `compress --calib` chooses it), so the valid delta
+/// the mutants start from is the `auto` one rewritten through the library with two tensors as
+/// `sign-planes`: `fc.weight` with 2 planes and one f16 scale per output channel, and `fc.bias`
+/// (10 elements, so padding bits) with 3 planes and f32 scales; the manifest is kept and the
+/// result fingerprint is recomputed, as `compress` does.
+fn with_sign_planes(auto: &[u8]) -> Vec<u8> {
+    use bitdelta::compress::{compress_onnx_with, encode, Options, Policy};
+    let file = DeltaFile::parse(auto).unwrap();
+    let m = file.manifest();
+    let base = std::fs::read(model("species-base")).unwrap();
+    let fine = std::fs::read(model("night")).unwrap();
+    let (bw, fw) = (
+        OnnxWeights::scan(&base).unwrap(),
+        OnnxWeights::scan(&fine).unwrap(),
+    );
+    let opts = Options {
+        name: m.name,
+        description: m.description,
+        labels: m.labels,
+        sequence: m.sequence,
+        policy: Policy::Auto,
+    };
+    let out = compress_onnx_with(
+        &base,
+        &bw,
+        &fine,
+        &fw,
+        &opts,
+        |_, init, b, f| match init.name.as_str() {
+            "fc.weight" => bitdelta::codec::sign_planes(b, f, init.dims[0] as usize, 2, true),
+            "fc.bias" => bitdelta::codec::sign_planes(b, f, 1, 3, false),
+            _ => encode(Policy::Auto, &init.dims, b, f),
+        },
+        |_, _| {},
+    )
+    .unwrap();
+    let codecs: Vec<Codec> = DeltaFile::parse(&out)
+        .unwrap()
+        .tensors()
+        .map(|e| e.codec)
+        .collect();
+    assert_eq!(
+        codecs.iter().filter(|&&c| c == Codec::SignPlanes).count(),
+        2
+    );
+    out
+}
+
 // ---------------------------------------------------------------------------------------------
 // The fuzz corpus, in-process.
 
@@ -1323,6 +1393,15 @@ fn encoded(p: Payload<'_>) -> Encoded {
         Payload::Q8Groups { scales, q } => Encoded::Q8Groups {
             scales: owned(scales),
             q: q.iter().map(|&b| b as i8).collect(),
+        },
+        Payload::SignPlanes {
+            planes,
+            scales,
+            bits,
+        } => Encoded::SignPlanes {
+            planes,
+            scales: owned(scales),
+            bits: bits.to_vec(),
         },
     }
 }

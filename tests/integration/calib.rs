@@ -57,15 +57,13 @@ fn keeps_99_percent_at_1_8_bits(variant: &str) {
 }
 
 #[test]
-#[ignore = "open: night reaches 98.4 % retention at 1.79 bits/param (target 99 %), docs/QUALITY.md"]
 fn calibrated_night_keeps_99_percent_at_1_8_bits_per_param() {
     keeps_99_percent_at_1_8_bits("night");
 }
 
 #[test]
 fn calibrated_night_matches_auto_with_fewer_bits_and_more_agreement() {
-    // Where the 99 % target is not reached yet, calibration must still beat the data-free
-    // default: at least its accuracy and its top-1 agreement with the fine-tune, in fewer bits.
+    // Calibration must beat the data-free default: at least its accuracy, in fewer bits.
     let dir = scratch("calib_night_vs_auto");
     let (bpp, got, fine, report) = calibrated("night", "1.8", &dir);
     let auto = dir.join("auto.bdelta");

@@ -315,6 +315,11 @@ fn calibrated(
         })
         .collect();
     println!("codecs: {}", counts.join(", "));
+    println!(
+        "sign bits rounded to the layer outputs (GPTQ) in {} of {} tensors",
+        plan.output_rounded,
+        plan.choices.len()
+    );
     let params = base.weights.params();
     println!(
         "header and tensor table: {} bytes ({:.3} bits/param)",

@@ -51,7 +51,7 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         let c = by_codec.entry(e.codec.name()).or_default();
         *c = (c.0 + 1, c.1 + n, c.2 + len);
         let scales = match e.codec {
-            Codec::SignGroups | Codec::Q8Groups => {
+            Codec::SignGroups | Codec::Q8Groups | Codec::SignPlanes => {
                 if e.flags & FLAG_SCALES_F16 != 0 {
                     "f16"
                 } else {
@@ -64,7 +64,7 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         tensors.push(json!({
             "name": e.name, "codec": e.codec.name(), "dtype": e.dtype.name(),
             "dims": e.dims().collect::<Vec<_>>(), "params": n, "groups": e.groups,
-            "scales": scales, "payload_bytes": len, "sign_bytes": e.sign_bytes(),
+            "scales": scales, "planes": e.planes(), "payload_bytes": len, "sign_bytes": e.sign_bytes(),
             "bits_per_param": bpp(len, n),
         }));
     }

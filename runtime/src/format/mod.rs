@@ -21,7 +21,7 @@ mod writer;
 
 pub use header::Header;
 pub use manifest::Manifest;
-pub use reader::{DeltaFile, Payload, Scales, TensorEntry};
+pub use reader::{plane_byte, DeltaFile, Payload, Scales, TensorEntry};
 #[cfg(feature = "alloc")]
 pub use writer::{write_delta, Encoded, OwnedScales, TensorRecord, WriteError};
 
@@ -54,6 +54,11 @@ pub const MAX_SCALE: f32 = 1.0e6;
 /// Default payload alignment written by [`write_delta`].
 pub const DEFAULT_ALIGN: u32 = 8;
 
+/// Fewest sign planes of a `sign-planes` payload (one plane is `sign-groups`).
+pub const MIN_PLANES: usize = 2;
+/// Most sign planes of a `sign-planes` payload.
+pub const MAX_PLANES: usize = 8;
+
 /// Entry flag: group scales are stored as IEEE f16 (otherwise f32).
 pub const FLAG_SCALES_F16: u8 = 1;
 
@@ -73,6 +78,10 @@ pub enum Codec {
     SignGroups = 4,
     /// 8-bit symmetric delta per element, one scale per group.
     Q8Groups = 5,
+    /// `k` sign bit-planes (residual signs), each with one scale per group: the delta is
+    /// `sum_j (±scale_{j,g})`. `k` is `payload length / plane length`, in
+    /// [`MIN_PLANES`]`..=`[`MAX_PLANES`].
+    SignPlanes = 6,
 }
 
 impl Codec {
@@ -85,6 +94,7 @@ impl Codec {
             3 => Self::Sign,
             4 => Self::SignGroups,
             5 => Self::Q8Groups,
+            6 => Self::SignPlanes,
             _ => return None,
         })
     }
@@ -98,6 +108,7 @@ impl Codec {
             Self::Sign => "sign",
             Self::SignGroups => "sign-groups",
             Self::Q8Groups => "q8-groups",
+            Self::SignPlanes => "sign-planes",
         }
     }
 }

@@ -3,7 +3,8 @@
 use super::header::{u16_at, u32_at, u64_at};
 use super::{
     is_valid_variant_name, Codec, DType, Header, Manifest, ENTRY_LEN, FLAG_SCALES_F16, HEADER_LEN,
-    MAX_ELEMENTS, MAX_MANIFEST_LEN, MAX_NAMES_LEN, MAX_NAME_LEN, MAX_RANK, MAX_SCALE, MAX_TENSORS,
+    MAX_ELEMENTS, MAX_MANIFEST_LEN, MAX_NAMES_LEN, MAX_NAME_LEN, MAX_PLANES, MAX_RANK, MAX_SCALE,
+    MAX_TENSORS, MIN_PLANES,
 };
 use crate::error::{Cap, Field, FormatError};
 
@@ -83,6 +84,44 @@ pub enum Payload<'a> {
         /// `n` signed bytes.
         q: &'a [u8],
     },
+    /// `planes` sign bit-planes, each with one scale per group.
+    SignPlanes {
+        /// Number of planes `k`, in [`MIN_PLANES`]`..=`[`MAX_PLANES`].
+        planes: usize,
+        /// `k * G` scales, plane after plane: scale `j * G + g` is plane `j`'s scale of group `g`.
+        scales: Scales<'a>,
+        /// `k * ceil(n/8)` bytes, interleaved by byte: byte `r * k + j` holds the bits of
+        /// elements `8r .. 8r + 8` in plane `j` (see [`plane_byte`]).
+        bits: &'a [u8],
+    },
+}
+
+/// Index, in the interleaved bits of a `sign-planes` payload with `planes` planes, of the byte
+/// that holds element `i`'s bit of plane `j` (at bit `i % 8`).
+pub const fn plane_byte(planes: usize, i: usize, j: usize) -> usize {
+    (i / 8) * planes + j
+}
+
+/// Length of one plane of a `sign-planes` payload (its scales and its sign bits), the unit its
+/// payload length is a multiple of. `None` on overflow.
+pub(crate) fn plane_len(numel: u64, groups: u32, flags: u8) -> Option<u64> {
+    let ss: u64 = if flags & FLAG_SCALES_F16 != 0 { 2 } else { 4 };
+    u64::from(groups)
+        .checked_mul(ss)?
+        .checked_add(numel.div_ceil(8))
+}
+
+/// The plane count of a `sign-planes` payload of `len` bytes, or the length expected (the
+/// nearest valid one) when `len` is not a whole number of planes in
+/// [`MIN_PLANES`]`..=`[`MAX_PLANES`].
+pub(crate) fn planes_for_len(len: u64, plane: u64) -> Result<usize, u64> {
+    let k = len / plane.max(1);
+    let valid = (MIN_PLANES as u64..=MAX_PLANES as u64).contains(&k);
+    if valid && k * plane == len {
+        Ok(k as usize)
+    } else {
+        Err(k.clamp(MIN_PLANES as u64, MAX_PLANES as u64) * plane)
+    }
 }
 
 /// One entry of the tensor table.
@@ -136,6 +175,18 @@ impl<'a> TensorEntry<'a> {
     pub fn sign_bytes(&self) -> u64 {
         match self.codec {
             Codec::Sign | Codec::SignGroups => self.numel().div_ceil(8),
+            Codec::SignPlanes => self.planes() as u64 * self.numel().div_ceil(8),
+            _ => 0,
+        }
+    }
+    /// Number of sign planes: `k` for `sign-planes` (payload length / plane length), 1 for
+    /// `sign` and `sign-groups`, 0 for the other codecs.
+    pub fn planes(&self) -> usize {
+        match self.codec {
+            Codec::Sign | Codec::SignGroups => 1,
+            // Entries are checked at parse time, so the length is a whole number of planes.
+            Codec::SignPlanes => plane_len(self.numel(), self.groups, self.flags)
+                .map_or(0, |p| (self.len / p.max(1)) as usize),
             _ => 0,
         }
     }
@@ -156,10 +207,11 @@ impl<'a> TensorEntry<'a> {
         } else {
             4
         };
-        let split_scales = |p: &'a [u8]| {
+        let split_scales = |p: &'a [u8], planes: usize| {
             // Entries from `DeltaFile` always fit; a caller-edited entry gets an error, not a panic.
             let (s, rest) = (self.groups as usize)
-                .checked_mul(ss)
+                .checked_mul(planes)
+                .and_then(|c| c.checked_mul(ss))
                 .and_then(|at| p.split_at_checked(at))
                 .ok_or(FormatError::BadGroups {
                     index: self.index,
@@ -195,16 +247,40 @@ impl<'a> TensorEntry<'a> {
                 }
             }
             Codec::SignGroups => {
-                let (scales, bits) = split_scales(self.payload)?;
+                let (scales, bits) = split_scales(self.payload, 1)?;
                 check_bits(bits)?;
                 Payload::SignGroups { scales, bits }
             }
             Codec::Q8Groups => {
-                let (scales, q) = split_scales(self.payload)?;
+                let (scales, q) = split_scales(self.payload, 1)?;
                 if q.contains(&0x80) {
                     return Err(FormatError::Q8OutOfRange { index: self.index });
                 }
                 Payload::Q8Groups { scales, q }
+            }
+            Codec::SignPlanes => {
+                let planes = self.planes();
+                let (scales, bits) = split_scales(self.payload, planes)?;
+                let row = n.div_ceil(8);
+                if planes == 0 || bits.len() != planes * row {
+                    return Err(FormatError::BadGroups {
+                        index: self.index,
+                        found: self.groups,
+                    });
+                }
+                // The last row holds the last byte of every plane.
+                let last = &bits[(row - 1) * planes..];
+                if !last
+                    .iter()
+                    .all(|&b| crate::pack::padding_bits_clear(&[b], (n - 1) % 8 + 1))
+                {
+                    return Err(FormatError::SignPaddingNotZero { index: self.index });
+                }
+                Payload::SignPlanes {
+                    planes,
+                    scales,
+                    bits,
+                }
             }
         })
     }
@@ -485,7 +561,10 @@ impl<'a> Tables<'a> {
                 offset: entry_off + 29,
             });
         }
-        let has_groups = matches!(codec, Codec::SignGroups | Codec::Q8Groups);
+        let has_groups = matches!(
+            codec,
+            Codec::SignGroups | Codec::Q8Groups | Codec::SignPlanes
+        );
         if !has_groups && (groups != 0 || flags != 0) && codec != Codec::Sign {
             return Err(FormatError::FieldNotZero { index: i });
         }
@@ -512,6 +591,14 @@ impl<'a> Tables<'a> {
             Codec::Sign => numel.div_ceil(8),
             Codec::SignGroups => u64::from(groups) * ss + numel.div_ceil(8),
             Codec::Q8Groups => u64::from(groups) * ss + numel,
+            Codec::SignPlanes => {
+                // `groups <= 2^32` and `numel <= 2^40`: no overflow.
+                let plane = u64::from(groups) * ss + numel.div_ceil(8);
+                match planes_for_len(len, plane) {
+                    Ok(_) => len,
+                    Err(expected) => expected,
+                }
+            }
         };
         if len != expected_len {
             return Err(FormatError::PayloadLength {

@@ -58,8 +58,10 @@ const SIGN_GROUPS_F32: u32 = 5;
 const Q8_F16: u32 = 6;
 const Q8_F32: u32 = 7;
 const SCALAR: u32 = 8;
-const UNICODE: u32 = 9;
-const COUNT: u32 = 10;
+const PLANES_F16: u32 = 9;
+const PLANES_F32: u32 = 10;
+const UNICODE: u32 = 11;
+const COUNT: u32 = 12;
 
 /// Fixture names in table order.
 const NAMES: [&str; COUNT as usize] = [
@@ -72,11 +74,15 @@ const NAMES: [&str; COUNT as usize] = [
     "g.q8_f16",
     "h.q8_f32",
     "i.scalar",
+    "j.sign_planes_f16",
+    "k.sign_planes_f32",
     "z.\u{fc}n\u{ef}code",
 ];
 
 /// Sum of the fixture's element counts.
-const FIXTURE_PARAMS: u64 = 15 + 7 + 6 + 13 + 12 + 20 + 9 + 18 + 1 + 2;
+const FIXTURE_PARAMS: u64 = 15 + 7 + 6 + 13 + 12 + 20 + 9 + 18 + 1 + 15 + 8 + 2;
+/// Sum of the fixture's ranks.
+const FIXTURE_DIMS: usize = 25 + 2 + 1;
 
 // ---------------------------------------------------------------------------------------------
 // Byte helpers
@@ -136,7 +142,7 @@ fn records() -> Vec<TensorRecord> {
     };
     vec![
         rec(
-            NAMES[9],
+            NAMES[UNICODE as usize],
             DType::F32,
             &[1, 1, 1, 1, 1, 1, 1, 2],
             Encoded::Unchanged,
@@ -198,6 +204,28 @@ fn records() -> Vec<TensorRecord> {
             Encoded::SignGroups {
                 scales: OwnedScales::F16(vec![f16::from_f32(0.5), f16::ZERO, f16::MAX]),
                 bits: vec![0xff, 0x0f],
+            },
+        ),
+        // 2 planes of 15 elements (the last bit of each plane's second byte is padding), three
+        // groups; interleaved: plane 0 byte 0, plane 1 byte 0, plane 0 byte 1, plane 1 byte 1.
+        rec(
+            NAMES[PLANES_F16 as usize],
+            DType::F16,
+            &[3, 5],
+            Encoded::SignPlanes {
+                planes: 2,
+                scales: OwnedScales::F16(f16s(&[0.5, 0.25, 2.0, 0.125, 0.0, 65504.0])),
+                bits: vec![0b1010_0101, 0x3c, 0x7f, 0x00],
+            },
+        ),
+        rec(
+            NAMES[PLANES_F32 as usize],
+            DType::F32,
+            &[8],
+            Encoded::SignPlanes {
+                planes: 3,
+                scales: OwnedScales::F32(vec![1.0, MAX_SCALE, 1e-3]),
+                bits: vec![0x81, 0xff, 0x00],
             },
         ),
     ]
@@ -502,10 +530,10 @@ fn le_f16(v: &[f16]) -> Vec<u8> {
 }
 
 #[track_caller]
-fn check_scales(want: &OwnedScales, got: Scales<'_>, e: &TensorEntry<'_>) {
+fn check_scales(want: &OwnedScales, got: Scales<'_>, e: &TensorEntry<'_>, count: usize) {
     assert_eq!(got.len(), want.len());
     assert!(!got.is_empty());
-    assert_eq!(e.groups as usize, want.len());
+    assert_eq!(count, want.len());
     match (want, got) {
         (OwnedScales::F16(w), Scales::F16(g)) => {
             assert_eq!(e.flags, FLAG_SCALES_F16);
@@ -537,12 +565,20 @@ fn check_entry(r: &TensorRecord, e: &TensorEntry<'_>) {
     assert_eq!(e.numel(), numel);
     assert_eq!(e.payload_bytes().len(), r.encoded.payload_len());
     assert_eq!(e.crc, crc(e.payload_bytes()));
-    let signs = matches!(e.codec, Codec::Sign | Codec::SignGroups);
-    assert_eq!(e.sign_bytes(), if signs { numel.div_ceil(8) } else { 0 });
+    let planes = match &r.encoded {
+        Encoded::Sign { .. } | Encoded::SignGroups { .. } => 1,
+        Encoded::SignPlanes { planes, .. } => *planes,
+        _ => 0,
+    };
+    assert_eq!(e.planes(), planes);
+    assert_eq!(e.sign_bytes(), planes as u64 * numel.div_ceil(8));
     if !matches!(e.codec, Codec::Sign) {
         assert_eq!(e.scale.to_bits(), 0);
     }
-    if !matches!(e.codec, Codec::Sign | Codec::SignGroups | Codec::Q8Groups) {
+    if !matches!(
+        e.codec,
+        Codec::Sign | Codec::SignGroups | Codec::Q8Groups | Codec::SignPlanes
+    ) {
         assert_eq!((e.groups, e.flags), (0, 0));
     }
     match (&r.encoded, e.payload().unwrap()) {
@@ -556,12 +592,30 @@ fn check_entry(r: &TensorRecord, e: &TensorEntry<'_>) {
             assert_eq!(b, bits.as_slice());
         }
         (Encoded::SignGroups { scales, bits }, Payload::SignGroups { scales: s, bits: b }) => {
-            check_scales(scales, s, e);
+            check_scales(scales, s, e, e.groups as usize);
             assert_eq!(b, bits.as_slice());
         }
         (Encoded::Q8Groups { scales, q }, Payload::Q8Groups { scales: s, q: b }) => {
-            check_scales(scales, s, e);
+            check_scales(scales, s, e, e.groups as usize);
             assert_eq!(b, q.iter().map(|&x| x as u8).collect::<Vec<_>>());
+        }
+        (
+            Encoded::SignPlanes {
+                planes,
+                scales,
+                bits,
+            },
+            Payload::SignPlanes {
+                planes: k,
+                scales: s,
+                bits: b,
+            },
+        ) => {
+            assert_eq!(k, *planes);
+            assert_eq!(e.groups as usize * planes, scales.len());
+            // The scale table is laid out as `planes * groups` group scales.
+            check_scales(scales, s, e, scales.len());
+            assert_eq!(b, bits.as_slice());
         }
         (r, p) => panic!("{}: {r:?} read back as {p:?}", e.name),
     }
@@ -586,7 +640,8 @@ fn check_round_trip(align: u32) {
     let h = f.header();
     let names_len: usize = NAMES.iter().map(|n| n.len()).sum();
     let manifest_len = postcard::to_allocvec(m).unwrap().len();
-    let meta_end = HEADER_LEN + manifest_len + COUNT as usize * ENTRY_LEN + 25 * 4 + names_len;
+    let meta_end =
+        HEADER_LEN + manifest_len + COUNT as usize * ENTRY_LEN + FIXTURE_DIMS * 4 + names_len;
     assert_eq!(
         *h,
         Header {
@@ -594,7 +649,7 @@ fn check_round_trip(align: u32) {
             alignment: align,
             manifest_len: manifest_len as u32,
             tensor_count: COUNT,
-            dims_count: 25,
+            dims_count: FIXTURE_DIMS as u32,
             names_len: names_len as u32,
             payload_offset: meta_end.next_multiple_of(align as usize) as u64,
             file_len: b.len() as u64,
@@ -755,7 +810,7 @@ fn writer_refuses_bad_arguments() {
     dup.push(records().remove(0));
     assert_eq!(
         write_delta(&manifest(), &mut dup, ALIGN),
-        Err(WriteError::DuplicateName(NAMES[9].into()))
+        Err(WriteError::DuplicateName(NAMES[UNICODE as usize].into()))
     );
     let mut bad = records();
     bad[3].dims = vec![8];
@@ -763,6 +818,49 @@ fn writer_refuses_bad_arguments() {
         write_delta(&manifest(), &mut bad, ALIGN),
         Err(WriteError::Inconsistent(NAMES[1].into()))
     );
+}
+
+#[test]
+fn writer_refuses_bad_sign_planes() {
+    let planes = |planes: usize, scales: Vec<f32>, bits: Vec<u8>| TensorRecord {
+        name: "p".into(),
+        dtype: DType::F32,
+        dims: vec![2, 5],
+        encoded: Encoded::SignPlanes {
+            planes,
+            scales: OwnedScales::F32(scales),
+            bits,
+        },
+    };
+    let write = |r: TensorRecord| write_delta(&manifest(), &mut [r], ALIGN);
+    // 10 elements: 2 bytes per plane, 6 padding bits in each plane's second byte.
+    assert!(write(planes(2, vec![1.0; 4], vec![0xff, 0xff, 0x03, 0x03])).is_ok());
+    assert!(write(planes(2, vec![1.0; 2], vec![0xff, 0xff, 0x03, 0x03])).is_ok());
+    let bad = [
+        // One plane is `sign-groups`; nine is over the cap.
+        planes(1, vec![1.0; 2], vec![0xff, 0x03]),
+        planes(9, vec![1.0; 9], vec![0; 18]),
+        // Scales not a whole number of groups per plane, or groups not dividing 10.
+        planes(2, vec![1.0; 3], vec![0; 4]),
+        planes(2, vec![1.0; 6], vec![0; 4]),
+        planes(2, vec![], vec![0; 4]),
+        // Bits: too few, too many, a padding bit set in plane 0 or plane 1.
+        planes(2, vec![1.0; 4], vec![0; 3]),
+        planes(2, vec![1.0; 4], vec![0; 5]),
+        planes(2, vec![1.0; 4], vec![0, 0, 0x04, 0]),
+        planes(2, vec![1.0; 4], vec![0, 0, 0, 0x80]),
+        // Scales the format refuses.
+        planes(2, vec![1.0, -1.0, 1.0, 1.0], vec![0; 4]),
+        planes(2, vec![1.0, 1.0, f32::NAN, 1.0], vec![0; 4]),
+    ];
+    for r in bad {
+        let what = format!("{:?}", r.encoded);
+        assert_eq!(
+            write(r),
+            Err(WriteError::Inconsistent("p".into())),
+            "{what}"
+        );
+    }
 }
 
 /// The test helpers themselves: re-sealing a valid file and rebuilding it from its parts are
@@ -1485,7 +1583,12 @@ fn names_not_sorted() {
 
 #[test]
 fn unknown_codec() {
-    for (i, id) in [(SIGN, 6u8), (UNCHANGED, 0xff), (Q8_F32, 0x80)] {
+    for (i, id) in [
+        (SIGN, 7u8),
+        (UNCHANGED, 0xff),
+        (Q8_F32, 0x80),
+        (PLANES_F16, 7),
+    ] {
         let b = edit(|b, l| b[l.entry(i) + E_CODEC] = id);
         assert_eq!(
             parse_err(&b),
@@ -1607,6 +1710,25 @@ fn bad_groups() {
             found: 1
         }
     );
+    // Sign planes: groups per plane, dividing the 15 elements.
+    for g in [0, 2, 4] {
+        assert_eq!(
+            parse_err(&set(PLANES_F16, g)),
+            FormatError::BadGroups {
+                index: PLANES_F16,
+                found: g
+            }
+        );
+    }
+    // 5 groups make planes of 5 * 2 + 2 bytes, and 16 bytes are not two of them.
+    assert_eq!(
+        parse_err(&set(PLANES_F16, 5)),
+        FormatError::PayloadLength {
+            index: PLANES_F16,
+            expected: 2 * 12,
+            found: 16
+        }
+    );
     // Dividing but with a payload of the wrong size: the length check catches it.
     assert_eq!(
         parse_err(&set(Q8_F16, 9)),
@@ -1651,6 +1773,15 @@ fn payload_length() {
         (UNCHANGED, 0, 1),
         (SIGN, 2, 1),
         (Q8_F32, 26, u64::MAX),
+        // Sign planes: a whole number of planes (8 bytes each here) from 2 to 8; the
+        // expected length is the nearest valid one.
+        (PLANES_F16, 16, 8),
+        (PLANES_F16, 16, 17),
+        (PLANES_F16, 16, 23),
+        (PLANES_F16, 64, 72),
+        (PLANES_F16, 64, u64::MAX),
+        (PLANES_F32, 10, 4),
+        (PLANES_F32, 10, 0),
     ];
     for (i, expected, found) in cases {
         assert_eq!(
@@ -1915,7 +2046,14 @@ fn bad_scale_per_tensor() {
 #[test]
 fn bad_scale_groups() {
     let above = f32::from_bits(MAX_SCALE.to_bits() + 1);
-    for (i, g) in [(SIGN_GROUPS_F32, 2), (SIGN_GROUPS_F32, 0), (Q8_F32, 1)] {
+    // For sign-planes the scale index runs over the planes: `plane * groups + group`.
+    for (i, g) in [
+        (SIGN_GROUPS_F32, 2),
+        (SIGN_GROUPS_F32, 0),
+        (Q8_F32, 1),
+        (PLANES_F32, 0),
+        (PLANES_F32, 2),
+    ] {
         for s in [
             f32::NAN,
             f32::INFINITY,
@@ -1941,7 +2079,13 @@ fn bad_scale_groups() {
     }
     // f16 scales cannot exceed MAX_SCALE when finite (f16::MAX = 65504), so only NaN, the
     // infinities and negatives are refused.
-    for (i, g) in [(SIGN_GROUPS_F16, 1), (SIGN_GROUPS_F16, 2), (Q8_F16, 0)] {
+    for (i, g) in [
+        (SIGN_GROUPS_F16, 1),
+        (SIGN_GROUPS_F16, 2),
+        (Q8_F16, 0),
+        (PLANES_F16, 3),
+        (PLANES_F16, 5),
+    ] {
         for s in [
             f16::NAN,
             f16::INFINITY,
@@ -1967,11 +2111,14 @@ fn bad_scale_groups() {
 
 #[test]
 fn sign_padding_not_zero() {
-    // (tensor, byte of the sign section, first padding bit): 13, 12 and 20 elements.
+    // (tensor, byte of the sign section, first padding bit): 13, 12, 20 and 15 elements; the
+    // two planes of the last interleave their bytes, so each plane's last byte has padding.
     for (i, byte, first) in [
         (SIGN, 1, 5),
         (SIGN_GROUPS_F16, 1, 4),
         (SIGN_GROUPS_F32, 2, 4),
+        (PLANES_F16, 2, 7),
+        (PLANES_F16, 3, 7),
     ] {
         let signs_at = |b: &[u8], l: &Layout| {
             let r = l.payload(b, i);

@@ -75,6 +75,15 @@ pub enum Encoded {
         /// Values in -127..=127.
         q: Vec<i8>,
     },
+    /// Sign bit-planes with group scales per plane (layout of [`super::Payload::SignPlanes`]).
+    SignPlanes {
+        /// Number of planes `k`, in [`super::MIN_PLANES`]`..=`[`super::MAX_PLANES`].
+        planes: usize,
+        /// `k * G` scales, plane after plane.
+        scales: OwnedScales,
+        /// `k * ceil(n/8)` bytes of sign bits, interleaved by byte ([`super::plane_byte`]).
+        bits: Vec<u8>,
+    },
 }
 
 impl Encoded {
@@ -87,6 +96,16 @@ impl Encoded {
             Self::Sign { .. } => Codec::Sign,
             Self::SignGroups { .. } => Codec::SignGroups,
             Self::Q8Groups { .. } => Codec::Q8Groups,
+            Self::SignPlanes { .. } => Codec::SignPlanes,
+        }
+    }
+    /// Scale-group count `G` as stored in the entry (0 for codecs without group scales).
+    pub fn groups(&self) -> usize {
+        match self {
+            Self::Sign { .. } => 1,
+            Self::SignGroups { scales, .. } | Self::Q8Groups { scales, .. } => scales.len(),
+            Self::SignPlanes { planes, scales, .. } => scales.len() / (*planes).max(1),
+            _ => 0,
         }
     }
     /// Payload length in bytes.
@@ -102,6 +121,9 @@ impl Encoded {
             Self::Q8Groups { scales, q } => {
                 scales.len() * if scales.is_f16() { 2 } else { 4 } + q.len()
             }
+            Self::SignPlanes { scales, bits, .. } => {
+                scales.len() * if scales.is_f16() { 2 } else { 4 } + bits.len()
+            }
         }
     }
     fn write(&self, out: &mut Vec<u8>) {
@@ -114,7 +136,7 @@ impl Encoded {
                 .iter()
                 .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
             Self::Sign { bits, .. } => out.extend_from_slice(bits),
-            Self::SignGroups { scales, bits } => {
+            Self::SignGroups { scales, bits } | Self::SignPlanes { scales, bits, .. } => {
                 scales.write(out);
                 out.extend_from_slice(bits);
             }
@@ -177,6 +199,16 @@ impl fmt::Display for WriteError {
 
 impl core::error::Error for WriteError {}
 
+/// The padding bits after element `n` of every plane's last byte are clear.
+fn planes_padding_clear(bits: &[u8], planes: usize, n: u64) -> bool {
+    let row = n.div_ceil(8) as usize;
+    let used = ((n - 1) % 8 + 1) as usize;
+    bits.get((row - 1) * planes..).is_some_and(|last| {
+        last.iter()
+            .all(|&b| crate::pack::padding_bits_clear(&[b], used))
+    })
+}
+
 /// Writes a complete delta file. Tensors are sorted by name; `manifest.params` is filled in.
 /// The output parses with [`super::DeltaFile::parse`].
 pub fn write_delta(
@@ -222,11 +254,28 @@ pub fn write_delta(
                         && n.is_multiple_of(scales.len() as u64)
                         && q.len() as u64 == n
                 }
+                Encoded::SignPlanes {
+                    planes,
+                    scales,
+                    bits,
+                } => {
+                    let k = *planes as u64;
+                    let g = t.encoded.groups() as u64;
+                    (super::MIN_PLANES..=super::MAX_PLANES).contains(planes)
+                        && g > 0
+                        && scales.len() as u64 == k * g
+                        && n.is_multiple_of(g)
+                        && u32::try_from(g).is_ok()
+                        && bits.len() as u64 == k * n.div_ceil(8)
+                        && planes_padding_clear(bits, *planes, n)
+                }
             };
         let scale_ok = |v: f32| v.is_finite() && (0.0..=super::MAX_SCALE).contains(&v);
         let scales_ok = match &t.encoded {
             Encoded::Sign { scale, .. } => scale_ok(*scale),
-            Encoded::SignGroups { scales, .. } | Encoded::Q8Groups { scales, .. } => match scales {
+            Encoded::SignGroups { scales, .. }
+            | Encoded::Q8Groups { scales, .. }
+            | Encoded::SignPlanes { scales, .. } => match scales {
                 OwnedScales::F16(v) => v.iter().all(|s| scale_ok(s.to_f32())),
                 OwnedScales::F32(v) => v.iter().all(|&s| scale_ok(s)),
             },
@@ -262,8 +311,11 @@ pub fn write_delta(
         let len = payloads.len() - off;
         let (groups, scale, flags) = match &t.encoded {
             Encoded::Sign { scale, .. } => (1u32, *scale, 0u8),
-            Encoded::SignGroups { scales, .. } | Encoded::Q8Groups { scales, .. } => (
-                scales.len() as u32,
+            Encoded::SignGroups { scales, .. }
+            | Encoded::Q8Groups { scales, .. }
+            | Encoded::SignPlanes { scales, .. } => (
+                // Checked above to fit a u32.
+                t.encoded.groups() as u32,
                 0.0,
                 if scales.is_f16() { FLAG_SCALES_F16 } else { 0 },
             ),

@@ -54,7 +54,8 @@
 //!   chooses, instead of a const generic in the type.
 //! - `out_chunk` (given to each call): at least one element; its length changes the number of
 //!   `sink` calls, never the values.
-//! - Stack: one [`IO_BUF`]-byte buffer and a few words per call.
+//! - Stack: one [`IO_BUF`]-byte buffer, half of one more (the bits of one `sign-planes` plane)
+//!   and a few words per call.
 //!
 //! # Errors
 //! Bad bytes are [`Error::Format`]. A failing reader is [`Error::Source`]: the delta reader's
@@ -113,8 +114,8 @@ use embedded_io::Read;
 
 use crate::error::{Error, FormatError};
 use crate::format::{
-    Codec, DType, DeltaFile, Header, Manifest, Scales, TensorEntry, FLAG_SCALES_F16, HEADER_LEN,
-    MAX_RANK,
+    plane_byte, Codec, DType, DeltaFile, Header, Manifest, Scales, TensorEntry, FLAG_SCALES_F16,
+    HEADER_LEN, MAX_PLANES, MAX_RANK, MIN_PLANES,
 };
 use crate::kernels;
 
@@ -158,6 +159,7 @@ pub struct TensorInfo<'m> {
     pub len: u64,
     rank: u8,
     dims: [u32; MAX_RANK as usize],
+    planes: u8,
 }
 
 impl<'m> TensorInfo<'m> {
@@ -181,7 +183,13 @@ impl<'m> TensorInfo<'m> {
             len: e.payload_len(),
             rank,
             dims,
+            // At most MAX_PLANES.
+            planes: e.planes() as u8,
         }
+    }
+    /// Number of sign planes: `k` for `sign-planes`, 1 for `sign` and `sign-groups`, else 0.
+    pub fn planes(&self) -> usize {
+        usize::from(self.planes)
     }
     /// Rank.
     pub fn rank(&self) -> usize {
@@ -201,13 +209,12 @@ impl<'m> TensorInfo<'m> {
     }
 }
 
-/// Bytes of group scales at the start of a payload.
-fn scale_bytes(codec: Codec, flags: u8, groups: u32) -> u64 {
+/// Bytes of group scales at the start of a payload (`planes` tables for `sign-planes`).
+fn scale_bytes(codec: Codec, flags: u8, groups: u32, planes: usize) -> u64 {
+    let ss = if flags & FLAG_SCALES_F16 != 0 { 2 } else { 4 };
     match codec {
-        Codec::SignGroups | Codec::Q8Groups => {
-            let ss = if flags & FLAG_SCALES_F16 != 0 { 2 } else { 4 };
-            u64::from(groups) * ss
-        }
+        Codec::SignGroups | Codec::Q8Groups => u64::from(groups) * ss,
+        Codec::SignPlanes => u64::from(groups) * ss * planes as u64,
         _ => 0,
     }
 }
@@ -269,7 +276,7 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
         let mut most = 0u64;
         for i in 0..header.tensor_count {
             let e = TensorEntry::decode(&header, meta, delta_len, i)?;
-            most = most.max(scale_bytes(e.codec, e.flags, e.groups));
+            most = most.max(scale_bytes(e.codec, e.flags, e.groups, e.planes()));
         }
         if most > scales.len() as u64 {
             return Err(FormatError::BufferTooSmall {
@@ -404,7 +411,7 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
         let n = info.numel();
 
         // Group scales, held in the caller's buffer (its size was checked by `new`).
-        let scale_len = scale_bytes(info.codec, info.flags, info.groups);
+        let scale_len = scale_bytes(info.codec, info.flags, info.groups, info.planes());
         let room = scale_buf.len() as u64;
         let sbuf = usize::try_from(scale_len)
             .ok()
@@ -431,16 +438,21 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
                 break;
             }
         }
+        let planes = info.planes().max(1);
         let gsize = if scales.is_empty() {
             n
         } else {
-            n / scales.len() as u64
+            n / (scales.len() / planes) as u64
         };
 
         // Sign bits: bytes read so far, and the last one (shared by two chunks when a chunk
         // boundary falls inside a byte).
         let mut bits_read = 0u64;
         let mut last = 0u8;
+        // Sign planes: the same, by rows of `planes` interleaved bytes (one per plane).
+        let mut last_row = [0u8; MAX_PLANES];
+        let mut plane = [0u8; IO_BUF / MIN_PLANES];
+        let plane_seg = ((IO_BUF / planes - 2) * 8) as u64;
         let mut start = 0u64;
         // Skipping an unchanged tensor reads nothing: do not walk its (possibly huge) extent.
         let stop = if skip && info.codec == Codec::Unchanged {
@@ -506,6 +518,49 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
                         lo = hi;
                     }
                 }
+                Codec::SignPlanes => {
+                    let groups = scales.len() / planes;
+                    let mut lo = start;
+                    while lo < end {
+                        let g = lo / gsize;
+                        let hi = end.min((g + 1) * gsize).min(lo + plane_seg);
+                        // Rows `lo / 8 ..= (hi - 1) / 8`; `bits_read` counts rows here.
+                        let mut rows = 0;
+                        if lo / 8 < bits_read {
+                            io[..planes].copy_from_slice(&last_row[..planes]);
+                            rows = 1;
+                        }
+                        let fresh = ((hi - 1) / 8 + 1 - bits_read) as usize;
+                        let span = rows * planes..(rows + fresh) * planes;
+                        read_payload(delta, pos, &mut crc, &mut io[span])?;
+                        bits_read += fresh as u64;
+                        rows += fresh;
+                        last_row[..planes].copy_from_slice(&io[(rows - 1) * planes..rows * planes]);
+                        let used = ((n - 1) % 8 + 1) as usize;
+                        if fresh > 0
+                            && bits_read == n.div_ceil(8)
+                            && !last_row[..planes]
+                                .iter()
+                                .all(|&b| crate::pack::padding_bits_clear(&[b], used))
+                        {
+                            deferred.get_or_insert(FormatError::SignPaddingNotZero { index });
+                        }
+                        let seg = &mut chunk[(lo - start) as usize..(hi - start) as usize];
+                        for j in 0..planes {
+                            for (r, b) in plane[..rows].iter_mut().enumerate() {
+                                *b = io[plane_byte(planes, 8 * r, j)];
+                            }
+                            let scale = scales.get(j * groups + g as usize);
+                            kernels::add_signs(
+                                seg,
+                                &plane[..rows],
+                                (lo % 8) as usize,
+                                ALPHA * scale,
+                            );
+                        }
+                        lo = hi;
+                    }
+                }
                 Codec::Q8Groups => {
                     let mut lo = start;
                     while lo < end {
@@ -551,7 +606,7 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
 pub fn buffer_len(file: &DeltaFile<'_>) -> u64 {
     let most = file
         .tensors()
-        .map(|e| scale_bytes(e.codec, e.flags, e.groups))
+        .map(|e| scale_bytes(e.codec, e.flags, e.groups, e.planes()))
         .max()
         .unwrap_or(0);
     file.header().payload_offset - HEADER_LEN as u64 + most

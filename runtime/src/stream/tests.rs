@@ -167,6 +167,20 @@ fn sign_bits(rng: &mut Prng, n: usize) -> Vec<u8> {
     b
 }
 
+/// `planes` interleaved planes of `n` sign bits, the padding bits of each plane clear.
+fn plane_bits(rng: &mut Prng, n: usize, planes: usize) -> Vec<u8> {
+    let mut b: Vec<u8> = (0..n.div_ceil(8) * planes)
+        .map(|_| rng.next() as u8)
+        .collect();
+    if !n.is_multiple_of(8) {
+        let last = b.len() - planes;
+        for x in &mut b[last..] {
+            *x &= (1u8 << (n % 8)) - 1;
+        }
+    }
+    b
+}
+
 fn q8(rng: &mut Prng, n: usize) -> Vec<i8> {
     (0..n)
         .map(|_| (rng.below(255) as i16 - 127) as i8)
@@ -312,10 +326,50 @@ fn records(seed: u64) -> Vec<TensorRecord> {
                 q: q8(r, 17),
             },
         ),
+        rec(
+            "o.sign_planes_f16",
+            DType::F32,
+            &[3, 1001],
+            Encoded::SignPlanes {
+                planes: 3,
+                scales: f16_scales(r, 9),
+                bits: plane_bits(r, 3003, 3),
+            },
+        ),
+        rec(
+            "p.sign_planes_f32",
+            DType::F16,
+            &[13],
+            Encoded::SignPlanes {
+                planes: 2,
+                scales: f32_scales(r, 2),
+                bits: plane_bits(r, 13, 2),
+            },
+        ),
+        rec(
+            "q.sign_planes_8",
+            DType::F16,
+            &[2, 333],
+            Encoded::SignPlanes {
+                planes: 8,
+                scales: f16_scales(r, 16),
+                bits: plane_bits(r, 666, 8),
+            },
+        ),
+        rec(
+            "r.sign_planes_f32_groups",
+            DType::F32,
+            &[6, 7],
+            Encoded::SignPlanes {
+                planes: 2,
+                scales: f32_scales(r, 12),
+                bits: plane_bits(r, 42, 2),
+            },
+        ),
     ]
 }
 
-const COUNT: usize = 14;
+const COUNT: usize = 18;
 
 fn fixture_at(align: u32) -> Vec<u8> {
     write_delta(&manifest(), &mut records(0x5eed), align).expect("fixture writes")
@@ -487,6 +541,7 @@ fn fixture_covers_every_codec_and_dtype() {
         Codec::Sign,
         Codec::SignGroups,
         Codec::Q8Groups,
+        Codec::SignPlanes,
     ] {
         for dtype in [DType::F32, DType::F16] {
             assert!(
@@ -503,9 +558,13 @@ fn fixture_covers_every_codec_and_dtype() {
         f.tensors()
             .any(|e| e.codec == c && e.flags & FLAG_SCALES_F16 == 0)
     };
-    for c in [Codec::SignGroups, Codec::Q8Groups] {
+    for c in [Codec::SignGroups, Codec::Q8Groups, Codec::SignPlanes] {
         assert!(f16_scales(c) && f32_scales(c));
     }
+    // Sign planes over more than one segment of the stack buffer (`IO_BUF / planes - 2` rows).
+    assert!(f
+        .tensors()
+        .any(|e| e.codec == Codec::SignPlanes && e.numel() > 8 * (IO_BUF / e.planes()) as u64));
     assert!(f.tensors().any(|e| e.rank() == 0));
     assert!(f
         .tensors()
@@ -951,6 +1010,9 @@ fn value_errors_refused_like_payload() {
         ("k.q8_f16", f16::NAN.to_le_bytes().to_vec(), 8),
         ("l.q8_f32", (MAX_SCALE * 2.0).to_le_bytes().to_vec(), 4),
         ("n.q8_per_element", (-0.5f32).to_le_bytes().to_vec(), 16 * 4),
+        // Sign planes: plane 1's scale of group 2 (f16), plane 1's scale (f32).
+        ("o.sign_planes_f16", f16::NAN.to_le_bytes().to_vec(), 2 * 5),
+        ("p.sign_planes_f32", (-1.0f32).to_le_bytes().to_vec(), 4),
     ];
     for (name, bytes, at) in cases {
         let (b, i) = edit_payload(name, |p, _| {
@@ -978,6 +1040,14 @@ fn value_errors_refused_like_payload() {
         let (b, i) = edit_payload(name, |p, e| {
             let n = e.numel() as usize;
             *p.last_mut().unwrap() |= 1 << (n % 8);
+        });
+        check_value_error(&b, i, true);
+    }
+    // Sign padding bits of each plane (13 elements, 2 planes: the last row is the last 2 bytes).
+    for plane in 0..2 {
+        let (b, i) = edit_payload("p.sign_planes_f32", |p, _| {
+            let at = p.len() - 2 + plane;
+            p[at] |= 1 << 5;
         });
         check_value_error(&b, i, true);
     }
@@ -1196,10 +1266,23 @@ mod props {
                 scales: scales(&mut rng),
                 bits: sign_bits(&mut rng, n),
             },
-            _ => Encoded::Q8Groups {
+            5 => Encoded::Q8Groups {
                 scales: scales(&mut rng),
                 q: q8(&mut rng, n),
             },
+            _ => {
+                let planes = 2 + (seed % 7) as usize;
+                let scales = if f16_scales {
+                    super::f16_scales(&mut rng, g * planes)
+                } else {
+                    super::f32_scales(&mut rng, g * planes)
+                };
+                Encoded::SignPlanes {
+                    planes,
+                    scales,
+                    bits: plane_bits(&mut rng, n, planes),
+                }
+            }
         };
         let dtype = if dtype16 { DType::F16 } else { DType::F32 };
         let mut recs = vec![
@@ -1230,7 +1313,7 @@ mod props {
         /// `compose::reconstruct`.
         #[test]
         fn random_tensor_matches_compose(
-            codec in 0u8..6,
+            codec in 0u8..7,
             dtype16 in any::<bool>(),
             dims in prop::collection::vec(1u32..40, 0..4),
             groups_pick in any::<usize>(),
