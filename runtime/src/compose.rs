@@ -238,18 +238,20 @@ pub fn reconstruct_at(
                 } => {
                     fill(&base, start, chunk, &mut filled);
                     let groups = scales.len() / planes;
-                    // `start` is a multiple of CHUNK, so the chunk's bits start on a byte.
-                    let rows = (end - start).div_ceil(8);
-                    let mut plane = [0u8; CHUNK / 8];
+                    // Gather plane j's bits from the byte holding element `start` (a chunk
+                    // starts on a byte unless `reconstruct_at` began mid-byte).
+                    let a0 = start - start % 8;
+                    let rows = (end - a0).div_ceil(8);
+                    let mut plane = [0u8; CHUNK / 8 + 1];
                     for j in 0..*planes {
                         for (r, b) in plane[..rows].iter_mut().enumerate() {
-                            *b = bits[plane_byte(*planes, start + 8 * r, j)];
+                            *b = bits[plane_byte(*planes, a0 + 8 * r, j)];
                         }
                         for_groups(groups, n, start, end, |lo, hi, g| {
                             kernels::add_signs(
                                 &mut chunk[lo - start..hi - start],
                                 &plane[..rows],
-                                lo - start,
+                                lo - a0,
                                 alpha * scales.get(j * groups + g),
                             );
                         });
@@ -405,6 +407,25 @@ mod tests {
         let want = reference(&base, &deltas);
         for (i, (g, w)) in out.iter().zip(&want).enumerate() {
             assert_eq!(g.to_bits(), w.to_bits(), "element {i} of {n}, {specs:?}");
+        }
+        // Any element range, also starting mid-byte or mid-chunk, gives the same values.
+        for first in [1, 3, n / 3, n / 2 + 5, 4095, 4099] {
+            if first >= n {
+                continue;
+            }
+            for len in [1, 9, n - first] {
+                let len = len.min(n - first);
+                let mut part = vec![0f32; len];
+                reconstruct_at(Base::F32(&base), &payloads, first, &mut part).unwrap();
+                for (i, (g, w)) in part.iter().zip(&want[first..]).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "element {} of {n} from {first}, {specs:?}",
+                        first + i
+                    );
+                }
+            }
         }
     }
 
