@@ -180,5 +180,20 @@ if ck:
     print(f"peak below {100 * ck['goal']:.0f} % of one model (met: {'yes' if ck['within_goal'] else 'NO'}).")
 else:
     print("Not measured in this run (QUALITY_CKPT_GIB=0).")
+# The variant the compressor was not developed on: its measured frontier, from its own README
+# (scripts/make-variant.py made it; tests/integration/unseen.rs checks the 1.8 point).
+unseen = "models/species/unseen/README.md"
+try:
+    text = open(unseen).read()
+    part = text.split("## Compression (checked like night and fog)", 1)[1].split("\n## ", 1)[0]
+    print()
+    print("## Unseen variant: rain")
+    print()
+    print(f"From `{unseen}` (fine-tune and data made by `scripts/make-variant.py`; measured before")
+    print("the sign-planes codec existed, so without it; `tests/integration/unseen.rs` re-checks the")
+    print("1.8 point on every run).")
+    print(part.rstrip())
+except (OSError, IndexError):
+    pass
 PY
 echo "wrote $OUT"
