@@ -7,10 +7,16 @@ use tract_onnx::prelude::*;
 
 use crate::reference::{compress, model, ok, p, scratch, species};
 
-/// Accuracy of an ONNX model on `x_<condition>` / `y_<condition>`, preprocessing as the model
-/// card says (x/255, minus 0.45, divided by 0.225, grey to 3 channels), batch of 600 at once.
+/// Accuracy of an ONNX model on `x_<condition>` / `y_<condition>` of `models/species/eval.npz`.
 pub(crate) fn accuracy(onnx: &Path, condition: &str) -> f64 {
-    let mut npz = npyz::npz::NpzArchive::open(species().join("eval.npz")).unwrap();
+    accuracy_on(onnx, &species().join("eval.npz"), condition)
+}
+
+/// Accuracy of an ONNX model on `x_<condition>` / `y_<condition>` of the labelled set `npz`,
+/// preprocessing as the model card says (x/255, minus 0.45, divided by 0.225, grey to 3
+/// channels), all images in one batch.
+pub(crate) fn accuracy_on(onnx: &Path, npz: &Path, condition: &str) -> f64 {
+    let mut npz = npyz::npz::NpzArchive::open(npz).unwrap();
     let x = npz.by_name(&format!("x_{condition}")).unwrap().unwrap();
     let shape = x.shape().to_vec();
     let x: Vec<u8> = x.into_vec().unwrap();

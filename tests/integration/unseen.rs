@@ -6,10 +6,9 @@
 //! compressor; the calibration images (`unseen/calib/rain/`) are made from training silhouettes,
 //! disjoint from the test images.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use tract_onnx::prelude::*;
-
+use crate::quality::accuracy_on;
 use crate::reference::{compress_models, model, ok, p, scratch, species, tensors};
 
 const CONDITION: &str = "rain";
@@ -26,64 +25,6 @@ fn eval_set() -> PathBuf {
     unseen().join("eval.npz")
 }
 
-/// Accuracy of an ONNX model on `x_<condition>` / `y_<condition>` of `npz`, preprocessing as the
-/// model card says (x/255, minus 0.45, divided by 0.225, grey to 3 channels), all images at once.
-fn accuracy(onnx: &Path, npz: &Path, condition: &str) -> f64 {
-    let mut npz = npyz::npz::NpzArchive::open(npz).unwrap();
-    let x = npz.by_name(&format!("x_{condition}")).unwrap().unwrap();
-    let shape = x.shape().to_vec();
-    let x: Vec<u8> = x.into_vec().unwrap();
-    let y: Vec<i64> = npz
-        .by_name(&format!("y_{condition}"))
-        .unwrap()
-        .unwrap()
-        .into_vec()
-        .unwrap();
-    let (n, h, w) = (shape[0] as usize, shape[1] as usize, shape[2] as usize);
-    assert_eq!(y.len(), n);
-    let card: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(species().join("model-card.json")).unwrap())
-            .unwrap();
-    let (scale, mean, std) = (
-        card["input"]["scale"].as_f64().unwrap() as f32,
-        card["input"]["mean"][0].as_f64().unwrap() as f32,
-        card["input"]["std"][0].as_f64().unwrap() as f32,
-    );
-    let mut input = Vec::with_capacity(n * 3 * h * w);
-    for image in x.chunks_exact(h * w) {
-        for _ in 0..3 {
-            input.extend(image.iter().map(|&v| (v as f32 * scale - mean) / std));
-        }
-    }
-    let plan = tract_onnx::onnx()
-        .model_for_path(onnx)
-        .unwrap()
-        .with_input_fact(0, f32::fact([n, 3, h, w]).into())
-        .unwrap()
-        .into_optimized()
-        .unwrap()
-        .into_runnable()
-        .unwrap();
-    let t = Tensor::from_shape(&[n, 3, h, w], &input).unwrap();
-    let out = plan.run(tvec!(t.into())).unwrap();
-    let logits: Vec<f32> = out[0]
-        .to_plain_array_view::<f32>()
-        .unwrap()
-        .iter()
-        .copied()
-        .collect();
-    let classes = logits.len() / n;
-    let correct = logits
-        .chunks_exact(classes)
-        .zip(&y)
-        .filter(|(row, &label)| {
-            let best = (0..classes).fold(0, |b, k| if row[k] > row[b] { k } else { b });
-            best as i64 == label
-        })
-        .count();
-    correct as f64 / n as f64
-}
-
 #[test]
 fn unseen_variant_is_a_real_fine_tune_of_the_base() {
     // Same tensors as the base, every one of them changed, and the change is what makes the
@@ -98,8 +39,8 @@ fn unseen_variant_is_a_real_fine_tune_of_the_base() {
     for (name, (_, b)) in &base {
         assert_ne!(b, &tuned[name].1, "{name} unchanged");
     }
-    let base_acc = accuracy(&model("species-base"), &eval_set(), CONDITION);
-    let fine_acc = accuracy(&fine(), &eval_set(), CONDITION);
+    let base_acc = accuracy_on(&model("species-base"), &eval_set(), CONDITION);
+    let fine_acc = accuracy_on(&fine(), &eval_set(), CONDITION);
     println!("{CONDITION}: base {base_acc:.3}, fine-tuned {fine_acc:.3}");
     assert!(base_acc < 0.3, "base {base_acc:.3} on {CONDITION}");
     assert!(fine_acc > 0.85, "fine-tune {fine_acc:.3} on {CONDITION}");
@@ -129,8 +70,8 @@ fn calibrated_unseen_variant_keeps_99_percent_at_1_8_bits_per_param() {
     let j: serde_json::Value =
         serde_json::from_str(&ok(&["inspect", p(&delta), "--json"])).unwrap();
     let bpp = std::fs::metadata(&delta).unwrap().len() as f64 * 8.0 / j["params"].as_f64().unwrap();
-    let got = accuracy(&rebuilt, &eval_set(), CONDITION);
-    let fine_acc = accuracy(&fine(), &eval_set(), CONDITION);
+    let got = accuracy_on(&rebuilt, &eval_set(), CONDITION);
+    let fine_acc = accuracy_on(&fine(), &eval_set(), CONDITION);
     println!("{report}");
     println!(
         "{CONDITION}: fine-tuned {fine_acc:.3}, calibrated delta {got:.3} ({:.1} % retention) at {bpp:.3} bits/param",
