@@ -571,20 +571,46 @@ fn rebuilt_fingerprint(
             continue;
         }
         fp.begin(&init.name, init.dtype, &init.dims, init.data.len() as u64);
-        let n = init.numel() as usize;
-        let width = init.data.len() / n.max(1);
-        let mut at = 0;
-        while at < n {
-            let len = CHUNK.min(n - at);
-            values.resize(len, 0.0);
-            reconstruct_at(base, weights, i, &p, at, &mut values)?;
-            stored.resize(len * width, 0);
-            apply::store(init.dtype, &values, &mut stored);
-            fp.update(&stored);
-            at += len;
-        }
+        stored_chunks(
+            base,
+            weights,
+            i,
+            &p,
+            &mut values,
+            &mut stored,
+            |_, bytes| {
+                fp.update(bytes);
+            },
+        )?;
     }
     Ok(fp.finish())
+}
+
+/// Weight `i` with the checked `payloads` applied, in its stored dtype, chunk by chunk:
+/// `f(byte offset, bytes)` for each chunk (`values` and `stored` are scratch buffers).
+fn stored_chunks(
+    base: &[u8],
+    weights: &OnnxWeights,
+    i: usize,
+    payloads: &[(Payload<'_>, f32)],
+    values: &mut Vec<f32>,
+    stored: &mut Vec<u8>,
+    mut f: impl FnMut(usize, &[u8]),
+) -> TractResult<()> {
+    let init = &weights.initializers[i];
+    let n = init.numel() as usize;
+    let width = init.data.len() / n.max(1);
+    let mut at = 0;
+    while at < n {
+        let len = CHUNK.min(n - at);
+        values.resize(len, 0.0);
+        reconstruct_at(base, weights, i, payloads, at, values)?;
+        stored.resize(len * width, 0);
+        apply::store(init.dtype, values, stored);
+        f(at * width, stored);
+        at += len;
+    }
+    Ok(())
 }
 
 /// Elements reconstructed at a time.
@@ -626,22 +652,16 @@ impl tract_onnx::data_resolver::ModelDataResolver for Rebuilder {
         let p = payloads(&self.weights, &files, offset)?;
         buf.clear();
         buf.resize(init.data.len(), 0);
-        let n = init.numel() as usize;
-        let width = init.data.len() / n.max(1);
-        let mut values = Vec::new();
-        let mut at = 0;
-        while at < n {
-            let len = CHUNK.min(n - at);
-            values.resize(len, 0.0);
-            reconstruct_at(base, &self.weights, offset, &p, at, &mut values)?;
-            apply::store(
-                init.dtype,
-                &values,
-                &mut buf[at * width..(at + len) * width],
-            );
-            at += len;
-        }
-        Ok(())
+        let (mut values, mut stored) = (Vec::new(), Vec::new());
+        stored_chunks(
+            base,
+            &self.weights,
+            offset,
+            &p,
+            &mut values,
+            &mut stored,
+            |at, bytes| buf[at..at + bytes.len()].copy_from_slice(bytes),
+        )
     }
 }
 
