@@ -39,6 +39,28 @@ use inplace::Sites;
 /// Name of the base model as a variant.
 pub const BASE: &str = "base";
 
+/// The element type of a model's input tensor (a model card's `input.dtype`).
+///
+/// Frames are always preprocessed in f32; an f16 model gets them converted (round to nearest)
+/// just before inference, and its f16 outputs are widened back to f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InputType {
+    /// 32-bit floats (most exports).
+    #[default]
+    F32,
+    /// IEEE half floats (models exported in f16 end to end).
+    F16,
+}
+
+impl InputType {
+    fn fact(self, shape: &[usize]) -> TypedFact {
+        match self {
+            InputType::F32 => f32::fact(shape),
+            InputType::F16 => f16::fact(shape),
+        }
+    }
+}
+
 /// An optimized tract plan for a single-input, single-output classifier.
 #[derive(Clone, Debug)]
 pub struct Classifier {
@@ -46,29 +68,40 @@ pub struct Classifier {
     /// The optimized model the plan runs (shared with it).
     model: Arc<TypedModel>,
     input_shape: Vec<usize>,
+    input_type: InputType,
 }
 
 impl Classifier {
     /// Loads ONNX bytes, fixes the input to `input_shape` (batch included) and optimizes.
     pub fn from_onnx_bytes(bytes: &[u8], input_shape: &[usize]) -> TractResult<Self> {
-        let proto = ModelProto::decode(bytes)?;
-        Self::from_proto(proto, input_shape)
+        Self::from_onnx_bytes_as(bytes, input_shape, InputType::F32)
     }
 
-    pub(crate) fn from_proto(proto: ModelProto, input_shape: &[usize]) -> TractResult<Self> {
+    /// [`Classifier::from_onnx_bytes`] for a model whose input is of type `input_type`.
+    pub fn from_onnx_bytes_as(
+        bytes: &[u8],
+        input_shape: &[usize],
+        input_type: InputType,
+    ) -> TractResult<Self> {
+        let proto = ModelProto::decode(bytes)?;
         let model = tract_onnx::onnx().model_for_proto_model(&proto)?;
         drop(proto);
         let model = model
-            .with_input_fact(0, f32::fact(input_shape).into())?
+            .with_input_fact(0, input_type.fact(input_shape).into())?
             .into_optimized()?;
-        Self::from_model(Arc::new(model), input_shape.to_vec())
+        Self::from_model(Arc::new(model), input_shape.to_vec(), input_type)
     }
 
-    fn from_model(model: Arc<TypedModel>, input_shape: Vec<usize>) -> TractResult<Self> {
+    fn from_model(
+        model: Arc<TypedModel>,
+        input_shape: Vec<usize>,
+        input_type: InputType,
+    ) -> TractResult<Self> {
         Ok(Self {
             plan: model.clone().into_runnable()?,
             model,
             input_shape,
+            input_type,
         })
     }
 
@@ -77,13 +110,24 @@ impl Classifier {
         &self.input_shape
     }
 
-    /// Runs one input (as many values as the input shape holds) and returns the flat output.
+    /// The element type of the model's input.
+    pub fn input_type(&self) -> InputType {
+        self.input_type
+    }
+
+    /// Runs one input (as many values as the input shape holds, converted to the model's input
+    /// type) and returns the flat output as f32.
     pub fn run(&self, input: &[f32]) -> TractResult<Vec<f32>> {
         let t = Tensor::from_shape(&self.input_shape, input)?;
+        let t = match self.input_type {
+            InputType::F32 => t,
+            InputType::F16 => t.cast_to::<f16>()?.into_owned(),
+        };
         let out = self.plan.run(tvec!(t.into()))?;
         let out = out
             .first()
             .ok_or_else(|| TractError::msg("model has no output"))?;
+        let out = out.cast_to::<f32>()?;
         Ok(out.to_plain_array_view::<f32>()?.iter().copied().collect())
     }
 }
@@ -124,6 +168,7 @@ pub struct Engine {
     weights: Arc<OnnxWeights>,
     base_fingerprint: Fingerprint,
     input_shape: Vec<usize>,
+    input_type: InputType,
     variants: BTreeMap<String, Variant>,
     classifier: Option<Classifier>,
     /// Where each weight lives in the classifier's model (found on the first in-place switch).
@@ -147,6 +192,16 @@ impl Engine {
         base: Box<dyn AsRef<[u8]> + Send + Sync>,
         input_shape: &[usize],
     ) -> TractResult<Self> {
+        Self::with_input_type(base, input_shape, InputType::F32)
+    }
+
+    /// [`Engine::new`] for a model whose input is of type `input_type` (frames are still given
+    /// to [`Engine::run`] as f32).
+    pub fn with_input_type(
+        base: Box<dyn AsRef<[u8]> + Send + Sync>,
+        input_shape: &[usize],
+        input_type: InputType,
+    ) -> TractResult<Self> {
         let weights = OnnxWeights::scan((*base).as_ref())?;
         let base_fingerprint = weights.fingerprint((*base).as_ref());
         Ok(Self {
@@ -154,6 +209,7 @@ impl Engine {
             weights: Arc::new(weights),
             base_fingerprint,
             input_shape: input_shape.to_vec(),
+            input_type,
             variants: BTreeMap::new(),
             classifier: None,
             sites: None,
@@ -400,6 +456,7 @@ impl Engine {
             plan,
             mut model,
             input_shape,
+            input_type,
         } = self.classifier.take().expect("checked above");
         drop(plan);
         let sites = self.sites.take().expect("found above");
@@ -420,7 +477,7 @@ impl Engine {
                 return Ok(false);
             }
         }
-        let Ok(clf) = Classifier::from_model(model, input_shape) else {
+        let Ok(clf) = Classifier::from_model(model, input_shape, input_type) else {
             return Ok(false);
         };
         drop(from);
@@ -496,9 +553,13 @@ impl Engine {
         );
         let model = parsed
             .model
-            .with_input_fact(0, f32::fact(&self.input_shape).into())?
+            .with_input_fact(0, self.input_type.fact(&self.input_shape).into())?
             .into_optimized()?;
-        let clf = Classifier::from_model(Arc::new(model), self.input_shape.clone())?;
+        let clf = Classifier::from_model(
+            Arc::new(model),
+            self.input_shape.clone(),
+            self.input_type,
+        )?;
         Ok((clf, fp))
     }
 
