@@ -22,11 +22,13 @@ for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf thumbv7em-none-
 done
 rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed | grep -q '^clippy' || rustup component add clippy
-# onnxruntime: the second reference `serve` is checked against (tests/data/ort_probs.py).
-python3 -c 'import onnxruntime, numpy, PIL' 2>/dev/null ||
-  python3 -m pip install -q onnxruntime numpy pillow ||
-  python3 -m pip install -q --break-system-packages onnxruntime numpy pillow
+# onnxruntime, numpy, pillow, onnx: the independent references (tests/data/*.py).
+python3 -c 'import onnxruntime, numpy, PIL, onnx' 2>/dev/null ||
+  python3 -m pip install -q onnxruntime numpy pillow onnx ||
+  python3 -m pip install -q --break-system-packages onnxruntime numpy pillow onnx
 export BITDELTA_REQUIRE_ORT=1
+# The field family and the zoo (../shared/fixtures) beside the checkout, as CI lays them out.
+if [ -d ../shared/fixtures ]; then export BITDELTA_REQUIRE_FIXTURES=1; fi
 
 export PROPTEST_CASES="${PROPTEST_CASES:-512}"
 

@@ -1,34 +1,24 @@
-//! Images and labelled sets.
+//! Labelled sets: frames at the model card's input, with their class indices.
 
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
+use bitdelta::card::ModelCard;
+use bitdelta::frame::Frame;
 
-use crate::card::Card;
+use crate::card::frame;
 
-/// Decodes an image file (PNG, JPEG), converts to 8-bit gray and resizes to the card's input.
-pub(crate) fn load_gray(path: &Path, card: &Card) -> Result<Vec<u8>> {
-    let img =
-        image::open(path).with_context(|| format!("{}: cannot decode image", path.display()))?;
-    let (h, w) = (card.input.shape[1] as u32, card.input.shape[2] as u32);
-    let g = img.to_luma8();
-    let g = if g.dimensions() == (w, h) {
-        g
-    } else {
-        image::imageops::resize(&g, w, h, image::imageops::FilterType::Triangle)
-    };
-    Ok(g.into_raw())
-}
-
-/// A labelled set of 8-bit gray images from an `.npz` archive (`x_<condition>`, `y_<condition>`).
+/// Labelled frames, from an `.npz` archive (`x_<condition>`, `y_<condition>`) of 8-bit grey
+/// images or a `<label>/<image>` folder.
 pub(crate) struct LabelledSet {
-    pub(crate) images: Vec<u8>,
+    pub(crate) frames: Vec<Frame>,
     pub(crate) labels: Vec<i64>,
-    pub(crate) pixels: usize,
 }
 
 impl LabelledSet {
-    pub(crate) fn from_npz(path: &Path, condition: &str) -> Result<Self> {
+    /// Reads `x_<condition>` (uint8 [n, h, w] grey images, which must be of the card's input
+    /// size) and `y_<condition>` (int64 class indices).
+    pub(crate) fn from_npz(path: &Path, condition: &str, card: &ModelCard) -> Result<Self> {
         let mut npz = npyz::npz::NpzArchive::open(path)
             .with_context(|| format!("{}: cannot open", path.display()))?;
         let x = npz
@@ -56,19 +46,28 @@ impl LabelledSet {
             "{}: x/y_{condition}: counts differ",
             path.display()
         );
-        Ok(Self {
-            images,
-            labels,
-            pixels: (shape[1] * shape[2]) as usize,
-        })
+        let (h, w) = (shape[1] as usize, shape[2] as usize);
+        let (ch, cw) = (card.input.height, card.input.width);
+        ensure!(
+            (h, w) == (ch, cw),
+            "{}: x_{condition}: expected {ch}x{cw} images (the model card's input), found {h}x{w}",
+            path.display()
+        );
+        let frames = images
+            .chunks_exact((h * w).max(1))
+            .map(|g| Frame::from_pixels(g.to_vec(), w, h, 1, &card.input))
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("{}: x_{condition}", path.display()))?;
+        Ok(Self { frames, labels })
     }
 
     pub(crate) fn len(&self) -> usize {
         self.labels.len()
     }
 
-    pub(crate) fn image(&self, i: usize) -> &[u8] {
-        &self.images[i * self.pixels..(i + 1) * self.pixels]
+    /// Frame `i`.
+    pub(crate) fn frame(&self, i: usize) -> &Frame {
+        &self.frames[i]
     }
 }
 
@@ -77,16 +76,15 @@ const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
 impl LabelledSet {
     /// Reads a folder of labelled images, `<label>/<file>.{png,jpg,jpeg}`: each subfolder is
-    /// named after one of the card's labels. Images are converted to the card's 8-bit gray input
-    /// ([`load_gray`]); hidden entries, loose files and other extensions are skipped. Folders
+    /// named after one of the card's labels. Images are decoded and preprocessed by the card
+    /// ([`Frame::load`]); hidden entries, loose files and other extensions are skipped. Folders
     /// and files are read in name order.
-    pub(crate) fn from_folder(dir: &Path, card: &Card) -> Result<Self> {
+    pub(crate) fn from_folder(dir: &Path, card: &ModelCard) -> Result<Self> {
         let mut folders = sorted_entries(dir)?;
         folders.retain(|p| p.is_dir());
         let mut set = Self {
-            images: Vec::new(),
+            frames: Vec::new(),
             labels: Vec::new(),
-            pixels: card.input.shape[1] * card.input.shape[2],
         };
         for folder in folders {
             let name = folder
@@ -106,7 +104,7 @@ impl LabelledSet {
                         IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x))
                     });
                 if is_image {
-                    set.images.extend(load_gray(&file, card)?);
+                    set.frames.push(frame(&file, card)?);
                     set.labels.push(label as i64);
                 }
             }
@@ -121,17 +119,10 @@ impl LabelledSet {
         Ok(set)
     }
 
-    /// Appends another set of images of the same size (a mixed set).
-    pub(crate) fn extend(&mut self, other: Self) -> Result<()> {
-        ensure!(
-            self.pixels == other.pixels,
-            "cannot mix images of {} and {} pixels",
-            self.pixels,
-            other.pixels
-        );
-        self.images.extend(other.images);
+    /// Appends another set made for the same card (a mixed set).
+    pub(crate) fn extend(&mut self, other: Self) {
+        self.frames.extend(other.frames);
         self.labels.extend(other.labels);
-        Ok(())
     }
 }
 

@@ -8,6 +8,7 @@
 //! - `std` (default): implies `alloc`; memory-mapped sources, run-time CPU detection, ONNX helpers.
 //! - `alloc`: the delta writer and owned helpers.
 //! - `tract`: load and run ONNX models with deltas applied, through tract-onnx.
+//! - `images`: camera frames to model inputs by a model card (decode, orient, resize, normalise).
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -20,6 +21,8 @@ pub mod apply;
 #[cfg(feature = "tract")]
 pub mod calibrate;
 #[cfg(feature = "std")]
+pub mod card;
+#[cfg(feature = "std")]
 pub mod checkpoint;
 #[cfg(feature = "alloc")]
 pub mod codec;
@@ -29,6 +32,8 @@ pub mod compress;
 pub mod error;
 pub mod fingerprint;
 pub mod format;
+#[cfg(feature = "images")]
+pub mod frame;
 pub mod kernels;
 #[cfg(feature = "std")]
 pub mod mem;

@@ -404,3 +404,122 @@ impl OnnxWeights {
         fp.finish()
     }
 }
+
+/// One input or output of the main graph, as the ONNX file declares it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GraphValue {
+    /// Name.
+    pub name: String,
+    /// ONNX element type (`TensorProto.DataType`: 1 = float, 10 = float16, ...); 0 if not given.
+    pub elem_type: u64,
+    /// Dimensions: `Some(n)` for a fixed size, `None` for a symbolic or unknown one.
+    pub dims: Vec<Option<u64>>,
+}
+
+/// The main graph's inputs that are not initializers (the values a caller feeds), and its
+/// outputs, in the order the file declares them. Only the graph's declarations are read; no
+/// weight is decoded.
+pub fn graph_io(bytes: &[u8]) -> Result<(Vec<GraphValue>, Vec<GraphValue>), OnnxError> {
+    let mut graph = None;
+    for f in fields(bytes, 0) {
+        let f = f?;
+        if f.number == 7 && f.wire == WireType::LengthDelimited {
+            graph = Some(f.range);
+        }
+    }
+    let graph = graph.ok_or(OnnxError::NoGraph)?;
+    let g = &bytes[graph.clone()];
+    let (mut inputs, mut outputs, mut initializers) = (Vec::new(), Vec::new(), Vec::new());
+    for f in fields(g, graph.start) {
+        let f = f?;
+        if f.wire != WireType::LengthDelimited {
+            continue;
+        }
+        let at = graph.start + f.range.start;
+        let body = &g[f.range.clone()];
+        match f.number {
+            11 => inputs.push(value_info(body, at)?),
+            12 => outputs.push(value_info(body, at)?),
+            5 => {
+                for t in fields(body, at) {
+                    let t = t?;
+                    if t.number == 8 && t.wire == WireType::LengthDelimited {
+                        initializers.push(utf8(&body[t.range], at)?);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    inputs.retain(|v| !initializers.contains(&v.name));
+    Ok((inputs, outputs))
+}
+
+fn utf8(b: &[u8], at: usize) -> Result<String, OnnxError> {
+    String::from_utf8(b.to_vec()).map_err(|_| OnnxError::Malformed {
+        offset: at,
+        what: "name is not UTF-8",
+    })
+}
+
+/// A `ValueInfoProto`: name (1) and `type.tensor_type` (2 -> 1) with `elem_type` (1) and
+/// `shape.dim` (2 -> 1: `dim_value` 1 or `dim_param` 2).
+fn value_info(bytes: &[u8], base: usize) -> Result<GraphValue, OnnxError> {
+    let mut v = GraphValue {
+        name: String::new(),
+        elem_type: 0,
+        dims: Vec::new(),
+    };
+    // The length-delimited field `number` of `bytes`, if any (the last one wins, as in protobuf).
+    let sub = |bytes: &[u8], base: usize, number: u32| -> Result<Option<Range<usize>>, OnnxError> {
+        let mut out = None;
+        for f in fields(bytes, base) {
+            let f = f?;
+            if f.number == number && f.wire == WireType::LengthDelimited {
+                out = Some(f.range);
+            }
+        }
+        Ok(out)
+    };
+    for f in fields(bytes, base) {
+        let f = f?;
+        if f.number == 1 && f.wire == WireType::LengthDelimited {
+            v.name = utf8(&bytes[f.range], base)?;
+        }
+    }
+    let Some(ty) = sub(bytes, base, 2)? else {
+        return Ok(v);
+    };
+    let ty_b = &bytes[ty.clone()];
+    let Some(tt) = sub(ty_b, base + ty.start, 1)? else {
+        return Ok(v);
+    };
+    let tt_base = base + ty.start + tt.start;
+    let tt_b = &ty_b[tt];
+    for f in fields(tt_b, tt_base) {
+        let f = f?;
+        match (f.number, f.wire) {
+            (1, WireType::Varint) => v.elem_type = f.varint,
+            (2, WireType::LengthDelimited) => {
+                let shape = &tt_b[f.range.clone()];
+                let shape_base = tt_base + f.range.start;
+                for d in fields(shape, shape_base) {
+                    let d = d?;
+                    if d.number != 1 || d.wire != WireType::LengthDelimited {
+                        continue;
+                    }
+                    let mut dim = None;
+                    for x in fields(&shape[d.range], shape_base) {
+                        let x = x?;
+                        if x.number == 1 && x.wire == WireType::Varint {
+                            dim = Some(x.varint);
+                        }
+                    }
+                    v.dims.push(dim.filter(|&n| n > 0));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(v)
+}

@@ -9,6 +9,7 @@ mod cli;
 mod eval;
 mod golden;
 mod quality;
+mod real;
 mod reference;
 mod seed;
 mod serve;

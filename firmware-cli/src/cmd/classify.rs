@@ -4,45 +4,34 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use bitdelta::tract::{argmax, softmax, Engine};
+use bitdelta::card::{argmax, ModelCard};
+use bitdelta::frame::Frame;
+use bitdelta::tract::Engine;
 use bitdelta::DeltaFile;
 use serde_json::json;
 
-use crate::card::Card;
-use crate::data::load_gray;
 use crate::files::{hex, read_delta};
 
 /// The engine with its card and the labels each variant uses.
 pub(crate) struct Session {
     pub(crate) engine: Engine,
-    pub(crate) card: Card,
+    pub(crate) card: ModelCard,
     /// Label overrides from delta manifests, per variant name.
     pub(crate) labels: Vec<(String, Vec<String>)>,
 }
 
-/// `--card` or `model-card.json` next to the base model.
-pub(crate) fn card_path(base: &Path, card: Option<&Path>) -> PathBuf {
-    match card {
-        Some(c) => c.to_owned(),
-        None => base
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join("model-card.json"),
-    }
-}
-
 impl Session {
+    /// Opens `base` with its model card (`card`, else model-card.json next to it), checked
+    /// against the model's declared input before tract loads anything.
     pub(crate) fn open(base: &Path, card: Option<&Path>) -> Result<Self> {
-        let card_file = card_path(base, card);
-        let card = Card::load(&card_file).with_context(|| {
-            format!(
-                "model card (pass --card, or put model-card.json next to {})",
-                base.display()
-            )
-        })?;
         let map = crate::files::Model::open(base)?.map;
-        let engine = Engine::new(Box::new(map), &card.batch1_shape())
-            .with_context(|| format!("{}", base.display()))?;
+        let (card, _) = crate::card::load(base, &map, card)?;
+        let engine = Engine::with_input_type(
+            Box::new(map),
+            &card.batch1_shape(),
+            crate::card::input_type(&card),
+        )
+        .with_context(|| format!("{}", base.display()))?;
         Ok(Self {
             engine,
             card,
@@ -106,18 +95,25 @@ impl Session {
             })
     }
 
-    /// Classifies one image with the active variant.
-    pub(crate) fn classify(&mut self, image: &Path, gray: &[u8], top: usize) -> Result<Answer> {
-        let input = self.card.preprocess_gray(gray);
+    /// Classifies one frame with the active variant.
+    pub(crate) fn classify(&mut self, image: &Path, frame: &Frame, top: usize) -> Result<Answer> {
+        let input = frame.tensor(&self.card);
         let t = std::time::Instant::now();
-        let logits = self.engine.run(&input)?;
+        let out = self.engine.run(&input)?;
         let infer_ms = t.elapsed().as_secs_f64() * 1e3;
-        let p = softmax(&logits);
+        anyhow::ensure!(
+            out.len() == self.card.output.classes,
+            "{}: the model gave {} outputs, the model card has {} classes",
+            image.display(),
+            out.len(),
+            self.card.output.classes
+        );
+        let p = self.card.scores(&out);
         let mut order: Vec<usize> = (0..p.len()).collect();
         order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
         let (variant, fp) = self.engine.active();
         let (variant, fp) = (variant.to_owned(), hex(fp));
-        let best = argmax(&logits).unwrap_or(0);
+        let best = argmax(&p).unwrap_or(0);
         let top = order
             .iter()
             .take(top.max(1))
@@ -154,19 +150,6 @@ impl Answer {
             "infer_ms": self.infer_ms,
         })
     }
-}
-
-/// Loads an image as the card's 8-bit gray input.
-pub(crate) fn image(path: &Path, card: &Card) -> Result<Vec<u8>> {
-    load_gray(path, card)
-}
-
-/// Mean brightness and contrast (standard deviation) of an 8-bit image, both in [0, 1].
-pub(crate) fn stats(gray: &[u8]) -> (f64, f64) {
-    let n = gray.len().max(1) as f64;
-    let mean = gray.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = gray.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    (mean / 255.0, var.sqrt() / 255.0)
 }
 
 /// Appends detections to a CSV in a Camtrap DP-friendly layout (observations table columns).

@@ -8,8 +8,8 @@ use bitdelta::calibrate::{self, Images, Settings, Stage};
 use bitdelta::compress::{compress_onnx, compress_onnx_with, Options, Policy};
 use clap::ValueEnum;
 
-use crate::card::Card;
 use crate::files::{write_atomic, Model};
+use bitdelta::card::ModelCard;
 
 /// Compress a fine-tuned ONNX model into a delta against its base.
 ///
@@ -164,8 +164,9 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
 /// Image files a calibration folder may hold.
 const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
-/// Reads every PNG/JPEG file of `dir` (not its subfolders), in name order, as the model input.
-fn calibration_images(dir: &Path, card: &Card) -> Result<Images> {
+/// Reads every PNG/JPEG file of `dir` (not its subfolders), in name order, as the model input
+/// (preprocessed by the model card; `Images::shape` is in the card's layout).
+fn calibration_images(dir: &Path, card: &ModelCard) -> Result<Images> {
     let entries = std::fs::read_dir(dir)
         .with_context(|| format!("{}: cannot read the calibration folder", dir.display()))?;
     let mut files = Vec::new();
@@ -192,8 +193,7 @@ fn calibration_images(dir: &Path, card: &Card) -> Result<Images> {
             "{}: not a calibration image (expected .png, .jpg or .jpeg)",
             f.display()
         );
-        let gray = crate::data::load_gray(f, card)?;
-        data.extend(card.preprocess_gray(&gray));
+        crate::card::frame(f, card)?.tensor_into(&card.input, &mut data);
         count += 1;
     }
     anyhow::ensure!(
@@ -201,11 +201,11 @@ fn calibration_images(dir: &Path, card: &Card) -> Result<Images> {
         "{}: no calibration image (expected .png, .jpg or .jpeg files)",
         dir.display()
     );
-    let s = &card.input.shape;
+    let s = card.batch1_shape();
     Ok(Images {
         data,
         count,
-        shape: [s[0], s[1], s[2]],
+        shape: [s[1], s[2], s[3]],
     })
 }
 
@@ -228,13 +228,7 @@ fn calibrated(
             "--target-retention {r}: expected a fraction from 0 to 1"
         );
     }
-    let card_file = super::classify::card_path(&a.base, a.card.as_deref());
-    let card = Card::load(&card_file).with_context(|| {
-        format!(
-            "model card for --calib (pass --card, or put model-card.json next to {})",
-            a.base.display()
-        )
-    })?;
+    let (card, _) = crate::card::load(&a.base, base.bytes(), a.card.as_deref())?;
     let images = calibration_images(dir, &card)?;
     let settings = Settings {
         max_bits: a.max_bits,

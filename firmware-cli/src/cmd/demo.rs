@@ -1,36 +1,59 @@
-//! `bitdelta demo`: the species family end to end.
+//! `bitdelta demo`: a bundled family (species by default, or field) end to end.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use bitdelta::card::{argmax, ModelCard};
 use bitdelta::compress::{compress_onnx, Options, Policy};
-use bitdelta::tract::{argmax, Classifier};
+use bitdelta::frame::Frame;
+use bitdelta::tract::Classifier;
 
 use bitdelta::mem::{release_free_memory, reset_peak_rss, rss};
 use bitdelta::tract::{Engine, BASE};
 
-use super::classify::stats;
 use super::serve::Rule;
-use crate::card::Card;
-use crate::data::{load_gray, LabelledSet};
+use crate::card::input_type;
+use crate::data::LabelledSet;
 use crate::files::{read_delta, write_atomic, Model};
 
 const CONDITIONS: [&str; 3] = ["clean", "night", "fog"];
+/// Images per tract run for small inputs (a batch of 224-px frames would cost more memory than
+/// it saves time).
 const BATCH: usize = 100;
 
-/// Run the bundled species family end to end: compress each variant, verify, apply, classify.
+/// The bundled families: name, and the rules that choose a variant per frame in the
+/// camera-trap loop (from the frames' brightness and contrast, measured on each family's
+/// eval frames).
+const FAMILIES: [(&str, [&str; 2]); 2] = [
+    ("species", ["fog:brightness>0.5", "night:contrast<0.16"]),
+    ("field", ["night:brightness<0.25", "fog:contrast<0.085"]),
+];
+
+/// Run a bundled family end to end: compress each variant, verify, apply, classify.
 ///
 /// For each fine-tuned variant next to the base (night, fog) this compresses a delta with the
 /// default codec rule and with the seed recipe, verifies both against the base, rebuilds the
-/// models, and measures species accuracy with tract on the labelled test images of every
-/// condition (eval.npz), then classifies the sample images in images/.
+/// models, and measures accuracy with tract on the labelled test images of every condition
+/// (eval.npz, or eval/<condition>/<label>/ image folders), then classifies the sample images in
+/// images/ and runs the camera-trap loop (the variant chosen per frame, switched in place).
+///
+/// Families: species (32x32 grey, the default) and field (224x224 colour EfficientNet-Lite0,
+/// 3.4 M weights: `bitdelta demo --family field`).
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Folder with species-base.onnx, the variants, model-card.json, eval.npz and images/.
-    #[arg(long, default_value = default_models())]
-    models: PathBuf,
+    /// Bundled family: species or field.
+    #[arg(long, default_value = "species", value_parser = ["species", "field"])]
+    family: String,
+    /// Folder with the family instead of the bundled one: NAME-base.onnx, the variants,
+    /// model-card.json, eval.npz or eval/<condition>/<label>/ images, and optionally images/.
+    #[arg(long)]
+    models: Option<PathBuf>,
+    /// Camera-trap loop rules, NAME:STAT<VALUE or NAME:STAT>VALUE (first match wins; default: the
+    /// family's). Repeatable.
+    #[arg(long = "rule", value_name = "RULE")]
+    rules: Vec<String>,
     /// Where to write the deltas (default: a fresh folder under the system temp dir).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -43,32 +66,86 @@ pub(crate) fn default_models() -> &'static str {
     concat!(env!("CARGO_MANIFEST_DIR"), "/../models/species")
 }
 
+/// The bundled folder of a family.
+fn family_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models")
+        .join(name)
+}
+
+/// The one `*-base.onnx` of a family folder.
+fn base_of(dir: &Path) -> Result<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot read the family folder", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with("-base.onnx"))
+        })
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        n => bail!("{}: expected one NAME-base.onnx, found {n}", dir.display()),
+    }
+}
+
+/// The labelled test set of each condition: `eval.npz`, or `eval/<condition>/` folders.
+fn eval_sets(dir: &Path, card: &ModelCard) -> Result<(String, Vec<(String, LabelledSet)>)> {
+    let npz = dir.join("eval.npz");
+    let sets = if npz.is_file() {
+        CONDITIONS
+            .iter()
+            .map(|c| Ok((c.to_string(), LabelledSet::from_npz(&npz, c, card)?)))
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        CONDITIONS
+            .iter()
+            .map(|c| {
+                let d = dir.join("eval").join(c);
+                Ok((c.to_string(), LabelledSet::from_folder(&d, card)?))
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    let what = if npz.is_file() { "eval.npz" } else { "eval/" };
+    Ok((what.to_owned(), sets))
+}
+
 struct Evaluator {
-    card: Card,
+    card: ModelCard,
     sets: Vec<(String, LabelledSet)>,
 }
 
 impl Evaluator {
-    fn accuracy(&self, model: &[u8]) -> Result<Vec<f64>> {
+    fn classifier(&self, model: &[u8], batch: usize) -> Result<Classifier> {
         let mut shape = self.card.batch1_shape();
-        shape[0] = BATCH;
-        let batched =
-            Classifier::from_onnx_bytes(model, &shape).context("loading model in tract")?;
-        let single = Classifier::from_onnx_bytes(model, &self.card.batch1_shape())
-            .context("loading model in tract")?;
+        shape[0] = batch;
+        Classifier::from_onnx_bytes_as(model, &shape, input_type(&self.card))
+            .context("loading model in tract")
+    }
+
+    fn accuracy(&self, model: &[u8]) -> Result<Vec<f64>> {
+        let batch = if self.card.input_len() <= 4096 {
+            BATCH
+        } else {
+            1
+        };
+        let batched = self.classifier(model, batch)?;
+        let single = self.classifier(model, 1)?;
         let mut out = Vec::new();
         for (_, set) in &self.sets {
             let mut correct = 0usize;
             let mut i = 0;
             while i < set.len() {
-                let (clf, b) = if set.len() - i >= BATCH {
-                    (&batched, BATCH)
+                let (clf, b) = if set.len() - i >= batch {
+                    (&batched, batch)
                 } else {
                     (&single, 1)
                 };
-                let input: Vec<f32> = (i..i + b)
-                    .flat_map(|k| self.card.preprocess_gray(set.image(k)))
-                    .collect();
+                let mut input = Vec::with_capacity(b * self.card.input_len());
+                for k in i..i + b {
+                    set.frame(k).tensor_into(&self.card.input, &mut input);
+                }
                 let logits = clf.run(&input)?;
                 let classes = logits.len() / b;
                 for k in 0..b {
@@ -85,13 +162,23 @@ impl Evaluator {
 
 pub(crate) fn run(a: Args) -> Result<ExitCode> {
     let started = Instant::now();
-    let dir = &a.models;
-    let base = Model::open(&dir.join("species-base.onnx"))?;
-    let card = Card::load(&dir.join("model-card.json"))?;
-    let eval_path = dir.join("eval.npz");
-    let sets = CONDITIONS
+    let dir = &a.models.clone().unwrap_or_else(|| family_dir(&a.family));
+    let base = Model::open(&base_of(dir)?)?;
+    let (card, _) =
+        crate::card::load(&base.path, base.bytes(), Some(&dir.join("model-card.json")))?;
+    let (eval_name, sets) = eval_sets(dir, &card)?;
+    let rules = if a.rules.is_empty() {
+        let family = FAMILIES
+            .iter()
+            .find(|(f, _)| *f == a.family)
+            .map_or(FAMILIES[0].1, |(_, r)| *r);
+        family.map(str::to_owned).to_vec()
+    } else {
+        a.rules.clone()
+    };
+    let rules = rules
         .iter()
-        .map(|c| Ok((c.to_string(), LabelledSet::from_npz(&eval_path, c)?)))
+        .map(|r| Rule::parse(r))
         .collect::<Result<Vec<_>>>()?;
     let ev = Evaluator { card, sets };
     let out_dir = match a.out {
@@ -102,14 +189,15 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         .with_context(|| format!("{}: cannot create", out_dir.display()))?;
     let params = base.weights.params();
     println!(
-        "species family: {} ({} float tensors, {} params); deltas in {}",
+        "{} family: {} ({} float tensors, {} params); deltas in {}",
+        a.family,
         base.path.display(),
         base.weights.initializers.len(),
         params,
         out_dir.display()
     );
     println!(
-        "accuracy on eval.npz with tract ({} labelled images per condition)\n",
+        "accuracy on {eval_name} with tract ({} labelled images per condition)\n",
         ev.sets[0].1.len()
     );
     println!(
@@ -145,7 +233,7 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         for (label, policy) in [("delta", Policy::Auto), ("seed", Policy::Seed)] {
             let opts = Options {
                 name: v,
-                description: "species demo variant",
+                description: "demo variant",
                 labels: "",
                 sequence: 1,
                 policy,
@@ -177,7 +265,7 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         }
     }
     samples(dir, &ev.card, &base, &variant_models)?;
-    camera_trap(&base, &ev, &variant_models)?;
+    camera_trap(&base, &ev, &variant_models, &rules)?;
     println!("\ndone in {:.1} s", started.elapsed().as_secs_f64());
     Ok(ExitCode::SUCCESS)
 }
@@ -186,7 +274,7 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
 /// like the condition.
 fn samples(
     dir: &Path,
-    card: &Card,
+    card: &ModelCard,
     base: &Model,
     variants: &[(String, PathBuf, Vec<u8>)],
 ) -> Result<()> {
@@ -200,10 +288,11 @@ fn samples(
     };
     files.sort();
     let shape = card.batch1_shape();
-    let base_clf = Classifier::from_onnx_bytes(base.bytes(), &shape)?;
+    let ty = input_type(card);
+    let base_clf = Classifier::from_onnx_bytes_as(base.bytes(), &shape, ty)?;
     let var_clf = variants
         .iter()
-        .map(|(v, _, m)| Ok((v.as_str(), Classifier::from_onnx_bytes(m, &shape)?)))
+        .map(|(v, _, m)| Ok((v.as_str(), Classifier::from_onnx_bytes_as(m, &shape, ty)?)))
         .collect::<Result<Vec<_>>>()?;
     println!(
         "\nsample images ({}): species by the base, and by the variant for that condition",
@@ -222,7 +311,7 @@ fn samples(
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let truth = stem.rsplit('-').next().unwrap_or("");
-            let input = card.preprocess_gray(&load_gray(f, card)?);
+            let input = crate::card::frame(f, card)?.tensor(card);
             let label = |c: &Classifier| -> Result<String> {
                 Ok(argmax(&c.run(&input)?)
                     .map(|i| card.labels[i].clone())
@@ -251,9 +340,8 @@ fn camera_trap(
     base: &Model,
     ev: &Evaluator,
     variants: &[(String, PathBuf, Vec<u8>)],
+    rules: &[Rule],
 ) -> Result<()> {
-    let rules =
-        ["fog:brightness>0.5", "night:contrast<0.16"].map(|r| Rule::parse(r).expect("static rule"));
     // Frames: runs of 4..=19 frames per condition, 300 frames, deterministic order.
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut next = move || {
@@ -275,21 +363,23 @@ fn camera_trap(
     }
     frames.truncate(300);
     let shape = ev.card.batch1_shape();
+    let ty = input_type(&ev.card);
+    let engine_on_base = || Engine::with_input_type(Box::new(base.map.to_vec()), &shape, ty);
     // Peak memory of one model (base + one variant built, one inference), for comparison.
     release_free_memory();
     reset_peak_rss();
     {
-        let mut one = Engine::new(Box::new(base.map.to_vec()), &shape)?;
+        let mut one = engine_on_base()?;
         if let Some((name, path, _)) = variants.first() {
             one.add_variant(name, vec![(read_delta(path)?, 1.0)])?;
             one.switch(name)?;
         }
-        one.run(&ev.card.preprocess_gray(ev.sets[0].1.image(0)))?;
+        one.run(&ev.sets[0].1.frame(0).tensor(&ev.card))?;
     }
     let peak_one = rss().map(|r| r.1);
     release_free_memory();
     reset_peak_rss();
-    let mut engine = Engine::new(Box::new(base.map.to_vec()), &shape)?;
+    let mut engine = engine_on_base()?;
     for (name, path, _) in variants {
         engine.add_variant(name, vec![(read_delta(path)?, 1.0)])?;
     }
@@ -297,12 +387,17 @@ fn camera_trap(
     let mut switch_ms = Vec::new();
     let mut first_load_ms = None;
     let (mut total, mut ok_switch, mut ok_base) = ([0usize; 3], [0usize; 3], [0usize; 3]);
-    let mut base_only = Engine::new(Box::new(base.map.to_vec()), &shape)?;
-    println!("\ncamera-trap loop: {} frames from clean/night/fog in runs; rules fog:brightness>0.5, night:contrast<0.16", frames.len());
+    let mut base_only = engine_on_base()?;
+    let rule_text: Vec<String> = rules.iter().map(Rule::to_string).collect();
+    println!(
+        "\ncamera-trap loop: {} frames from clean/night/fog in runs; rules {}",
+        frames.len(),
+        rule_text.join(", ")
+    );
     for (k, &(c, i)) in frames.iter().enumerate() {
         let (cond, set) = (&ev.sets[c].0, &ev.sets[c].1);
-        let gray = set.image(i);
-        let (b, ct) = stats(gray);
+        let frame: &Frame = set.frame(i);
+        let (b, ct) = frame.stats();
         let want = rules
             .iter()
             .find(|r| r.matches(b, ct))
@@ -319,7 +414,7 @@ fn camera_trap(
                 switch_ms.push(ms);
             }
         }
-        let input = ev.card.preprocess_gray(gray);
+        let input = frame.tensor(&ev.card);
         let pred = argmax(&engine.run(&input)?).unwrap_or(0);
         let pred_base = argmax(&base_only.run(&input)?).unwrap_or(0);
         total[c] += 1;

@@ -11,13 +11,12 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use bitdelta::apply::check_binding;
+use bitdelta::card::{argmax, ModelCard, OutputKind};
 use bitdelta::fingerprint::Fingerprint;
-use bitdelta::tract::{argmax, Classifier};
+use bitdelta::tract::Classifier;
 use serde_json::{json, Value};
 
 use super::apply::{apply_files, parse_delta_arg};
-use super::classify::card_path;
-use crate::card::Card;
 use crate::data::{npz_conditions, LabelledSet};
 use crate::files::{hex, read_delta, Model};
 
@@ -94,14 +93,8 @@ struct Row {
 
 pub(crate) fn run(a: Args) -> Result<ExitCode> {
     let started = Instant::now();
-    let card_file = card_path(&a.base, a.card.as_deref());
-    let card = Card::load(&card_file).with_context(|| {
-        format!(
-            "model card (pass --card, or put model-card.json next to {})",
-            a.base.display()
-        )
-    })?;
     let base = Model::open(&a.base)?;
+    let (card, card_file) = crate::card::load(&a.base, base.bytes(), a.card.as_deref())?;
     let base_fp = base.weights.fingerprint(base.bytes());
     let params = base.weights.params();
     let conditions = parse_conditions(a.condition.as_deref())?;
@@ -201,6 +194,7 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         rows: &rows,
         images: n,
         classes: card.labels.len(),
+        kind: card.output.kind,
         params,
     };
     if a.json {
@@ -252,6 +246,7 @@ struct Report<'a> {
     rows: &'a [Row],
     images: usize,
     classes: usize,
+    kind: OutputKind,
     params: u64,
 }
 
@@ -276,7 +271,7 @@ impl Report<'_> {
     fn compare(&self, row: &Row) -> Option<Comparison<'_>> {
         let fine = &self.rows[row.reference?];
         let fine_acc = self.accuracy(fine);
-        let (agree, kl) = agreement_and_kl(&fine.logits, &row.logits, self.classes);
+        let (agree, kl) = agreement_and_kl(&fine.logits, &row.logits, self.classes, self.kind);
         Some(Comparison {
             fine,
             retention: (fine_acc > 0.0).then(|| self.accuracy(row) / fine_acc),
@@ -353,14 +348,19 @@ impl Report<'_> {
     }
 }
 
-/// Images where both top-1 classes agree, and the summed KL(p || q) of the softmax outputs
-/// (computed from log-softmax in f64, so saturated probabilities stay finite).
-fn agreement_and_kl(p: &[f32], q: &[f32], classes: usize) -> (usize, f64) {
+/// Images where both top-1 classes agree, and the summed KL(p || q) of the class probabilities
+/// (from log-softmax of logits in f64, so saturated probabilities stay finite; a model that
+/// outputs probabilities has them floored at 1e-12 before the log).
+fn agreement_and_kl(p: &[f32], q: &[f32], classes: usize, kind: OutputKind) -> (usize, f64) {
+    let log_p = |v: &[f32]| match kind {
+        OutputKind::Logits => log_softmax(v),
+        OutputKind::Probabilities => v.iter().map(|&x| f64::from(x).max(1e-12).ln()).collect(),
+    };
     let mut agree = 0;
     let mut kl = 0.0;
     for (a, b) in p.chunks_exact(classes).zip(q.chunks_exact(classes)) {
         agree += usize::from(argmax(a) == argmax(b));
-        let (la, lb) = (log_softmax(a), log_softmax(b));
+        let (la, lb) = (log_p(a), log_p(b));
         let d: f64 = la.iter().zip(&lb).map(|(x, y)| x.exp() * (x - y)).sum();
         // KL is never negative; rounding of near-identical outputs can dip just under zero.
         kl += d.max(0.0);
@@ -383,16 +383,17 @@ fn infer(
     model: &[u8],
     what: &Path,
     set: &LabelledSet,
-    card: &Card,
+    card: &ModelCard,
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<f32>> {
     let classes = card.labels.len();
-    let clf = Classifier::from_onnx_bytes(model, &card.batch1_shape())
-        .with_context(|| format!("{}: cannot load the model in tract", what.display()))?;
+    let clf =
+        Classifier::from_onnx_bytes_as(model, &card.batch1_shape(), crate::card::input_type(card))
+            .with_context(|| format!("{}: cannot load the model in tract", what.display()))?;
     let mut logits = Vec::with_capacity(set.len() * classes);
     for i in 0..set.len() {
         let out = clf
-            .run(&card.preprocess_gray(set.image(i)))
+            .run(&set.frame(i).tensor(card))
             .with_context(|| format!("{}: inference failed", what.display()))?;
         ensure!(
             out.len() == classes,
@@ -467,7 +468,7 @@ fn parse_conditions(arg: Option<&str>) -> Result<Vec<String>> {
 }
 
 /// The labelled set: the union of the conditions of an .npz archive, or a labelled folder.
-fn load_set(data: &Path, conditions: &[String], card: &Card) -> Result<LabelledSet> {
+fn load_set(data: &Path, conditions: &[String], card: &ModelCard) -> Result<LabelledSet> {
     let mut sets = Vec::new();
     if data.is_dir() {
         if conditions.is_empty() {
@@ -492,7 +493,6 @@ fn load_set(data: &Path, conditions: &[String], card: &Card) -> Result<LabelledS
                 available.join(", ")
             );
         }
-        let (h, w) = (card.input.shape[1], card.input.shape[2]);
         for c in conditions {
             ensure!(
                 available.contains(c),
@@ -500,13 +500,7 @@ fn load_set(data: &Path, conditions: &[String], card: &Card) -> Result<LabelledS
                 data.display(),
                 available.join(", ")
             );
-            let set = LabelledSet::from_npz(data, c)?;
-            ensure!(
-                set.pixels == h * w,
-                "{}: x_{c}: {} pixels per image, the model card's input is {h}x{w}",
-                data.display(),
-                set.pixels
-            );
+            let set = LabelledSet::from_npz(data, c, card)?;
             let classes = card.labels.len() as i64;
             if let Some(bad) = set.labels.iter().find(|&&y| !(0..classes).contains(&y)) {
                 bail!(
@@ -520,7 +514,7 @@ fn load_set(data: &Path, conditions: &[String], card: &Card) -> Result<LabelledS
     let mut sets = sets.into_iter();
     let mut set = sets.next().expect("at least one set");
     for s in sets {
-        set.extend(s)?;
+        set.extend(s);
     }
     ensure!(
         !set.labels.is_empty(),

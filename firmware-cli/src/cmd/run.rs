@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use super::classify::{image, variant_name_of, Csv, Session};
+use super::classify::{variant_name_of, Csv, Session};
 
 /// Classify images with the base model or a variant (base + delta, built in memory).
 ///
@@ -74,8 +74,8 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
     }
     let mut csv = a.csv.as_deref().map(Csv::open).transpose()?;
     for path in &a.images {
-        let gray = image(path, &s.card)?;
-        let ans = s.classify(path, &gray, a.top)?;
+        let frame = crate::card::frame(path, &s.card)?;
+        let ans = s.classify(path, &frame, a.top)?;
         if let Some(c) = csv.as_mut() {
             c.record(&ans)?;
         }

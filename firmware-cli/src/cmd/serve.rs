@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use super::classify::{image, stats, Csv, Session};
+use super::classify::{Csv, Session};
 
 /// Serve classifications as JSON Lines on stdin/stdout, switching variants per request.
 ///
@@ -68,6 +68,17 @@ pub(crate) struct Rule {
 enum Stat {
     Brightness,
     Contrast,
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let stat = match self.stat {
+            Stat::Brightness => "brightness",
+            Stat::Contrast => "contrast",
+        };
+        let op = if self.less { '<' } else { '>' };
+        write!(f, "{}:{stat}{op}{}", self.variant, self.value)
+    }
 }
 
 impl Rule {
@@ -309,8 +320,8 @@ fn handle(
         .and_then(Value::as_str)
         .context("request has no \"image\" string")?;
     let path = PathBuf::from(path);
-    let gray = image(&path, &s.card)?;
-    let (brightness, contrast) = stats(&gray);
+    let frame = crate::card::frame(&path, &s.card)?;
+    let (brightness, contrast) = frame.stats();
     let wanted = match req.get("variant") {
         Some(Value::String(v)) => Some(v.clone()),
         Some(Value::Null) | None => rules
@@ -326,7 +337,7 @@ fn handle(
         None => false,
     };
     let switch_ms = t.elapsed().as_secs_f64() * 1e3;
-    let ans = s.classify(&path, &gray, top)?;
+    let ans = s.classify(&path, &frame, top)?;
     if let Some(c) = csv {
         c.record(&ans)?;
     }

@@ -4,12 +4,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
+use bitdelta::card::{argmax, ModelCard};
+use bitdelta::frame::Frame;
 use bitdelta::store::{Checked, InstallOutcome, Resolved, Slot, Store, StoreError, StoreIo};
-use bitdelta::tract::{argmax, BASE};
+use bitdelta::tract::BASE;
 use serde_json::{json, Value};
 
-use super::classify::{image, Session};
-use crate::card::Card;
+use super::classify::Session;
 
 /// The store folder: `--store DIR`, else the `BITDELTA_STORE` environment variable.
 #[derive(clap::Args, Clone)]
@@ -166,11 +167,13 @@ fn init(a: InitArgs) -> Result<ExitCode> {
     let dir = a.store.path()?;
     let card = match a.card {
         Some(c) => Some(c),
-        None => Some(super::classify::card_path(&a.base, None)).filter(|p| p.exists()),
+        None => Some(crate::card::card_path(&a.base, None)).filter(|p| p.exists()),
     };
     let mut extras = Vec::new();
     if let Some(c) = &card {
-        let parsed = Card::load(c)?;
+        let parsed = ModelCard::load(c)?;
+        let base = crate::files::Model::open(&a.base)?;
+        parsed.check_model(base.bytes(), c, &a.base)?;
         let folder = c.parent().unwrap_or(Path::new("."));
         for g in &parsed.golden {
             let src = folder.join(&g.image);
@@ -471,7 +474,8 @@ fn self_test(base: &Path, card_path: &Path, candidate: Option<&Checked>) -> Resu
         };
         session.engine.switch(&shown)?;
         let card = session.card.clone();
-        let pixels = card.input.shape[1] * card.input.shape[2];
+        let (w, h) = (card.input.width, card.input.height);
+        let pixels = w * h;
         let patterns: [Vec<u8>; 3] = [
             vec![0; pixels],
             vec![128; pixels],
@@ -479,8 +483,9 @@ fn self_test(base: &Path, card_path: &Path, candidate: Option<&Checked>) -> Resu
                 .map(|i| (i * 255 / pixels.max(1)) as u8)
                 .collect(),
         ];
-        for (k, p) in patterns.iter().enumerate() {
-            let logits = session.engine.run(&card.preprocess_gray(p))?;
+        for (k, p) in patterns.into_iter().enumerate() {
+            let frame = Frame::from_pixels(p, w, h, 1, &card.input)?;
+            let logits = session.engine.run(&frame.tensor(&card))?;
             anyhow::ensure!(
                 logits.len() == card.labels.len(),
                 "test input {k}: expected {} outputs, found {}",
@@ -499,9 +504,9 @@ fn self_test(base: &Path, card_path: &Path, candidate: Option<&Checked>) -> Resu
             .filter(|g| g.variants.is_empty() || g.variants.iter().any(|v| v == name))
         {
             let path = folder.join(&g.image);
-            let gray = image(&path, &card)?;
-            let logits = session.engine.run(&card.preprocess_gray(&gray))?;
-            let got = argmax(&logits)
+            let frame = crate::card::frame(&path, &card)?;
+            let logits = session.engine.run(&frame.tensor(&card))?;
+            let got = argmax(&card.scores(&logits))
                 .and_then(|i| card.labels.get(i))
                 .cloned()
                 .unwrap_or_default();

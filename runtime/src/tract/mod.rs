@@ -555,11 +555,8 @@ impl Engine {
             .model
             .with_input_fact(0, self.input_type.fact(&self.input_shape).into())?
             .into_optimized()?;
-        let clf = Classifier::from_model(
-            Arc::new(model),
-            self.input_shape.clone(),
-            self.input_type,
-        )?;
+        let clf =
+            Classifier::from_model(Arc::new(model), self.input_shape.clone(), self.input_type)?;
         Ok((clf, fp))
     }
 
@@ -726,24 +723,7 @@ impl tract_onnx::data_resolver::ModelDataResolver for Rebuilder {
     }
 }
 
-/// Index of the largest value (first one on ties), or `None` for an empty slice.
-pub fn argmax(v: &[f32]) -> Option<usize> {
-    v.iter()
-        .enumerate()
-        .fold(None, |best: Option<(usize, f32)>, (i, &x)| match best {
-            Some((_, b)) if b >= x => best,
-            _ => Some((i, x)),
-        })
-        .map(|(i, _)| i)
-}
-
-/// Softmax in f64 (numerically stable), as f32 probabilities.
-pub fn softmax(v: &[f32]) -> Vec<f32> {
-    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let e: Vec<f64> = v.iter().map(|&x| (x as f64 - m).exp()).collect();
-    let s: f64 = e.iter().sum();
-    e.iter().map(|x| (x / s) as f32).collect()
-}
+pub use crate::card::{argmax, softmax};
 
 #[cfg(test)]
 mod tests;
