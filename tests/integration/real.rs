@@ -101,7 +101,10 @@ fn a_bad_model_card_is_refused_naming_the_file_and_the_key() {
             c["input"]["shape"] = serde_json::json!([3, 64, 64]);
         }),
         ("nhwc", "input.shape", |c| {
-            c["input"]["layout"] = "NHWC".into()
+            c["input"]["layout"] = "NHWC".into();
+            c["input"]["shape"] = serde_json::json!([32, 32, 3]);
+            c["input"]["mean"] = serde_json::json!([0.45]);
+            c["input"]["std"] = serde_json::json!([0.225]);
         }),
         ("resize_to", "input.resize_to", |c| {
             c["input"]["resize"] = "crop".into();
@@ -221,7 +224,8 @@ fn zoo_images(zoo: &Path, dir: &Path, size: (u32, u32)) -> Vec<PathBuf> {
 
 /// Scores of onnxruntime on `model` for `images`, one list per image.
 fn ort_scores(model: &Path, card: &Path, images: &[PathBuf]) -> Vec<Vec<f64>> {
-    let mut args = vec![p(&data("ort_scores.py")), p(model), p(card)];
+    let script = data("ort_scores.py");
+    let mut args = vec![p(&script), p(model), p(card)];
     args.extend(images.iter().map(|i| p(i)));
     python(&args)
         .lines()
@@ -232,8 +236,14 @@ fn ort_scores(model: &Path, card: &Path, images: &[PathBuf]) -> Vec<Vec<f64>> {
 /// Checks one answer's top list against onnxruntime's scores: the same best label, and each
 /// listed score within 1e-4 relative (`tol`: the bound used, larger for f16 models).
 fn check_answer(what: &str, answer: &serde_json::Value, want: &[f64], labels: &[String], tol: f64) {
-    let best = (0..want.len()).fold(0, |b, j| if want[j] > want[b] { j } else { b });
-    assert_eq!(answer["label"], labels[best].as_str(), "{what}: {answer}");
+    // The random-weight zoo exports give near-uniform scores (logits equal to ~1e-9): the best
+    // label is only checked where onnxruntime's top two differ by more than the tolerance.
+    let mut order: Vec<usize> = (0..want.len()).collect();
+    order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+    let (best, second) = (order[0], order[1]);
+    if want[best] - want[second] > tol * want[best] {
+        assert_eq!(answer["label"], labels[best].as_str(), "{what}: {answer}");
+    }
     let top = answer["top"].as_array().unwrap();
     assert_eq!(top.len(), 5.min(labels.len()), "{what}: {answer}");
     for t in top {
@@ -452,6 +462,57 @@ fn exif_orientation_is_applied_and_resizing_follows_pil() {
             (g - want[j]).abs() <= 0.01,
             "{label}: {g} vs onnxruntime on PIL's resize {}",
             want[j]
+        );
+    }
+}
+
+/// `bitdelta demo --family field` runs on the bundled `models/field/` (what a fresh clone has):
+/// accuracy per model and condition, where the base's row is what onnxruntime gives on the same
+/// sample frames (within one frame of 40), then the camera-trap loop with and without switching.
+#[test]
+fn demo_runs_on_the_bundled_field_family() {
+    let field = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/field");
+    let out_dir = scratch("demo_field");
+    let out = ok(&["demo", "--family", "field", "--out", p(&out_dir)]);
+    let base_row: Vec<f64> = out
+        .lines()
+        .find(|l| l.starts_with("base "))
+        .unwrap_or_else(|| panic!("no base row in:\n{out}"))
+        .split_whitespace()
+        .rev()
+        .take(3)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let loop_rows = ["clean", "night", "fog"].map(|c| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(c) && l.split_whitespace().count() == 4)
+            .unwrap_or_else(|| panic!("no camera-trap row for {c} in:\n{out}"))
+            .to_owned()
+    });
+    assert!(
+        out.contains("with switching") && out.contains("switches"),
+        "{out}"
+    );
+    println!("{out}");
+    if !have_python() {
+        return;
+    }
+    let card = field.join("model-card.json");
+    // base_row is fog, night, clean (read from the right).
+    for (k, c) in ["fog", "night", "clean"].iter().enumerate() {
+        let ort: serde_json::Value = serde_json::from_str(&python(&[
+            p(&data("ort_eval.py")),
+            p(&field.join("field-base.onnx")),
+            p(&card),
+            p(&field.join("eval").join(c)),
+        ]))
+        .unwrap();
+        let n = ort["images"].as_f64().unwrap();
+        let want = ort["correct"].as_f64().unwrap() / n;
+        assert!(
+            (base_row[k] - want).abs() <= 1.0 / n + 1e-9,
+            "{c}: demo {} vs onnxruntime {want} ({loop_rows:?})",
+            base_row[k]
         );
     }
 }

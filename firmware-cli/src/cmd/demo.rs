@@ -352,7 +352,8 @@ fn camera_trap(
     };
     let mut used = [0usize; 3];
     let mut frames = Vec::new();
-    while frames.len() < 300 {
+    let available: usize = ev.sets.iter().map(|(_, s)| s.len()).sum();
+    while frames.len() < 300.min(available) {
         let c = (next() % 3) as usize;
         for _ in 0..4 + next() % 16 {
             if used[c] < ev.sets[c].1.len() {
@@ -361,7 +362,7 @@ fn camera_trap(
             }
         }
     }
-    frames.truncate(300);
+    frames.truncate(300.min(available));
     let shape = ev.card.batch1_shape();
     let ty = input_type(&ev.card);
     let engine_on_base = || Engine::with_input_type(Box::new(base.map.to_vec()), &shape, ty);
