@@ -12,6 +12,9 @@ need=()
 command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
 command -v arm-linux-gnueabihf-gcc >/dev/null || need+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
 command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
+# Mender client and artifact tool: the Update Module tests (tests/integration/mender.rs).
+command -v mender >/dev/null || need+=(mender-client)
+command -v mender-artifact >/dev/null || need+=(mender-artifact)
 if [ ${#need[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
@@ -27,6 +30,7 @@ python3 -c 'import onnxruntime, numpy, PIL' 2>/dev/null ||
   python3 -m pip install -q onnxruntime numpy pillow ||
   python3 -m pip install -q --break-system-packages onnxruntime numpy pillow
 export BITDELTA_REQUIRE_ORT=1
+export BITDELTA_REQUIRE_MENDER=1
 
 export PROPTEST_CASES="${PROPTEST_CASES:-512}"
 
