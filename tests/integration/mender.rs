@@ -86,8 +86,9 @@ fn device(test: &str, card: Option<&Path>) -> Device {
     let key = dir.join("ranger");
     ok(&["keygen", "-o", p(&key)]);
     let store = dir.join("store");
+    let base = model("species-base");
     let mut args = vec!["store", "init", "--store", p(&store)];
-    args.extend(["--base", p(&model("species-base"))]);
+    args.extend(["--base", p(&base)]);
     let trust = format!("{}.pub", p(&key));
     args.extend(["--trust-key", &trust]);
     if let Some(c) = card {
@@ -111,7 +112,7 @@ impl Device {
         c.args([
             "--no-syslog",
             "--log-level",
-            "warning",
+            "info",
             "--data",
             p(&self.data),
         ])
