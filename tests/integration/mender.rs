@@ -186,6 +186,15 @@ impl Device {
     }
 }
 
+/// A device, the signed night delta (sequence 1) and its artifact, built for a device's first
+/// bitdelta install (without the `bitdelta.base` dependency).
+fn first_night(test: &str, card: Option<&Path>) -> (Device, PathBuf, PathBuf) {
+    let dev = device(test, card);
+    let night = dev.signed_delta("species-base", "night", 1);
+    let art = dev.bundle(&night, "night-1.mender", &["--no-depends"]);
+    (dev, night, art)
+}
+
 /// `mender install` of an artifact that must fail, leaving the store byte-identical and the
 /// device on `bitdelta-night-1`; the output must contain `needle`.
 fn refused(dev: &Device, art: &Path, needle: &str) -> String {
@@ -210,10 +219,7 @@ fn mender_installs_commits_and_refuses_wrong_base_tampered_and_older_artifacts()
         return;
     }
     let t0 = Instant::now();
-    let dev = device("mender_flow", None);
-    let night = dev.signed_delta("species-base", "night", 1);
-    // A device's first bitdelta artifact cannot depend on bitdelta.base yet.
-    let art = dev.bundle(&night, "night-1.mender", &["--no-depends"]);
+    let (dev, night, art) = first_night("mender_flow", None);
     let out = dev.mender_ok(&["install", p(&art)]);
     assert!(out.contains("commit"), "{out}");
     let st = dev.status();
@@ -406,9 +412,7 @@ fn mender_rolls_back_when_the_self_test_fails() {
     }
     let card_path = dir.join("model-card.json");
     std::fs::write(&card_path, serde_json::to_vec_pretty(&card).unwrap()).unwrap();
-    let dev = device("mender_selftest", Some(&card_path));
-    let night = dev.signed_delta("species-base", "night", 1);
-    let art = dev.bundle(&night, "night-1.mender", &["--no-depends"]);
+    let (dev, _, art) = first_night("mender_selftest", Some(&card_path));
     dev.mender_ok(&["install", p(&art)]);
     dev.mender_ok(&["commit"]);
     let fog = dev.signed_delta("species-base", "fog", 3);
@@ -444,9 +448,7 @@ fn sigkill_of_mender_during_install_leaves_the_store_usable() {
         return;
     }
     let t0 = Instant::now();
-    let dev = device("mender_sigkill", None);
-    let night = dev.signed_delta("species-base", "night", 1);
-    let art = dev.bundle(&night, "night-1.mender", &["--no-depends"]);
+    let (dev, _, art) = first_night("mender_sigkill", None);
     for delay_ms in [50u64, 150, 300, 600] {
         use std::os::unix::process::CommandExt;
         let mut child = dev
