@@ -19,6 +19,8 @@ if [ ${#need[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
+# The Mender tests run (as root: they install the Update Module into /usr/share/mender/modules/v3).
+export BITDELTA_REQUIRE_MENDER=1
 installed=$(rustup target list --installed)
 for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf thumbv7em-none-eabihf aarch64-unknown-none; do
   grep -qx "$t" <<<"$installed" || rustup target add "$t"
@@ -30,7 +32,6 @@ python3 -c 'import onnxruntime, numpy, PIL' 2>/dev/null ||
   python3 -m pip install -q onnxruntime numpy pillow ||
   python3 -m pip install -q --break-system-packages onnxruntime numpy pillow
 export BITDELTA_REQUIRE_ORT=1
-export BITDELTA_REQUIRE_MENDER=1
 
 export PROPTEST_CASES="${PROPTEST_CASES:-512}"
 
