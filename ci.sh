@@ -12,10 +12,15 @@ need=()
 command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
 command -v arm-linux-gnueabihf-gcc >/dev/null || need+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
 command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
+# Mender client and artifact tool: the Update Module tests (tests/integration/mender.rs).
+command -v mender >/dev/null || need+=(mender-client)
+command -v mender-artifact >/dev/null || need+=(mender-artifact)
 if [ ${#need[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
+# The Mender tests run (as root: they install the Update Module into /usr/share/mender/modules/v3).
+export BITDELTA_REQUIRE_MENDER=1
 installed=$(rustup target list --installed)
 for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf thumbv7em-none-eabihf aarch64-unknown-none; do
   grep -qx "$t" <<<"$installed" || rustup target add "$t"

@@ -112,6 +112,10 @@ pub struct Outcome {
     /// Seconds since the Unix epoch by the device clock (may be wrong: field devices often
     /// have no real-time clock).
     pub unix_time: u64,
+    /// Who asked for it when not a person at the command line, e.g. `mender artifact NAME`
+    /// ([`Store::set_origin`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// What `state.json` records.
@@ -447,6 +451,7 @@ pub struct Store {
     state: State,
     keys: Vec<VerifyingKey>,
     io: StoreIo,
+    origin: Option<String>,
 }
 
 /// An exclusive lock on a store, released on drop (and by the kernel if the process dies).
@@ -571,6 +576,7 @@ impl Store {
             config,
             state,
             io,
+            origin: None,
         })
     }
 
@@ -630,6 +636,7 @@ impl Store {
             state,
             keys,
             io,
+            origin: None,
         })
     }
 
@@ -1024,6 +1031,7 @@ impl Store {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            origin: self.origin.clone(),
         };
         let path = self.dir.join(JOURNAL_FILE);
         if fs::metadata(&path).is_ok_and(|m| m.len() > JOURNAL_MAX_BYTES) {
@@ -1034,6 +1042,21 @@ impl Store {
         if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(&path) {
             let _ = f.write_all(&line).and_then(|()| f.sync_data());
         }
+    }
+
+    /// Names who asks for the following operations in their journal entries (e.g. `mender
+    /// artifact NAME` when an update manager drives the store).
+    pub fn set_origin(&mut self, origin: Option<String>) {
+        self.origin = origin;
+    }
+
+    /// The newest journal entry whose origin starts with `prefix` and whose action is `action`
+    /// (any action when `None`).
+    pub fn last_from(&self, prefix: &str, action: Option<&str>) -> Option<Outcome> {
+        self.journal(usize::MAX).into_iter().rev().find(|o| {
+            o.origin.as_deref().is_some_and(|g| g.starts_with(prefix))
+                && action.is_none_or(|a| o.action == a)
+        })
     }
 
     /// The last `n` journal entries, oldest first.

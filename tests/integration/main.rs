@@ -8,6 +8,7 @@ mod checkpoint;
 mod cli;
 mod eval;
 mod golden;
+mod mender;
 mod quality;
 mod real;
 mod reference;

@@ -3,6 +3,7 @@
 pub(crate) mod apply;
 pub(crate) mod bench;
 pub(crate) mod board;
+pub(crate) mod bundle;
 pub(crate) mod checkpoint;
 pub(crate) mod classify;
 pub(crate) mod compress;

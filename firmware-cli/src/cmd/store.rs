@@ -89,6 +89,10 @@ pub(crate) struct InstallArgs {
     /// Activate the (last) installed variant after its self-test.
     #[arg(long)]
     activate: bool,
+    /// Who asks, recorded in the journal (e.g. `mender artifact NAME`; `status` shows the last
+    /// operation Mender asked for).
+    #[arg(long, value_name = "WHO")]
+    origin: Option<String>,
 }
 
 /// Activate an installed variant (or `base`): trial-load, self-test, then switch atomically.
@@ -106,6 +110,10 @@ pub(crate) struct ActivateArgs {
     name: String,
     #[command(flatten)]
     store: StoreDir,
+    /// Who asks, recorded in the journal (e.g. `mender artifact NAME`; `status` shows the last
+    /// operation Mender asked for).
+    #[arg(long, value_name = "WHO")]
+    origin: Option<String>,
 }
 
 /// Go back to the variant that was active before (the base when there is none).
@@ -115,6 +123,10 @@ pub(crate) struct ActivateArgs {
 pub(crate) struct RollbackArgs {
     #[command(flatten)]
     store: StoreDir,
+    /// Who asks, recorded in the journal (e.g. `mender artifact NAME`; `status` shows the last
+    /// operation Mender asked for).
+    #[arg(long, value_name = "WHO")]
+    origin: Option<String>,
 }
 
 /// Remove an installed variant (every stored file of it). The active variant cannot be removed.
@@ -146,7 +158,8 @@ pub(crate) struct ListArgs {
 pub(crate) struct StatusArgs {
     #[command(flatten)]
     store: StoreDir,
-    /// JSON output (`active`, `previous`, `running`, `problems`, `installed`, `last_result`, ...).
+    /// JSON output (`active`, `previous`, `running`, `problems`, `installed`, `last_result`,
+    /// `mender` (the last install and operation its Update Module asked for), ...).
     #[arg(long)]
     json: bool,
 }
@@ -220,6 +233,7 @@ fn init(a: InitArgs) -> Result<ExitCode> {
 
 pub(crate) fn install(a: InstallArgs) -> Result<ExitCode> {
     let mut s = a.store.open()?;
+    s.set_origin(a.origin);
     let mut last = None;
     let mut worst = 0u8;
     for f in &a.files {
@@ -262,6 +276,7 @@ pub(crate) fn install(a: InstallArgs) -> Result<ExitCode> {
 
 pub(crate) fn activate(a: ActivateArgs) -> Result<ExitCode> {
     let mut s = a.store.open()?;
+    s.set_origin(a.origin);
     activate_in(&mut s, &a.name)
 }
 
@@ -272,6 +287,7 @@ fn activate_in(s: &mut Store, name: &str) -> Result<ExitCode> {
 
 pub(crate) fn rollback(a: RollbackArgs) -> Result<ExitCode> {
     let mut s = a.store.open()?;
+    s.set_origin(a.origin);
     let (card, base) = (card_of(&s)?, s.base_path());
     report_active(s.rollback(|c| self_test(&base, &card, c)))
 }
@@ -410,6 +426,11 @@ pub(crate) fn status(a: StatusArgs) -> Result<ExitCode> {
         "installed": installed_json(&s)?,
         "trusted_keys": keys,
         "last_result": last,
+        // What Mender's Update Module last did (boards/mender/bitdelta passes --origin).
+        "mender": {
+            "installed": s.last_from("mender", Some("install")),
+            "last": s.last_from("mender", None),
+        },
     });
     if a.json {
         super::print_json(&v)?;
@@ -431,6 +452,17 @@ pub(crate) fn status(a: StatusArgs) -> Result<ExitCode> {
         println!("installed: {n} file(s) (see `bitdelta list`)");
         if !keys.is_empty() {
             println!("trusted keys: {}", keys.join(", "));
+        }
+        for (what, key) in [("mender installed", "installed"), ("mender last", "last")] {
+            if let Some(o) = v["mender"][key].as_object() {
+                println!(
+                    "{what}: {} {}: {} ({})",
+                    o["action"].as_str().unwrap_or(""),
+                    if o["ok"] == true { "ok" } else { "FAILED" },
+                    o["message"].as_str().unwrap_or(""),
+                    o["origin"].as_str().unwrap_or("")
+                );
+            }
         }
         if let Some(l) = last {
             println!(
