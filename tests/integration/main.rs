@@ -15,3 +15,4 @@ mod serve;
 mod sign;
 mod store;
 mod unseen;
+mod zoo;
