@@ -156,19 +156,20 @@ fn packed_f32(v: &dyn MMMInputValue) -> Option<(Panels, &[f32])> {
     Some((p, bytemuck::try_cast_slice(e.packed.as_bytes()).ok()?))
 }
 
-/// The sites of a model's weights, by weight index.
+/// The sites of a model's weights, by weight index: every place that holds the weight (an
+/// exporter may feed one initializer to many nodes, e.g. one LayerNorm scale to every block).
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Sites(Vec<Option<Site>>);
+pub(crate) struct Sites(Vec<Vec<Site>>);
 
 impl Sites {
-    /// The site of weight `i`, if it has a unique one.
-    pub(crate) fn get(&self, i: usize) -> Option<Site> {
-        self.0.get(i).copied().flatten()
+    /// The sites of weight `i`, if it has any.
+    pub(crate) fn get(&self, i: usize) -> Option<&[Site]> {
+        self.0.get(i).map(Vec::as_slice).filter(|s| !s.is_empty())
     }
 
     /// How many weights have a site.
     pub(crate) fn found(&self) -> usize {
-        self.0.iter().flatten().count()
+        self.0.iter().filter(|s| !s.is_empty()).count()
     }
 
     /// Locates weights in `model`. `shapes[i]` is weight `i`'s element count and leading
@@ -304,16 +305,20 @@ impl Sites {
                 }
             }
         }
-        let mut per_weight = vec![0usize; shapes.len()];
+        // A place that two weights match (equal contents) is ambiguous: neither weight gets any
+        // site, since that place may derive from either.
         let mut per_place: BTreeMap<(usize, usize, bool), usize> = BTreeMap::new();
-        for (i, s) in &matches {
-            per_weight[*i] += 1;
+        for (_, s) in &matches {
             *per_place.entry(place_key(*s)).or_default() += 1;
         }
-        let mut sites = vec![None; shapes.len()];
+        let mut ambiguous = vec![false; shapes.len()];
+        for (i, s) in &matches {
+            ambiguous[*i] |= per_place[&place_key(*s)] > 1;
+        }
+        let mut sites = vec![Vec::new(); shapes.len()];
         for (i, s) in matches {
-            if per_weight[i] == 1 && per_place[&place_key(s)] == 1 {
-                sites[i] = Some(s);
+            if !ambiguous[i] {
+                sites[i].push(s);
             }
         }
         Ok(Sites(sites))
