@@ -112,7 +112,7 @@ fn zoo_mobilenet_v3_small() {
 }
 
 #[test]
-#[ignore = "onnx::Conv_1304 is held with its input channels regrouped by the channel shuffle"]
+
 fn zoo_shufflenet_v2_x1_0() {
     zoo("shufflenet_v2_x1_0");
 }

@@ -68,6 +68,20 @@ pub(crate) enum Layout {
     MnK,
     /// Row-major `(k, mn)`: a MatMul weight.
     KMn,
+    /// `(mn, k)` with `k` read as `(k / groups, groups)` and stored as `(groups, k / groups)`:
+    /// a convolution after a channel shuffle (ShuffleNet), which tract folds into the kernel.
+    MnKShuffled { groups: usize },
+}
+
+/// The channel-shuffle group counts tried for [`Layout::MnKShuffled`] (ShuffleNet v2 uses 2,
+/// v1 3, 4 or 8).
+const SHUFFLE_GROUPS: [usize; 4] = [2, 3, 4, 8];
+
+/// Every layout a packed place is compared against, in order.
+fn packed_layouts() -> impl Iterator<Item = Layout> {
+    [Layout::MnK, Layout::KMn]
+        .into_iter()
+        .chain(SHUFFLE_GROUPS.map(|groups| Layout::MnKShuffled { groups }))
 }
 
 /// tract's f32 panel layout of one packed operand.
@@ -116,6 +130,14 @@ impl Panels {
                     i += take;
                     kk = 0;
                     m += 1;
+                }
+            }
+            Layout::MnKShuffled { groups } => {
+                let per = self.k / groups;
+                for j in 0..n {
+                    let (m, kk) = ((first + j) / self.k, (first + j) % self.k);
+                    let kk = (kk % groups) * per + kk / groups;
+                    f((m / r) * panel + kk * r + m % r, j, 1);
                 }
             }
             Layout::KMn => {
@@ -241,15 +263,26 @@ impl Sites {
             let Some(candidates) = places.get(&n) else {
                 continue;
             };
-            // Per candidate: still equal as (plain in order or MnK, plain transposed or KMn).
-            let mut equal: Vec<[bool; 2]> = candidates
+            // Per candidate: still equal as (plain in order, plain transposed), or for a packed
+            // place, in each of `packed_layouts()`.
+            let mut equal: Vec<Vec<bool>> = candidates
                 .iter()
-                .map(|(_, p)| [true, matches!(p, Place::Packed(..)) || columns.is_some()])
+                .map(|(_, p)| match p {
+                    Place::Plain(_) => vec![true, columns.is_some()],
+                    Place::Packed(p, _) => packed_layouts()
+                        .map(|l| match l {
+                            Layout::MnKShuffled { groups } => {
+                                groups < p.k && p.k.is_multiple_of(groups)
+                            }
+                            _ => true,
+                        })
+                        .collect(),
+                })
                 .collect();
             let mut first_bits = None;
             let mut uniform = true;
             let mut at = 0;
-            while at < n && equal.iter().any(|e| e[0] || e[1]) {
+            while at < n && equal.iter().any(|e| e.contains(&true)) {
                 let len = CHUNK.min(n - at);
                 buf.resize(len, 0.0);
                 current(i, at, &mut buf)?;
@@ -266,7 +299,7 @@ impl Sites {
                             }
                         }
                         Place::Packed(p, held) => {
-                            for (e, layout) in eq.iter_mut().zip([Layout::MnK, Layout::KMn]) {
+                            for (e, layout) in eq.iter_mut().zip(packed_layouts()) {
                                 if *e {
                                     p.runs(layout, at, len, |d, s, l| {
                                         *e &= same(&held[d..d + l], &buf[s..s + l]);
@@ -282,27 +315,19 @@ impl Sites {
                 continue; // all elements equal: not identifiable (tract may share or drop it)
             }
             for ((site, _), eq) in candidates.iter().zip(&equal) {
-                // A weight that reads the same both ways is ambiguous.
-                match (site, eq) {
-                    (Site::Plain { node, .. }, [true, false]) => matches.push((
-                        i,
-                        Site::Plain {
-                            node: *node,
-                            transposed: None,
-                        },
-                    )),
-                    (Site::Plain { node, .. }, [false, true]) => matches.push((
-                        i,
-                        Site::Plain {
-                            node: *node,
-                            transposed: Some(rows),
-                        },
-                    )),
-                    (Site::Plain { .. }, _) => {}
-                    (_, [true, false]) => matches.push((i, with_layout(*site, Layout::MnK))),
-                    (_, [false, true]) => matches.push((i, with_layout(*site, Layout::KMn))),
-                    _ => {}
-                }
+                // A weight that reads the same in two layouts is ambiguous.
+                let mut hits = eq.iter().enumerate().filter(|(_, e)| **e).map(|(k, _)| k);
+                let (Some(k), None) = (hits.next(), hits.next()) else {
+                    continue;
+                };
+                let site = match *site {
+                    Site::Plain { node, .. } => Site::Plain {
+                        node,
+                        transposed: (k == 1).then_some(rows),
+                    },
+                    s => with_layout(s, packed_layouts().nth(k).expect("one of them")),
+                };
+                matches.push((i, site));
             }
         }
         // A place that two weights match (equal contents) is ambiguous: neither weight gets any
