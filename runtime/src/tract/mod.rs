@@ -13,6 +13,32 @@
 //! a full rebuild: the running plan is dropped *before* the next one is built and freed memory
 //! is returned to the OS (`malloc_trim` on glibc), so the peak stays that of loading one model.
 //!
+//! ## Weights tract would fold away: decoys, not re-derivation
+//!
+//! On the zoo exports (`../shared/fixtures/zoo/`) every weight tract 0.23.9 could not be found
+//! again had been *dropped or shrunk because of its value*, not combined with another constant:
+//! LayerNorm scales of ones (`x * 1` removed), zero biases (`x + 0` removed), uniform layer-scale
+//! constants (shrunk to scalars), and a single-element Relu6 bound shared by every clip (which
+//! cannot be told apart from tract's own constants of the same value). A fine-tuned variant moves those
+//! values, and tract on the variant's ONNX keeps them as constants of their own, so the running
+//! plan must have those constants too. Two ways were possible: re-run tract's derivation on the
+//! new weight, or build the plan so that tract keeps each weight as its own constant. The
+//! second was chosen, by measurement: a plan built around non-uniform values is exactly the plan
+//! tract builds from the variant's ONNX (the switch tests compare outputs bit for bit, and
+//! `bitdelta bench` measures inference after a switch within a few percent of tract on the fine
+//! ONNX), while re-deriving would mean re-implementing tract's rewrite rules per op and version.
+//! So a build for in-place switching hands tract *decoys* ([`decoy`]: distinct, non-neutral
+//! values) for every weight a registered variant switches but whose built values are all equal,
+//! locates every weight (the decoys by their unique values), and writes the true values over
+//! the decoys before the model first runs. The base then runs `x * 1` where tract alone would
+//! skip it, which gives the same bits (IEEE multiplication by one and addition of zero are exact;
+//! only the sign of a zero sum can differ) for a few element-wise operations more.
+//!
+//! Layout changes are located, not prevented: reshapes and broadcasts (plain constants in
+//! element order), transposes (depthwise kernels held tap-major), packing for the matrix
+//! products (tract's panel formats, `(mn, k)` or `(k, mn)`), a kernel whose input channels a
+//! channel shuffle regrouped, and one initializer fed to many nodes (every copy is a site).
+//!
 //! Either way the new variant's checksums and binding to the base are checked before the model
 //! changes, its rebuilt weights are hashed against the manifest the first time it runs, and a
 //! variant that fails leaves the engine on the variant it had.
