@@ -16,4 +16,6 @@ mod seed;
 mod serve;
 mod sign;
 mod store;
+mod switching;
 mod unseen;
+mod zoo;

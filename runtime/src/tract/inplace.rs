@@ -68,6 +68,20 @@ pub(crate) enum Layout {
     MnK,
     /// Row-major `(k, mn)`: a MatMul weight.
     KMn,
+    /// `(mn, k)` with `k` read as `(k / groups, groups)` and stored as `(groups, k / groups)`:
+    /// a convolution after a channel shuffle (ShuffleNet), which tract folds into the kernel.
+    MnKShuffled { groups: usize },
+}
+
+/// The channel-shuffle group counts tried for [`Layout::MnKShuffled`] (ShuffleNet v2 uses 2,
+/// v1 3, 4 or 8).
+const SHUFFLE_GROUPS: [usize; 4] = [2, 3, 4, 8];
+
+/// Every layout a packed place is compared against, in order.
+fn packed_layouts() -> impl Iterator<Item = Layout> {
+    [Layout::MnK, Layout::KMn]
+        .into_iter()
+        .chain(SHUFFLE_GROUPS.map(|groups| Layout::MnKShuffled { groups }))
 }
 
 /// tract's f32 panel layout of one packed operand.
@@ -118,6 +132,14 @@ impl Panels {
                     m += 1;
                 }
             }
+            Layout::MnKShuffled { groups } => {
+                let per = self.k / groups;
+                for j in 0..n {
+                    let (m, kk) = ((first + j) / self.k, (first + j) % self.k);
+                    let kk = (kk % groups) * per + kk / groups;
+                    f((m / r) * panel + kk * r + m % r, j, 1);
+                }
+            }
             Layout::KMn => {
                 let (mut kk, mut m) = (first / self.mn, first % self.mn);
                 while i < n {
@@ -156,27 +178,31 @@ fn packed_f32(v: &dyn MMMInputValue) -> Option<(Panels, &[f32])> {
     Some((p, bytemuck::try_cast_slice(e.packed.as_bytes()).ok()?))
 }
 
-/// The sites of a model's weights, by weight index.
+/// The sites of a model's weights, by weight index: every place that holds the weight (an
+/// exporter may feed one initializer to many nodes, e.g. one LayerNorm scale to every block).
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Sites(Vec<Option<Site>>);
+pub(crate) struct Sites(Vec<Vec<Site>>);
 
 impl Sites {
-    /// The site of weight `i`, if it has a unique one.
-    pub(crate) fn get(&self, i: usize) -> Option<Site> {
-        self.0.get(i).copied().flatten()
+    /// The sites of weight `i`, if it has any.
+    pub(crate) fn get(&self, i: usize) -> Option<&[Site]> {
+        self.0.get(i).map(Vec::as_slice).filter(|s| !s.is_empty())
     }
 
     /// How many weights have a site.
     pub(crate) fn found(&self) -> usize {
-        self.0.iter().flatten().count()
+        self.0.iter().filter(|s| !s.is_empty()).count()
     }
 
     /// Locates weights in `model`. `shapes[i]` is weight `i`'s element count and leading
     /// dimension (`None`: it cannot be rewritten, e.g. an f16 weight); `current(i, first, out)`
-    /// fills `out` with its elements `first..` as the model holds them now.
+    /// fills `out` with its elements `first..` as the model holds them now. A weight whose
+    /// elements are all equal (a single one included) is only located when `distinct(i)` says its
+    /// current values are unlike any other constant (decoys).
     pub(crate) fn find<'m>(
         model: &'m TypedModel,
         shapes: &[Option<(usize, usize)>],
+        distinct: impl Fn(usize) -> bool,
         mut current: impl FnMut(usize, usize, &mut [f32]) -> TractResult<()>,
     ) -> TractResult<Sites> {
         // Every candidate place, grouped by element count.
@@ -240,15 +266,26 @@ impl Sites {
             let Some(candidates) = places.get(&n) else {
                 continue;
             };
-            // Per candidate: still equal as (plain in order or MnK, plain transposed or KMn).
-            let mut equal: Vec<[bool; 2]> = candidates
+            // Per candidate: still equal as (plain in order, plain transposed), or for a packed
+            // place, in each of `packed_layouts()`.
+            let mut equal: Vec<Vec<bool>> = candidates
                 .iter()
-                .map(|(_, p)| [true, matches!(p, Place::Packed(..)) || columns.is_some()])
+                .map(|(_, p)| match p {
+                    Place::Plain(_) => vec![true, columns.is_some()],
+                    Place::Packed(p, _) => packed_layouts()
+                        .map(|l| match l {
+                            Layout::MnKShuffled { groups } => {
+                                groups < p.k && p.k.is_multiple_of(groups)
+                            }
+                            _ => true,
+                        })
+                        .collect(),
+                })
                 .collect();
             let mut first_bits = None;
             let mut uniform = true;
             let mut at = 0;
-            while at < n && equal.iter().any(|e| e[0] || e[1]) {
+            while at < n && equal.iter().any(|e| e.contains(&true)) {
                 let len = CHUNK.min(n - at);
                 buf.resize(len, 0.0);
                 current(i, at, &mut buf)?;
@@ -265,7 +302,7 @@ impl Sites {
                             }
                         }
                         Place::Packed(p, held) => {
-                            for (e, layout) in eq.iter_mut().zip([Layout::MnK, Layout::KMn]) {
+                            for (e, layout) in eq.iter_mut().zip(packed_layouts()) {
                                 if *e {
                                     p.runs(layout, at, len, |d, s, l| {
                                         *e &= same(&held[d..d + l], &buf[s..s + l]);
@@ -277,43 +314,39 @@ impl Sites {
                 }
                 at += len;
             }
-            if uniform && at >= n {
+            if uniform && at >= n && !distinct(i) {
                 continue; // all elements equal: not identifiable (tract may share or drop it)
             }
             for ((site, _), eq) in candidates.iter().zip(&equal) {
-                // A weight that reads the same both ways is ambiguous.
-                match (site, eq) {
-                    (Site::Plain { node, .. }, [true, false]) => matches.push((
-                        i,
-                        Site::Plain {
-                            node: *node,
-                            transposed: None,
-                        },
-                    )),
-                    (Site::Plain { node, .. }, [false, true]) => matches.push((
-                        i,
-                        Site::Plain {
-                            node: *node,
-                            transposed: Some(rows),
-                        },
-                    )),
-                    (Site::Plain { .. }, _) => {}
-                    (_, [true, false]) => matches.push((i, with_layout(*site, Layout::MnK))),
-                    (_, [false, true]) => matches.push((i, with_layout(*site, Layout::KMn))),
-                    _ => {}
-                }
+                // A weight that reads the same in two layouts is ambiguous.
+                let mut hits = eq.iter().enumerate().filter(|(_, e)| **e).map(|(k, _)| k);
+                let (Some(k), None) = (hits.next(), hits.next()) else {
+                    continue;
+                };
+                let site = match *site {
+                    Site::Plain { node, .. } => Site::Plain {
+                        node,
+                        transposed: (k == 1).then_some(rows),
+                    },
+                    s => with_layout(s, packed_layouts().nth(k).expect("one of them")),
+                };
+                matches.push((i, site));
             }
         }
-        let mut per_weight = vec![0usize; shapes.len()];
+        // A place that two weights match (equal contents) is ambiguous: neither weight gets any
+        // site, since that place may derive from either.
         let mut per_place: BTreeMap<(usize, usize, bool), usize> = BTreeMap::new();
-        for (i, s) in &matches {
-            per_weight[*i] += 1;
+        for (_, s) in &matches {
             *per_place.entry(place_key(*s)).or_default() += 1;
         }
-        let mut sites = vec![None; shapes.len()];
+        let mut ambiguous = vec![false; shapes.len()];
+        for (i, s) in &matches {
+            ambiguous[*i] |= per_place[&place_key(*s)] > 1;
+        }
+        let mut sites = vec![Vec::new(); shapes.len()];
         for (i, s) in matches {
-            if per_weight[i] == 1 && per_place[&place_key(s)] == 1 {
-                sites[i] = Some(s);
+            if !ambiguous[i] {
+                sites[i].push(s);
             }
         }
         Ok(Sites(sites))

@@ -13,6 +13,32 @@
 //! a full rebuild: the running plan is dropped *before* the next one is built and freed memory
 //! is returned to the OS (`malloc_trim` on glibc), so the peak stays that of loading one model.
 //!
+//! ## Weights tract would fold away: decoys, not re-derivation
+//!
+//! On the zoo exports (`../shared/fixtures/zoo/`) every weight tract 0.23.9 could not be found
+//! again had been *dropped or shrunk because of its value*, not combined with another constant:
+//! LayerNorm scales of ones (`x * 1` removed), zero biases (`x + 0` removed), uniform layer-scale
+//! constants (shrunk to scalars), and a single-element Relu6 bound shared by every clip (which
+//! cannot be told apart from tract's own constants of the same value). A fine-tuned variant moves those
+//! values, and tract on the variant's ONNX keeps them as constants of their own, so the running
+//! plan must have those constants too. Two ways were possible: re-run tract's derivation on the
+//! new weight, or build the plan so that tract keeps each weight as its own constant. The
+//! second was chosen, by measurement: a plan built around non-uniform values is exactly the plan
+//! tract builds from the variant's ONNX (the switch tests compare outputs bit for bit, and
+//! `bitdelta bench` measures inference after a switch within a few percent of tract on the fine
+//! ONNX), while re-deriving would mean re-implementing tract's rewrite rules per op and version.
+//! So a build for in-place switching hands tract *decoys* ([`decoy`]: distinct, non-neutral
+//! values) for every weight a registered variant switches but whose built values are all equal,
+//! locates every weight (the decoys by their unique values), and writes the true values over
+//! the decoys before the model first runs. The base then runs `x * 1` where tract alone would
+//! skip it, which gives the same bits (IEEE multiplication by one and addition of zero are exact;
+//! only the sign of a zero sum can differ) for a few element-wise operations more.
+//!
+//! Layout changes are located, not prevented: reshapes and broadcasts (plain constants in
+//! element order), transposes (depthwise kernels held tap-major), packing for the matrix
+//! products (tract's panel formats, `(mn, k)` or `(k, mn)`), a kernel whose input channels a
+//! channel shuffle regrouped, and one initializer fed to many nodes (every copy is a site).
+//!
 //! Either way the new variant's checksums and binding to the base are checked before the model
 //! changes, its rebuilt weights are hashed against the manifest the first time it runs, and a
 //! variant that fails leaves the engine on the variant it had.
@@ -337,12 +363,13 @@ impl Engine {
         if dropped {
             crate::mem::release_free_memory();
         }
-        match self.build(name) {
-            Ok((clf, fp)) => {
+        match self.build_for_switching(name) {
+            Ok((clf, fp, sites)) => {
                 if dropped {
                     crate::mem::release_free_memory();
                 }
                 self.classifier = Some(clf);
+                self.sites = sites;
                 if let Some(v) = self.variants.get_mut(name) {
                     v.result = Some(fp);
                 }
@@ -354,8 +381,9 @@ impl Engine {
             }
             Err(e) => {
                 if !previous.is_empty() {
-                    if let Ok((clf, fp)) = self.build(&previous) {
+                    if let Ok((clf, fp, sites)) = self.build_for_switching(&previous) {
                         self.classifier = Some(clf);
+                        self.sites = sites;
                         self.running = self.variants.get(&previous).cloned();
                         self.active = previous;
                         self.active_fingerprint = fp;
@@ -363,6 +391,25 @@ impl Engine {
                 }
                 Err(e.context(format!("switching to variant {name:?}")))
             }
+        }
+    }
+
+    /// Builds `name`; with in-place switching on, around decoys for the weights tract would
+    /// fold away (see [`Engine::uniform_switched_weights`]), unless one of them is then not
+    /// located (the model is built again from the true values).
+    fn build_for_switching(
+        &self,
+        name: &str,
+    ) -> TractResult<(Classifier, Fingerprint, Option<Sites>)> {
+        if self.in_place {
+            match self.build(name, true)? {
+                Built::Model(clf, fp, sites) => return Ok((clf, fp, sites)),
+                Built::Decoy(_) => {}
+            }
+        }
+        match self.build(name, false)? {
+            Built::Model(clf, fp, sites) => Ok((clf, fp, sites)),
+            Built::Decoy(w) => Err(format_err!("weight {w:?} was built from a decoy")),
         }
     }
 
@@ -392,23 +439,7 @@ impl Engine {
             let Some(clf) = self.classifier.as_ref() else {
                 return Ok(false);
             };
-            let shapes: Vec<Option<(usize, usize)>> = weights
-                .initializers
-                .iter()
-                .map(|init| {
-                    let rows = init.dims.first().copied().unwrap_or(1) as usize;
-                    (init.dtype == DType::F32).then_some((init.numel() as usize, rows))
-                })
-                .collect();
-            let mut held: Option<(usize, Vec<(Payload<'_>, f32)>)> = None;
-            let sites = inplace::Sites::find(&clf.model, &shapes, |i, first, out| {
-                if held.as_ref().is_none_or(|(j, _)| *j != i) {
-                    held = Some((i, payloads(weights, &from, i)?));
-                }
-                let p = &held.as_ref().expect("set above").1;
-                reconstruct_at(base, weights, i, p, first, out)
-            })?;
-            self.sites = Some(sites);
+            self.sites = Some(self.locate(&clf.model, &from, &BTreeSet::new())?);
         }
         let sites = self.sites.as_ref().expect("found above");
         let missing: Vec<&str> = set
@@ -465,12 +496,17 @@ impl Engine {
             return Ok(false);
         };
         for &i in &set {
-            let site = sites.get(i).expect("checked above");
             let n = weights.initializers[i].numel() as usize;
             let written = payloads(weights, &to, i).and_then(|p| {
-                inplace::write(m, site, n, |first, out| {
-                    reconstruct_at(base, weights, i, &p, first, out)
-                })
+                sites
+                    .get(i)
+                    .expect("checked above")
+                    .iter()
+                    .try_for_each(|&site| {
+                        inplace::write(m, site, n, |first, out| {
+                            reconstruct_at(base, weights, i, &p, first, out)
+                        })
+                    })
             });
             if let Err(e) = written {
                 self.fallback = Some(format!("rewriting {}: {e}", weights.initializers[i].name));
@@ -497,7 +533,7 @@ impl Engine {
     /// Builds `name` from scratch: tract decodes the base without its weights and reads each
     /// weight from [`Rebuilder`] (base + deltas, reconstructed as tract asks for it), while the
     /// rebuilt weights are hashed on another thread the first time.
-    fn build(&self, name: &str) -> TractResult<(Classifier, Fingerprint)> {
+    fn build(&self, name: &str, decoys: bool) -> TractResult<Built> {
         let base = (*self.base).as_ref();
         let variant = self.variants.get(name);
         let files = Self::deltas_of(&self.variants, name)?;
@@ -505,6 +541,11 @@ impl Engine {
             check_binding(f, k, &self.weights, &self.base_fingerprint)
                 .map_err(|e| format_err!("{e}"))?;
         }
+        let decoys = if decoys {
+            self.uniform_switched_weights(&files)?
+        } else {
+            BTreeSet::new()
+        };
         let stripped = crate::onnx::without_weights(base, &self.weights)?;
         let proto = ModelProto::decode(&stripped[..])?;
         drop(stripped);
@@ -513,6 +554,7 @@ impl Engine {
             base: self.base.clone(),
             weights: self.weights.clone(),
             deltas: variant.map(|v| v.deltas.clone()).unwrap_or_default(),
+            decoys: decoys.clone(),
         });
         let (parsed, hashed) = std::thread::scope(|s| {
             let hasher = variant
@@ -551,13 +593,113 @@ impl Engine {
             "could not resolve inputs at top level: {:?}",
             parsed.unresolved_inputs
         );
-        let model = parsed
+        let mut model = parsed
             .model
             .with_input_fact(0, self.input_type.fact(&self.input_shape).into())?
             .into_optimized()?;
+        let sites = if decoys.is_empty() {
+            None
+        } else {
+            // The plan was made around the decoys: find every weight (the decoys as they are
+            // now) and write the true values over the decoys.
+            let sites = self.locate(&model, &files, &decoys)?;
+            for &i in &decoys {
+                let Some(at) = sites.get(i) else {
+                    return Ok(Built::Decoy(self.weights.initializers[i].name.clone()));
+                };
+                let p = payloads(&self.weights, &files, i)?;
+                let n = self.weights.initializers[i].numel() as usize;
+                for &site in at {
+                    inplace::write(&mut model, site, n, |first, out| {
+                        reconstruct_at(base, &self.weights, i, &p, first, out)
+                    })?;
+                }
+            }
+            Some(sites)
+        };
         let clf =
             Classifier::from_model(Arc::new(model), self.input_shape.clone(), self.input_type)?;
-        Ok((clf, fp))
+        Ok(Built::Model(clf, fp, sites))
+    }
+
+    /// The weights that some registered variant changes but whose values in the model built
+    /// with `files` are all equal (LayerNorm scales of ones, zero biases, a layer-scale
+    /// constant): tract folds such a weight away (`x * 1`, `x + 0`) or shrinks it to a scalar,
+    /// so a plan built from them has no place for the variant's values.
+    fn uniform_switched_weights(
+        &self,
+        files: &[(DeltaFile<'_>, f32)],
+    ) -> TractResult<BTreeSet<usize>> {
+        let base = (*self.base).as_ref();
+        let changed: BTreeSet<usize> = self
+            .variants
+            .values()
+            .flat_map(|v| v.changed.iter().copied())
+            .collect();
+        let mut out = BTreeSet::new();
+        let (mut values, mut stored) = (Vec::new(), Vec::new());
+        for i in changed {
+            let init = &self.weights.initializers[i];
+            if init.dtype != DType::F32 {
+                continue;
+            }
+            let p = payloads(&self.weights, files, i)?;
+            let mut first: Option<[u8; 4]> = None;
+            let mut uniform = true;
+            stored_chunks(
+                base,
+                &self.weights,
+                i,
+                &p,
+                &mut values,
+                &mut stored,
+                |_, b| {
+                    let f = *first.get_or_insert_with(|| [b[0], b[1], b[2], b[3]]);
+                    uniform &= b.chunks_exact(4).all(|c| c == f);
+                },
+            )?;
+            if uniform {
+                out.insert(i);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Finds every f32 weight of the base in `model`, whose weights are those of `files`
+    /// except the `decoys`, which hold [`decoy`] values.
+    fn locate(
+        &self,
+        model: &TypedModel,
+        files: &[(DeltaFile<'_>, f32)],
+        decoys: &BTreeSet<usize>,
+    ) -> TractResult<Sites> {
+        let base = (*self.base).as_ref();
+        let weights = &self.weights;
+        let shapes: Vec<Option<(usize, usize)>> = weights
+            .initializers
+            .iter()
+            .map(|init| {
+                let rows = init.dims.first().copied().unwrap_or(1) as usize;
+                (init.dtype == DType::F32).then_some((init.numel() as usize, rows))
+            })
+            .collect();
+        let mut held: Option<(usize, Vec<(Payload<'_>, f32)>)> = None;
+        inplace::Sites::find(
+            model,
+            &shapes,
+            |i| decoys.contains(&i),
+            |i, first, out| {
+                if decoys.contains(&i) {
+                    decoy(i, first, out);
+                    return Ok(());
+                }
+                if held.as_ref().is_none_or(|(j, _)| *j != i) {
+                    held = Some((i, payloads(weights, files, i)?));
+                }
+                let p = &held.as_ref().expect("set above").1;
+                reconstruct_at(base, weights, i, p, first, out)
+            },
+        )
     }
 
     /// Runs the active model (building the base first if nothing is active yet).
@@ -674,6 +816,26 @@ fn stored_chunks(
 /// Elements reconstructed at a time.
 const CHUNK: usize = 1 << 16;
 
+/// What [`Engine::build`] made.
+enum Built {
+    /// The model, its weights' fingerprint, and where its weights are (when located).
+    Model(Classifier, Fingerprint, Option<Sites>),
+    /// A weight built from decoy values was not located: the model cannot be used.
+    Decoy(String),
+}
+
+/// Elements `first..first + out.len()` of the stand-in values a model is built with for weight
+/// `i` when its true values are all equal: distinct per weight and per element, finite, neither
+/// 0 nor 1, so that tract's optimizer keeps the weight as a constant of its own, as it does for
+/// a fine-tuned variant's values.
+fn decoy(i: usize, first: usize, out: &mut [f32]) {
+    for (j, o) in out.iter_mut().enumerate() {
+        let k = (first + j) as u64 ^ ((i as u64) << 32);
+        let h = k.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 41; // 23 bits
+        *o = 1.5 + h as f32 / (1u32 << 23) as f32 * 0.25;
+    }
+}
+
 /// tract's data resolver for a build: each weight (marked as external data by
 /// [`crate::onnx::without_weights`], offset = its index) is reconstructed from the base and the
 /// deltas when tract reads it, so the decoded model never holds a second copy of the weights.
@@ -681,6 +843,8 @@ struct Rebuilder {
     base: Arc<dyn AsRef<[u8]> + Send + Sync>,
     weights: Arc<OnnxWeights>,
     deltas: Vec<(Arc<[u8]>, f32)>,
+    /// Weights given as [`decoy`] values.
+    decoys: BTreeSet<usize>,
 }
 
 impl tract_onnx::data_resolver::ModelDataResolver for Rebuilder {
@@ -707,9 +871,15 @@ impl tract_onnx::data_resolver::ModelDataResolver for Rebuilder {
             .iter()
             .map(|(b, a)| Ok((DeltaFile::parse(b).map_err(|e| format_err!("{e}"))?, *a)))
             .collect::<TractResult<Vec<_>>>()?;
-        let p = payloads(&self.weights, &files, offset)?;
         buf.clear();
         buf.resize(init.data.len(), 0);
+        if self.decoys.contains(&offset) {
+            let mut values = vec![0f32; init.numel() as usize];
+            decoy(offset, 0, &mut values);
+            apply::store(init.dtype, &values, buf);
+            return Ok(());
+        }
+        let p = payloads(&self.weights, &files, offset)?;
         let (mut values, mut stored) = (Vec::new(), Vec::new());
         stored_chunks(
             base,

@@ -298,25 +298,50 @@ fn a_constant_stored_transposed_is_located_and_rewritten_in_its_order() {
     // with weight 0 in `s`, so give it the other values: it matches nothing.
     let weights = [w.clone(), w.iter().map(|v| v * 3.0).collect::<Vec<f32>>()];
     let shapes = [Some((c * k, c)), Some((c * k, c))];
-    let sites = inplace::Sites::find(&model, &shapes, |i, first, out| {
-        out.copy_from_slice(&weights[i][first..first + out.len()]);
-        Ok(())
-    })
+    let sites = inplace::Sites::find(
+        &model,
+        &shapes,
+        |_| false,
+        |i, first, out| {
+            out.copy_from_slice(&weights[i][first..first + out.len()]);
+            Ok(())
+        },
+    )
     .unwrap();
-    // Weight 0 matches `t` transposed and `s` in order: two places, so no site.
-    assert_eq!(sites.get(0), None);
+    // Weight 0 is held twice, `t` transposed and `s` in order: both are its sites.
+    assert_eq!(
+        sites.get(0),
+        Some(
+            &[
+                inplace::Site::Plain {
+                    node: t.node,
+                    transposed: Some(c)
+                },
+                inplace::Site::Plain {
+                    node: s.node,
+                    transposed: None
+                }
+            ][..]
+        )
+    );
     assert_eq!(sites.get(1), None);
     // Without `s`, weight 0 has exactly one place, transposed.
     let mut model = TypedModel::default();
     let t2 = model
         .add_const("t", Tensor::from_shape(&[1, k, c], &tap_major).unwrap())
         .unwrap();
-    let sites = inplace::Sites::find(&model, &shapes[..1], |_, first, out| {
-        out.copy_from_slice(&w[first..first + out.len()]);
-        Ok(())
-    })
+    let sites = inplace::Sites::find(
+        &model,
+        &shapes[..1],
+        |_| false,
+        |_, first, out| {
+            out.copy_from_slice(&w[first..first + out.len()]);
+            Ok(())
+        },
+    )
     .unwrap();
-    let site = sites.get(0).expect("located");
+    let site = sites.get(0).expect("located")[0];
+    assert_eq!(sites.get(0).unwrap().len(), 1);
     assert_eq!(
         site,
         inplace::Site::Plain {
@@ -356,5 +381,4 @@ fn a_constant_stored_transposed_is_located_and_rewritten_in_its_order() {
             .unwrap(),
         held
     );
-    let _ = (t, s);
 }
