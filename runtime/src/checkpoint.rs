@@ -41,9 +41,8 @@ use crate::compress::{self, Options};
 use crate::error::{Error, FormatError};
 use crate::fingerprint::{Fingerprint, Fingerprinter};
 use crate::format::{
-    is_valid_variant_name, Codec, DType, Encoded, Header, Manifest, OwnedScales, Payload, Scales,
-    WriteError, DEFAULT_ALIGN, ENTRY_LEN, FLAG_SCALES_F16, HEADER_LEN, MAX_ELEMENTS,
-    MAX_MANIFEST_LEN, MAX_NAMES_LEN, MAX_NAME_LEN, MAX_RANK, MAX_SCALE, MAX_TENSORS, VERSION,
+    is_valid_variant_name, DType, DeltaWriter, Manifest, TensorShape, WriteError, DEFAULT_ALIGN,
+    MAX_ELEMENTS, MAX_NAME_LEN, MAX_RANK,
 };
 use crate::stream::StreamDecoder;
 
@@ -494,125 +493,6 @@ fn base_view<'a>(bytes: &'a [u8], dtype: DType) -> Base<'a> {
     }
 }
 
-/// The table fields of one payload, besides its name, dtype and dims.
-struct Entry {
-    offset: u64,
-    len: u64,
-    codec: Codec,
-    flags: u8,
-    groups: u32,
-    scale: f32,
-    crc: u32,
-}
-
-fn scales_bytes(s: &OwnedScales, out: &mut Vec<u8>) -> u8 {
-    match s {
-        OwnedScales::F16(v) => {
-            v.iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
-            FLAG_SCALES_F16
-        }
-        OwnedScales::F32(v) => {
-            v.iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
-            0
-        }
-    }
-}
-
-/// Serializes a payload (`docs/FORMAT.md` §8) into `out`; returns `(groups, scale, flags)`.
-fn payload_bytes(enc: &Encoded, out: &mut Vec<u8>) -> (u32, f32, u8) {
-    match enc {
-        Encoded::Unchanged => (0, 0.0, 0),
-        Encoded::RawF32(v) => {
-            v.iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
-            (0, 0.0, 0)
-        }
-        Encoded::RawF16(v) => {
-            v.iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
-            (0, 0.0, 0)
-        }
-        Encoded::Sign { scale, bits } => {
-            out.extend_from_slice(bits);
-            (1, *scale, 0)
-        }
-        Encoded::SignGroups { scales, bits } => {
-            let flags = scales_bytes(scales, out);
-            out.extend_from_slice(bits);
-            (scales.len() as u32, 0.0, flags)
-        }
-        Encoded::Q8Groups { scales, q } => {
-            let flags = scales_bytes(scales, out);
-            out.extend(q.iter().map(|&v| v as u8));
-            (scales.len() as u32, 0.0, flags)
-        }
-        Encoded::SignPlanes { scales, bits, .. } => {
-            let flags = scales_bytes(scales, out);
-            out.extend_from_slice(bits);
-            (enc.groups() as u32, 0.0, flags)
-        }
-    }
-}
-
-/// The decoder's view of a payload serialized by [`payload_bytes`].
-fn payload_view<'a>(enc: &Encoded, bytes: &'a [u8]) -> Payload<'a> {
-    let split = |scales: &OwnedScales| {
-        let (s, rest) = match scales {
-            OwnedScales::F16(v) => {
-                let (s, rest) = bytes.split_at(v.len() * 2);
-                (Scales::F16(s), rest)
-            }
-            OwnedScales::F32(v) => {
-                let (s, rest) = bytes.split_at(v.len() * 4);
-                (Scales::F32(s), rest)
-            }
-        };
-        (s, rest)
-    };
-    match enc {
-        Encoded::Unchanged => Payload::Unchanged,
-        Encoded::RawF32(_) => Payload::RawF32(bytes),
-        Encoded::RawF16(_) => Payload::RawF16(bytes),
-        Encoded::Sign { scale, .. } => Payload::Sign {
-            scale: *scale,
-            bits: bytes,
-        },
-        Encoded::SignGroups { scales, .. } => {
-            let (scales, bits) = split(scales);
-            Payload::SignGroups { scales, bits }
-        }
-        Encoded::Q8Groups { scales, .. } => {
-            let (scales, q) = split(scales);
-            Payload::Q8Groups { scales, q }
-        }
-        Encoded::SignPlanes { planes, scales, .. } => {
-            let (scales, bits) = split(scales);
-            Payload::SignPlanes {
-                planes: *planes,
-                scales,
-                bits,
-            }
-        }
-    }
-}
-
-/// The scale rule the writer enforces (`docs/FORMAT.md` §8).
-fn scales_ok(enc: &Encoded) -> bool {
-    let ok = |v: f32| v.is_finite() && (0.0..=MAX_SCALE).contains(&v);
-    match enc {
-        Encoded::Sign { scale, .. } => ok(*scale),
-        Encoded::SignGroups { scales, .. }
-        | Encoded::Q8Groups { scales, .. }
-        | Encoded::SignPlanes { scales, .. } => match scales {
-            OwnedScales::F16(v) => v.iter().all(|s| ok(s.to_f32())),
-            OwnedScales::F32(v) => v.iter().all(|&s| ok(s)),
-        },
-        _ => true,
-    }
-}
-
 /// Reusable per-tensor buffers, sized by the largest tensor.
 #[derive(Default)]
 struct Scratch {
@@ -662,37 +542,29 @@ pub fn compress_checkpoint<W: Write + Seek>(
         .zip(fine.weights())
         .inspect(|(b, f)| debug_assert_eq!(b.name, f.name))
         .collect();
-    let too_large = Err(CheckpointError::Write(WriteError::TooLarge));
-    if pairs.len() > MAX_TENSORS as usize {
-        return too_large;
+    let write_err = CheckpointError::Write;
+    let mut dims = Vec::with_capacity(pairs.len());
+    for (t, _) in &pairs {
+        let d: Option<Vec<u32>> = t.dims.iter().map(|&d| u32::try_from(d).ok()).collect();
+        dims.push(d.ok_or(write_err(WriteError::TooLarge))?);
     }
-    let names_len: usize = pairs.iter().map(|(t, _)| t.name.len()).sum();
-    let dims_count: usize = pairs.iter().map(|(t, _)| t.dims.len()).sum();
-    if names_len > MAX_NAMES_LEN as usize {
-        return too_large;
-    }
-    let params = base.params();
-    let mut manifest = Manifest {
+    let shapes = pairs.iter().zip(&dims).map(|((t, _), dims)| TensorShape {
+        name: &t.name,
+        dtype: t.dtype,
+        dims,
+    });
+    let manifest = Manifest {
         name: opts.name,
         description: opts.description,
         labels: opts.labels,
         tool: concat!("bitdelta ", env!("CARGO_PKG_VERSION")),
         sequence: opts.sequence,
-        params,
+        params: 0,
         base_fingerprint: [0; 32],
         result_fingerprint: [0; 32],
     };
-    // The fingerprints are fixed-size, so the manifest keeps this length once they are known.
-    let manifest_len = postcard::to_allocvec(&manifest)
-        .map_err(|_| CheckpointError::Write(WriteError::TooLarge))?
-        .len();
-    if manifest_len > MAX_MANIFEST_LEN as usize {
-        return too_large;
-    }
-    let align = u64::from(DEFAULT_ALIGN);
-    let meta_end =
-        (HEADER_LEN + manifest_len + ENTRY_LEN * pairs.len() + 4 * dims_count + names_len) as u64;
-    let payload_offset = meta_end.div_ceil(align) * align;
+    let mut writer = DeltaWriter::new(&manifest, shapes, DEFAULT_ALIGN).map_err(write_err)?;
+    let payload_offset = writer.payload_offset();
 
     out.seek(SeekFrom::Start(0))
         .map_err(CheckpointError::Output)?;
@@ -702,14 +574,9 @@ pub fn compress_checkpoint<W: Write + Seek>(
     let mut done = 0u64;
     let mut base_fp = Fingerprinter::new();
     let mut result_fp = Fingerprinter::new();
-    let mut entries = Vec::with_capacity(pairs.len());
-    let mut cursor = 0u64;
+    let mut file_len = payload_offset;
     let mut s = Scratch::default();
     for (b, f) in &pairs {
-        let pad = cursor.div_ceil(align) * align - cursor;
-        write_zeros(out, pad).map_err(CheckpointError::Output)?;
-        cursor += pad;
-
         let (bb, fb) = (base.data(b), fine.data(f));
         let bv = as_f32(bb, b.dtype, &mut s.base);
         let fv = as_f32(fb, f.dtype, &mut s.fine);
@@ -723,32 +590,17 @@ pub fn compress_checkpoint<W: Write + Seek>(
         }
         let enc = compress::encode(opts.policy, &b.dims, bv, fv);
         fine.release(f);
-        if !scales_ok(&enc) {
-            return Err(CheckpointError::Write(WriteError::Inconsistent(
-                b.name.clone(),
-            )));
-        }
         s.payload.clear();
-        let (groups, scale, flags) = payload_bytes(&enc, &mut s.payload);
-        debug_assert_eq!(s.payload.len(), enc.payload_len());
-        out.write_all(&s.payload).map_err(CheckpointError::Output)?;
-        entries.push(Entry {
-            offset: cursor,
-            len: s.payload.len() as u64,
-            codec: enc.codec(),
-            flags,
-            groups,
-            scale,
-            crc: crc32fast::hash(&s.payload),
-        });
-        cursor += s.payload.len() as u64;
+        // Alignment padding and payload, checked with the reader's rules.
+        let payload = writer.push(&enc, &mut s.payload).map_err(write_err)?;
 
         // The result, rebuilt as a device does (docs/FORMAT.md §9) and stored in the base dtype.
         base_fp.add(&b.name, b.dtype, &b.dims, bb);
         s.values.resize(b.numel() as usize, 0.0);
-        let payload = payload_view(&enc, &s.payload);
         compose::reconstruct(base_view(bb, b.dtype), &[(payload, 1.0)], &mut s.values)
             .map_err(|e| CheckpointError::Apply(ApplyError::Compose(e)))?;
+        out.write_all(&s.payload).map_err(CheckpointError::Output)?;
+        file_len += s.payload.len() as u64;
         let stored = stored_bytes(b.dtype, &s.values, &mut s.stored);
         result_fp.add(&b.name, b.dtype, &b.dims, stored);
         base.release(b);
@@ -757,60 +609,15 @@ pub fn compress_checkpoint<W: Write + Seek>(
         progress(done, total);
     }
 
-    manifest.base_fingerprint = base_fp.finish();
-    manifest.result_fingerprint = result_fp.finish();
-    let manifest_b = postcard::to_allocvec(&manifest)
-        .map_err(|_| CheckpointError::Write(WriteError::TooLarge))?;
-    assert_eq!(
-        manifest_b.len(),
-        manifest_len,
-        "fingerprints are fixed-size"
+    writer.set_fingerprints(base_fp.finish(), result_fp.finish());
+    let params = writer.manifest().params;
+    let (base_fingerprint, result_fingerprint) = (
+        writer.manifest().base_fingerprint,
+        writer.manifest().result_fingerprint,
     );
-    let mut meta = Vec::with_capacity((payload_offset - HEADER_LEN as u64) as usize);
-    meta.extend_from_slice(&manifest_b);
-    let (mut name_off, mut dims_start) = (0u32, 0u32);
-    for ((t, _), e) in pairs.iter().zip(&entries) {
-        meta.extend_from_slice(&e.offset.to_le_bytes());
-        meta.extend_from_slice(&e.len.to_le_bytes());
-        meta.extend_from_slice(&name_off.to_le_bytes());
-        meta.extend_from_slice(&(t.name.len() as u16).to_le_bytes());
-        meta.push(e.codec as u8);
-        meta.push(t.dtype as u8);
-        meta.extend_from_slice(&dims_start.to_le_bytes());
-        meta.push(t.dims.len() as u8);
-        meta.push(e.flags);
-        meta.extend_from_slice(&0u16.to_le_bytes());
-        meta.extend_from_slice(&e.groups.to_le_bytes());
-        meta.extend_from_slice(&e.scale.to_le_bytes());
-        meta.extend_from_slice(&e.crc.to_le_bytes());
-        name_off += t.name.len() as u32;
-        dims_start += t.dims.len() as u32;
-    }
-    for (t, _) in &pairs {
-        for &d in &t.dims {
-            meta.extend_from_slice(&(d as u32).to_le_bytes());
-        }
-    }
-    for (t, _) in &pairs {
-        meta.extend_from_slice(t.name.as_bytes());
-    }
-    debug_assert_eq!(meta.len() as u64, meta_end - HEADER_LEN as u64);
-    meta.resize((payload_offset - HEADER_LEN as u64) as usize, 0);
-    let file_len = payload_offset + cursor;
-    let header = Header {
-        version: VERSION,
-        alignment: DEFAULT_ALIGN,
-        manifest_len: manifest_len as u32,
-        tensor_count: pairs.len() as u32,
-        dims_count: dims_count as u32,
-        names_len: names_len as u32,
-        payload_offset,
-        file_len,
-        meta_crc: crc32fast::hash(&meta),
-    };
+    let meta = writer.finish().map_err(write_err)?;
     let patch = |out: &mut W| {
         out.seek(SeekFrom::Start(0))?;
-        out.write_all(&header.to_bytes())?;
         out.write_all(&meta)?;
         out.seek(SeekFrom::Start(file_len))?;
         out.flush()
@@ -820,8 +627,8 @@ pub fn compress_checkpoint<W: Write + Seek>(
         tensors: pairs.len(),
         params,
         file_len,
-        base_fingerprint: manifest.base_fingerprint,
-        result_fingerprint: manifest.result_fingerprint,
+        base_fingerprint,
+        result_fingerprint,
     })
 }
 
@@ -1054,7 +861,7 @@ mod tests {
 
     use super::*;
     use crate::compress::Policy;
-    use crate::format::{write_delta, DeltaFile, TensorRecord};
+    use crate::format::{write_delta, Codec, DeltaFile, TensorRecord};
 
     /// A fresh scratch folder, removed when dropped.
     struct TempDir(PathBuf);
@@ -1331,6 +1138,59 @@ mod tests {
                 assert!(codecs.iter().all(|c| c.1 == Codec::Sign));
             }
             verify_delta(&mut Cursor::new(&delta)).unwrap();
+        }
+    }
+
+    /// An ONNX model whose graph holds `specs` as raw-data initializers.
+    fn onnx_model(specs: &[Spec], data: &[Vec<u8>]) -> Vec<u8> {
+        use prost::encoding::{encode_key, encode_varint, WireType};
+        let field = |number: u32, bytes: &[u8], out: &mut Vec<u8>| {
+            encode_key(number, WireType::LengthDelimited, out);
+            encode_varint(bytes.len() as u64, out);
+            out.extend_from_slice(bytes);
+        };
+        let mut graph = Vec::new();
+        for (s, d) in specs.iter().zip(data) {
+            let mut t = Vec::new();
+            for &dim in &s.shape {
+                encode_key(1, WireType::Varint, &mut t);
+                encode_varint(dim as u64, &mut t);
+            }
+            encode_key(2, WireType::Varint, &mut t);
+            encode_varint(if s.dtype == Dtype::F16 { 10 } else { 1 }, &mut t);
+            field(8, s.name.as_bytes(), &mut t);
+            field(9, d, &mut t);
+            field(5, &t, &mut graph);
+        }
+        let mut model = Vec::new();
+        field(7, &graph, &mut model);
+        model
+    }
+
+    /// The streaming checkpoint writer and the in-memory ONNX writer give the same file for the
+    /// same tensors: both lay out the delta with `format::DeltaWriter`.
+    #[test]
+    fn checkpoint_and_onnx_writers_give_byte_identical_deltas() {
+        let dir = scratch("onnx-identical");
+        let specs = specs();
+        let data = pair(&specs, 4);
+        let (b, f): (Vec<_>, Vec<_>) = data.into_iter().unzip();
+        write_st(&dir.join("base.safetensors"), &specs, &b);
+        write_st(&dir.join("fine.safetensors"), &specs, &f);
+        let open = |n: &str| Checkpoint::open(dir.join(n)).unwrap();
+        let (base, fine) = (open("base.safetensors"), open("fine.safetensors"));
+        let (base_onnx, fine_onnx) = (onnx_model(&specs, &b), onnx_model(&specs, &f));
+        let base_w = crate::onnx::scan(&base_onnx).unwrap();
+        let fine_w = crate::onnx::scan(&fine_onnx).unwrap();
+        assert_eq!(base_w.initializers.len(), base.weights().count());
+        for policy in [Policy::Seed, Policy::Auto] {
+            let o = opts(policy);
+            let (delta, _) = compress(&base, &fine, &o);
+            let from_onnx =
+                compress::compress_onnx(&base_onnx, &base_w, &fine_onnx, &fine_w, &o, |_, _| {})
+                    .unwrap();
+            assert_eq!(delta.len(), from_onnx.len(), "{policy:?}: length");
+            assert!(delta == from_onnx, "{policy:?}: bytes differ");
         }
     }
 
