@@ -5,10 +5,14 @@
 //! the tract adapter.
 //!
 //! # Crate features
-//! - `std` (default): implies `alloc`; memory-mapped sources, run-time CPU detection, ONNX helpers.
+//! - `std` (default): implies `apply`; memory-mapped checkpoints, ONNX helpers, compression,
+//!   signatures and the variant store.
+//! - `apply`: implies `alloc`; an apply-only library for devices: the standard library, run-time
+//!   CPU detection and memory helpers over the format, streaming decoder, composition and kernels,
+//!   without prost, ed25519, serde_json or safetensors.
 //! - `alloc`: the delta writer and owned helpers.
 //! - `tract`: load and run ONNX models with deltas applied, through tract-onnx.
-#![cfg_attr(not(any(test, feature = "std")), no_std)]
+#![cfg_attr(not(any(test, feature = "apply")), no_std)]
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -30,7 +34,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod format;
 pub mod kernels;
-#[cfg(feature = "std")]
+#[cfg(feature = "apply")]
 pub mod mem;
 #[cfg(feature = "std")]
 pub mod onnx;

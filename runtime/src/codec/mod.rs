@@ -3,7 +3,7 @@
 //! One file per codec holds its encoder: [`raw`] (`raw-f32`, `raw-f16`), [`sign`] (`sign`),
 //! [`sign_groups`], [`q8_groups`] and [`sign_planes`]; [`rounding`] chooses the bits of the sign
 //! codecs by their effect on a layer's outputs. The payload layouts and their serialisation are
-//! in [`crate::format`] ([`Encoded`], `docs/FORMAT.md` §8), reconstruction is in
+//! in [`crate::format`] ([`Encoded`](crate::format::Encoded), `docs/FORMAT.md` §8), reconstruction is in
 //! [`crate::compose`] and [`crate::stream`].
 //!
 //! May depend on: `alloc`, `half`, [`crate::format`], [`crate::pack`], [`crate::compose`]
@@ -16,7 +16,7 @@ use alloc::vec::Vec;
 
 use half::f16;
 
-use crate::format::{Encoded, OwnedScales};
+use crate::format::OwnedScales;
 
 mod q8_groups;
 mod raw;

@@ -3,7 +3,9 @@
 use super::rounding::invert;
 use super::*;
 use crate::compose::{self, Base};
-use crate::format::{write_delta, DType, DeltaFile, Manifest, TensorRecord, DEFAULT_ALIGN};
+use crate::format::{
+    write_delta, DType, DeltaFile, Encoded, Manifest, TensorRecord, DEFAULT_ALIGN,
+};
 use proptest::prelude::*;
 
 struct Rng(u64);
