@@ -27,7 +27,6 @@ use std::convert::Infallible;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::string::String;
 use std::vec::Vec;
@@ -51,25 +50,8 @@ const APPLY_CHUNK: usize = 1 << 14;
 /// Buffered I/O size for reading a delta.
 const READ_BUF: usize = 1 << 16;
 
-/// One tensor of a checkpoint.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CheckpointTensor {
-    /// Name.
-    pub name: String,
-    /// Element type.
-    pub dtype: DType,
-    /// Dimensions, outermost first.
-    pub dims: Vec<u64>,
-    /// Byte range of the little-endian element data in the file.
-    pub data: Range<usize>,
-}
-
-impl CheckpointTensor {
-    /// Number of elements.
-    pub fn numel(&self) -> u64 {
-        self.dims.iter().product()
-    }
-}
+/// One tensor of a checkpoint (the weight table's one tensor type).
+pub type CheckpointTensor = crate::weights::WeightTensor;
 
 /// A memory-mapped safetensors checkpoint, its tensors indexed by name.
 #[derive(Debug)]

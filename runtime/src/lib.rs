@@ -46,6 +46,8 @@ pub mod store;
 pub mod stream;
 #[cfg(feature = "tract")]
 pub mod tract;
+#[cfg(feature = "std")]
+pub mod weights;
 
 pub use error::{Error, FormatError};
 pub use format::DeltaFile;
