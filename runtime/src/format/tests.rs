@@ -2516,7 +2516,11 @@ mod writer_props {
             .prop_flat_map(|(name, dims, f16, codec, gdiv, planes, f16_dtype)| {
                 let n = dims.iter().product::<u32>() as usize;
                 // A group count that divides n when `gdiv` does, else one that may not.
-                let g = if n.is_multiple_of(gdiv) { gdiv } else { gdiv.min(n) };
+                let g = if n.is_multiple_of(gdiv) {
+                    gdiv
+                } else {
+                    gdiv.min(n)
+                };
                 let signs = n.div_ceil(8);
                 let enc: BoxedStrategy<Encoded> = match codec {
                     0 => Just(Encoded::Unchanged).boxed(),
