@@ -76,18 +76,19 @@ pub fn seal(data: &[u8]) -> Option<Vec<u8>> {
         let start = usize::try_from(start).ok()?;
         Some(start..start.checked_add(usize::try_from(len).ok()?)?)
     };
+    use bitdelta::format::{entry_field as ef, header_field as hf, ENTRY_LEN, HEADER_LEN};
     let mut b = data.to_vec();
-    if b.len() < 64 {
+    if b.len() < HEADER_LEN {
         return None;
     }
-    let table = 64 + rd(&b, 16, 4)? as usize;
-    let payload_offset = rd(&b, 32, 8)?;
-    for i in 0..rd(&b, 20, 4)? as usize {
-        let e = table + 44 * i;
-        if e + 44 > b.len() {
+    let table = HEADER_LEN + rd(&b, hf::MANIFEST_LEN, 4)? as usize;
+    let payload_offset = rd(&b, hf::PAYLOAD_OFFSET, 8)?;
+    for i in 0..rd(&b, hf::TENSORS, 4)? as usize {
+        let e = table + ENTRY_LEN * i;
+        if e + ENTRY_LEN > b.len() {
             break;
         }
-        let (Some(off), Some(len)) = (rd(&b, e, 8), rd(&b, e + 8, 8)) else {
+        let (Some(off), Some(len)) = (rd(&b, e + ef::OFFSET, 8), rd(&b, e + ef::LEN, 8)) else {
             break;
         };
         let payload = payload_offset
@@ -96,15 +97,19 @@ pub fn seal(data: &[u8]) -> Option<Vec<u8>> {
             .and_then(|r| b.get(r));
         if let Some(p) = payload {
             let crc = crc32fast::hash(p);
-            b[e + 40..e + 44].copy_from_slice(&crc.to_le_bytes());
+            b[e + ef::CRC..e + ef::CRC + 4].copy_from_slice(&crc.to_le_bytes());
         }
     }
-    if let Some(meta) = range(64, payload_offset.saturating_sub(64)).and_then(|r| b.get(r)) {
+    let meta = range(
+        HEADER_LEN as u64,
+        payload_offset.saturating_sub(HEADER_LEN as u64),
+    );
+    if let Some(meta) = meta.and_then(|r| b.get(r)) {
         let crc = crc32fast::hash(meta);
-        b[48..52].copy_from_slice(&crc.to_le_bytes());
+        b[hf::META_CRC..hf::META_CRC + 4].copy_from_slice(&crc.to_le_bytes());
     }
-    let crc = crc32fast::hash(&b[..60]);
-    b[60..64].copy_from_slice(&crc.to_le_bytes());
+    let crc = crc32fast::hash(&b[..hf::CRC]);
+    b[hf::CRC..hf::CRC + 4].copy_from_slice(&crc.to_le_bytes());
     (b != data).then_some(b)
 }
 

@@ -366,7 +366,7 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
 
 impl<E: fmt::Debug + fmt::Display> core::error::Error for Error<E> {}
 
-#[cfg(feature = "std")]
+#[cfg(feature = "apply")]
 impl From<Error<std::io::Error>> for std::io::Error {
     fn from(e: Error<std::io::Error>) -> Self {
         match e {

@@ -47,7 +47,7 @@ impl Fingerprinter {
     /// The next bytes of the tensor started by [`Fingerprinter::begin`].
     pub fn update(&mut self, data: &[u8]) {
         // Large tensors are hashed on every core (BLAKE3's tree; the same fingerprint).
-        #[cfg(feature = "std")]
+        #[cfg(feature = "apply")]
         if data.len() >= 1 << 20 {
             self.0.update_rayon(data);
             return;

@@ -5,11 +5,15 @@
 //! the tract adapter.
 //!
 //! # Crate features
-//! - `std` (default): implies `alloc`; memory-mapped sources, run-time CPU detection, ONNX helpers.
+//! - `std` (default): implies `apply`; memory-mapped checkpoints, ONNX helpers, compression,
+//!   signatures and the variant store.
+//! - `apply`: implies `alloc`; an apply-only library for devices: the standard library, run-time
+//!   CPU detection and memory helpers over the format, streaming decoder, composition and kernels,
+//!   without prost, ed25519, serde_json or safetensors.
 //! - `alloc`: the delta writer and owned helpers.
 //! - `tract`: load and run ONNX models with deltas applied, through tract-onnx.
 //! - `images`: camera frames to model inputs by a model card (decode, orient, resize, normalise).
-#![cfg_attr(not(any(test, feature = "std")), no_std)]
+#![cfg_attr(not(any(test, feature = "apply")), no_std)]
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -35,7 +39,7 @@ pub mod format;
 #[cfg(feature = "images")]
 pub mod frame;
 pub mod kernels;
-#[cfg(feature = "std")]
+#[cfg(feature = "apply")]
 pub mod mem;
 #[cfg(feature = "std")]
 pub mod onnx;
@@ -47,6 +51,8 @@ pub mod store;
 pub mod stream;
 #[cfg(feature = "tract")]
 pub mod tract;
+#[cfg(feature = "std")]
+pub mod weights;
 
 pub use error::{Error, FormatError};
 pub use format::DeltaFile;

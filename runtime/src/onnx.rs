@@ -21,25 +21,8 @@ const ONNX_FLOAT: u64 = 1;
 /// ONNX `TensorProto.DataType.FLOAT16`.
 const ONNX_FLOAT16: u64 = 10;
 
-/// A float initializer of an ONNX model.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Initializer {
-    /// Name.
-    pub name: String,
-    /// Element type.
-    pub dtype: DType,
-    /// Dimensions.
-    pub dims: Vec<u64>,
-    /// Byte range of the little-endian element data in the model file.
-    pub data: Range<usize>,
-}
-
-impl Initializer {
-    /// Number of elements.
-    pub fn numel(&self) -> u64 {
-        self.dims.iter().product()
-    }
-}
+/// A float initializer of an ONNX model (the weight table's one tensor type).
+pub type Initializer = crate::weights::WeightTensor;
 
 /// The float initializers of a model, sorted by name.
 #[derive(Clone, Debug, Default)]

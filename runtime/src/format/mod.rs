@@ -3,6 +3,13 @@
 //! The normative description is `docs/FORMAT.md`. Parsing ([`DeltaFile::parse`]) is a pure
 //! function over a byte slice: it never allocates and never panics, whatever the input.
 //!
+//! May depend on: `core`, `crc32fast`, `half`, `postcard`/`serde` (the manifest), [`crate::pack`]
+//! (sign padding bits), and `alloc` for the writer. No I/O: callers fetch and store bytes.
+//!
+//! One place for each rule: `entry.rs` ([`entry_field`]) holds the 44-byte entry layout and every
+//! per-entry check, `header.rs` ([`header_field`]) the 64-byte header layout; the reader, the
+//! streaming decoder and the writers ([`DeltaWriter`], [`write_delta`]) all go through them.
+//!
 //! ```text
 //! [0, 64)                 fixed header (little-endian), CRC32 over bytes 0..60 at 60
 //! [64, +manifest_len)     manifest, postcard
@@ -13,17 +20,24 @@
 //! payloads                one per tensor in table order, each at the next aligned offset
 //! ```
 
+pub(crate) mod entry;
 mod header;
 mod manifest;
 mod reader;
 #[cfg(feature = "alloc")]
 mod writer;
 
+pub use entry::{
+    field as entry_field, is_valid_tensor_name, plane_byte, Payload, Scales, TensorEntry,
+};
+pub use header::field as header_field;
 pub use header::Header;
 pub use manifest::Manifest;
-pub use reader::{plane_byte, DeltaFile, Payload, Scales, TensorEntry};
+pub use reader::DeltaFile;
 #[cfg(feature = "alloc")]
-pub use writer::{write_delta, Encoded, OwnedScales, TensorRecord, WriteError};
+pub use writer::{
+    write_delta, DeltaWriter, Encoded, OwnedScales, TensorRecord, TensorShape, WriteError,
+};
 
 /// File magic: the first 8 bytes of every delta.
 pub const MAGIC: [u8; 8] = *b"BITDELTA";

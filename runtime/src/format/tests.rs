@@ -21,32 +21,17 @@ use crate::error::{Cap, Field, FormatError};
 /// Default alignment of the fixture.
 const ALIGN: u32 = DEFAULT_ALIGN;
 
-// Header field offsets.
-const H_VERSION: usize = 8;
-const H_ALIGN: usize = 12;
-const H_MANIFEST_LEN: usize = 16;
-const H_TENSORS: usize = 20;
-const H_DIMS: usize = 24;
-const H_NAMES_LEN: usize = 28;
-const H_PAYLOAD_OFFSET: usize = 32;
-const H_FILE_LEN: usize = 40;
-const H_META_CRC: usize = 48;
-const H_CRC: usize = 60;
-
-// Tensor-table entry field offsets.
-const E_OFFSET: usize = 0;
-const E_LEN: usize = 8;
-const E_NAME_OFF: usize = 16;
-const E_NAME_LEN: usize = 20;
-const E_CODEC: usize = 22;
-const E_DTYPE: usize = 23;
-const E_DIMS: usize = 24;
-const E_RANK: usize = 28;
-const E_FLAGS: usize = 29;
-const E_RESERVED: usize = 30;
-const E_GROUPS: usize = 32;
-const E_SCALE: usize = 36;
-const E_CRC: usize = 40;
+// Header and entry field offsets, from the one layout definition.
+use super::entry_field::{
+    CODEC as E_CODEC, CRC as E_CRC, DIMS_START as E_DIMS, DTYPE as E_DTYPE, FLAGS as E_FLAGS,
+    GROUPS as E_GROUPS, LEN as E_LEN, NAME_LEN as E_NAME_LEN, NAME_OFF as E_NAME_OFF,
+    OFFSET as E_OFFSET, RANK as E_RANK, RESERVED as E_RESERVED, SCALE as E_SCALE,
+};
+use super::header_field::{
+    ALIGNMENT as H_ALIGN, CRC as H_CRC, DIMS as H_DIMS, FILE_LEN as H_FILE_LEN,
+    MANIFEST_LEN as H_MANIFEST_LEN, META_CRC as H_META_CRC, NAMES_LEN as H_NAMES_LEN,
+    PAYLOAD_OFFSET as H_PAYLOAD_OFFSET, TENSORS as H_TENSORS, VERSION as H_VERSION,
+};
 
 // Fixture tensors, by table index (the table is sorted by name).
 const UNCHANGED: u32 = 0;
@@ -2378,5 +2363,278 @@ mod props {
             reseal(&mut m);
             let _ = exercise(&m);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The writer refuses everything the reader refuses
+
+/// Each cap the reader enforces on the meta region is enforced by the writer, as `TooLarge`.
+#[test]
+fn writer_refuses_what_the_caps_refuse() {
+    let m = manifest();
+    let shape = |name: &'static str| TensorShape {
+        name,
+        dtype: DType::F32,
+        dims: &[],
+    };
+    let long = "d".repeat(MAX_MANIFEST_LEN as usize);
+    let too_long = Manifest {
+        description: &long,
+        ..manifest()
+    };
+    assert_eq!(
+        DeltaWriter::new(&too_long, [shape("a")], ALIGN).err(),
+        Some(WriteError::TooLarge)
+    );
+    let names: Vec<String> = (0..=MAX_TENSORS).map(|i| format!("{i:08}")).collect();
+    let shapes = names.iter().map(|name| TensorShape {
+        name,
+        dtype: DType::F32,
+        dims: &[],
+    });
+    assert_eq!(
+        DeltaWriter::new(&m, shapes.clone().take(MAX_TENSORS as usize), ALIGN).map(|_| ()),
+        Ok(())
+    );
+    assert_eq!(
+        DeltaWriter::new(&m, shapes, ALIGN).err(),
+        Some(WriteError::TooLarge)
+    );
+    let count = (MAX_NAMES_LEN / u32::from(MAX_NAME_LEN)) as usize;
+    let names: Vec<String> = (0..=count)
+        .map(|i| format!("{i:0width$}", width = usize::from(MAX_NAME_LEN)))
+        .collect();
+    let shapes = names.iter().map(|name| TensorShape {
+        name,
+        dtype: DType::F32,
+        dims: &[],
+    });
+    assert_eq!(
+        DeltaWriter::new(&m, shapes.clone().take(count), ALIGN).map(|_| ()),
+        Ok(())
+    );
+    assert_eq!(
+        DeltaWriter::new(&m, shapes, ALIGN).err(),
+        Some(WriteError::TooLarge)
+    );
+}
+
+/// The reader's tensor-name rule: empty, too long, or with a control character is refused.
+#[test]
+fn writer_refuses_bad_tensor_names() {
+    let long = "n".repeat(usize::from(MAX_NAME_LEN) + 1);
+    for name in ["", "a\u{0}b", "tab\there", "\u{85}", long.as_str()] {
+        let mut r = vec![TensorRecord {
+            name: name.into(),
+            dtype: DType::F32,
+            dims: vec![2],
+            encoded: Encoded::Unchanged,
+        }];
+        assert_eq!(
+            write_delta(&manifest(), &mut r, ALIGN),
+            Err(WriteError::Inconsistent(name.into()))
+        );
+    }
+    let ok = "n".repeat(usize::from(MAX_NAME_LEN));
+    let mut r = vec![TensorRecord {
+        name: ok,
+        dtype: DType::F32,
+        dims: vec![2],
+        encoded: Encoded::Unchanged,
+    }];
+    assert!(write_delta(&manifest(), &mut r, ALIGN).is_ok());
+}
+
+/// Tensors given to the streaming writer out of order are refused (the reader needs them sorted).
+#[test]
+fn streaming_writer_refuses_unsorted_names() {
+    let shape = |name| TensorShape {
+        name,
+        dtype: DType::F32,
+        dims: &[1],
+    };
+    assert_eq!(
+        DeltaWriter::new(&manifest(), [shape("b"), shape("a")], ALIGN).err(),
+        Some(WriteError::NotSorted("a".into()))
+    );
+}
+
+mod writer_props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Mostly valid scales, sometimes ones the format refuses.
+    fn scale() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            8 => 0.0f32..=MAX_SCALE,
+            1 => Just(-1.0f32),
+            1 => Just(f32::NAN),
+            1 => Just(f32::INFINITY),
+            1 => Just(MAX_SCALE * 2.0),
+        ]
+    }
+
+    fn scales(len: usize, f16: bool) -> impl Strategy<Value = OwnedScales> {
+        prop::collection::vec(scale(), len).prop_map(move |v| {
+            if f16 {
+                OwnedScales::F16(f16s(&v))
+            } else {
+                OwnedScales::F32(v)
+            }
+        })
+    }
+
+    /// Bytes whose length is the expected one, or off by one either way.
+    fn bytes(len: usize) -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            6 => Just(len),
+            1 => Just(len + 1),
+            1 => Just(len.saturating_sub(1)),
+        ]
+        .prop_flat_map(|l| prop::collection::vec(any::<u8>(), l))
+    }
+
+    /// A record of about the right shape for its codec: the writer must accept exactly those
+    /// the reader accepts.
+    fn record() -> impl Strategy<Value = TensorRecord> {
+        let name = prop_oneof![
+            8 => "[a-z.]{1,6}",
+            1 => Just(String::new()),
+            1 => "[a-z]{0,2}[\u{0}\u{7f}\u{85}][a-z]{0,2}",
+        ];
+        let dims = prop::collection::vec(1u32..6, 0..4);
+        (
+            name,
+            dims,
+            any::<bool>(),
+            0u8..7,
+            1usize..5,
+            0usize..10,
+            any::<bool>(),
+        )
+            .prop_flat_map(|(name, dims, f16, codec, gdiv, planes, f16_dtype)| {
+                let n = dims.iter().product::<u32>() as usize;
+                // A group count that divides n when `gdiv` does, else one that may not.
+                let g = if n.is_multiple_of(gdiv) {
+                    gdiv
+                } else {
+                    gdiv.min(n)
+                };
+                let signs = n.div_ceil(8);
+                let enc: BoxedStrategy<Encoded> = match codec {
+                    0 => Just(Encoded::Unchanged).boxed(),
+                    1 => prop::collection::vec(any::<f32>(), n)
+                        .prop_map(Encoded::RawF32)
+                        .boxed(),
+                    2 => prop::collection::vec(any::<f32>(), n)
+                        .prop_map(|v| Encoded::RawF16(f16s(&v)))
+                        .boxed(),
+                    3 => (scale(), bytes(signs))
+                        .prop_map(|(scale, bits)| Encoded::Sign { scale, bits })
+                        .boxed(),
+                    4 => (scales(g, f16), bytes(signs))
+                        .prop_map(|(scales, bits)| Encoded::SignGroups { scales, bits })
+                        .boxed(),
+                    5 => (scales(g, f16), prop::collection::vec(any::<i8>(), n))
+                        .prop_map(|(scales, q)| Encoded::Q8Groups { scales, q })
+                        .boxed(),
+                    _ => (scales(g * planes, f16), bytes(signs * planes))
+                        .prop_map(move |(scales, bits)| Encoded::SignPlanes {
+                            planes,
+                            scales,
+                            bits,
+                        })
+                        .boxed(),
+                };
+                let dtype = if f16_dtype { DType::F16 } else { DType::F32 };
+                (Just(name), Just(dims), enc).prop_map(move |(name, dims, encoded)| TensorRecord {
+                    name,
+                    dtype,
+                    dims,
+                    encoded,
+                })
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any delta the writer accepts parses, passes every payload check, and gives back each
+        /// tensor's name, dtype, dims, codec and payload bytes.
+        #[test]
+        fn written_delta_parses_and_round_trips(
+            records in prop::collection::vec(record(), 0..6),
+            align in prop_oneof![Just(1u32), Just(8), Just(64)],
+        ) {
+            let mut records = records;
+            let Ok(bytes) = write_delta(&manifest(), &mut records, align) else {
+                return Ok(());
+            };
+            let f = DeltaFile::parse(&bytes).expect("the writer's output parses");
+            f.verify_payloads().expect("the writer's payloads pass their checks");
+            prop_assert_eq!(f.len(), records.len());
+            for (r, e) in records.iter().zip(f.tensors()) {
+                check_entry(r, &e);
+                let mut payload = Vec::new();
+                r.encoded.write(&mut payload);
+                prop_assert_eq!(e.payload_bytes(), payload.as_slice());
+            }
+        }
+
+        /// The writer's verdict on one record is the reader's: a record is refused exactly when
+        /// the same bytes, laid out by hand, fail the reader's entry or payload checks.
+        #[test]
+        fn writer_accepts_what_the_reader_accepts(r in record()) {
+            let mut one = [r.clone()];
+            let written = write_delta(&manifest(), &mut one, ALIGN);
+            let mut payload = Vec::new();
+            r.encoded.write(&mut payload);
+            let reader_ok = hand_laid(&r, &payload).is_some_and(|b| {
+                DeltaFile::parse(&b).and_then(|f| f.verify_payloads()).is_ok()
+            });
+            prop_assert_eq!(written.is_ok(), reader_ok, "{:?}", r);
+        }
+    }
+
+    /// `r` laid out with the entry fields a codec implies, without the writer's checks.
+    fn hand_laid(r: &TensorRecord, payload: &[u8]) -> Option<Vec<u8>> {
+        let ok = TensorRecord {
+            encoded: Encoded::Unchanged,
+            ..r.clone()
+        };
+        let bytes = write_delta(&manifest(), &mut [ok], ALIGN).ok()?;
+        let l = Layout::of(&bytes);
+        let mut b = bytes[..l.payload_offset].to_vec();
+        b.extend_from_slice(payload);
+        let e = l.entry(0);
+        let (groups, scale, flags) = match &r.encoded {
+            Encoded::Sign { scale, .. } => (1, *scale, 0),
+            Encoded::SignGroups { scales, .. }
+            | Encoded::Q8Groups { scales, .. }
+            | Encoded::SignPlanes { scales, .. } => (
+                u32::try_from(r.encoded.groups()).ok()?,
+                0.0,
+                u8::from(matches!(scales, OwnedScales::F16(_))),
+            ),
+            _ => (0, 0.0, 0),
+        };
+        b[e + E_CODEC] = r.encoded.codec() as u8;
+        b[e + E_FLAGS] = flags;
+        wr32(&mut b, e + E_GROUPS, groups);
+        b[e + E_SCALE..e + E_SCALE + 4].copy_from_slice(&scale.to_le_bytes());
+        wr64(&mut b, e + E_LEN, payload.len() as u64);
+        wr32(&mut b, e + E_CRC, crc(payload));
+        let file_len = b.len() as u64;
+        wr64(&mut b, H_FILE_LEN, file_len);
+        reseal(&mut b);
+        // A sign-planes plane count that reads back differently is a different tensor.
+        if let Encoded::SignPlanes { planes, .. } = &r.encoded {
+            let f = DeltaFile::parse(&b).ok()?;
+            if f.tensor(0)?.planes() != *planes {
+                return None;
+            }
+        }
+        Some(b)
     }
 }

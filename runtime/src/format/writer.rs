@@ -4,9 +4,11 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
+use super::entry::RawEntry;
 use super::{
-    is_valid_variant_name, Codec, DType, Header, Manifest, ENTRY_LEN, FLAG_SCALES_F16, HEADER_LEN,
-    MAX_ALIGN, MAX_RANK, VERSION,
+    is_valid_tensor_name, is_valid_variant_name, Codec, DType, Header, Manifest, Payload,
+    ENTRY_LEN, FLAG_SCALES_F16, HEADER_LEN, MAX_ALIGN, MAX_ELEMENTS, MAX_MANIFEST_LEN,
+    MAX_NAMES_LEN, MAX_RANK, MAX_TENSORS, VERSION,
 };
 
 /// Group scales to be written.
@@ -126,7 +128,8 @@ impl Encoded {
             }
         }
     }
-    fn write(&self, out: &mut Vec<u8>) {
+    /// Appends the payload bytes (`docs/FORMAT.md` §8) to `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
         match self {
             Self::Unchanged => {}
             Self::RawF32(v) => v
@@ -175,6 +178,8 @@ pub enum WriteError {
     BadAlignment(u32),
     /// Too large for the format.
     TooLarge,
+    /// The tensors given to [`DeltaWriter::new`] are not in ascending byte order of names.
+    NotSorted(String),
 }
 
 impl fmt::Display for WriteError {
@@ -193,178 +198,290 @@ impl fmt::Display for WriteError {
                 "bad alignment {a}: expected a power of two from 1 to 4096"
             ),
             Self::TooLarge => write!(f, "delta too large for format version 1"),
+            Self::NotSorted(n) => {
+                write!(
+                    f,
+                    "tensor {n:?} is out of order: expected ascending byte order of names"
+                )
+            }
         }
     }
 }
 
 impl core::error::Error for WriteError {}
 
-/// The padding bits after element `n` of every plane's last byte are clear.
-fn planes_padding_clear(bits: &[u8], planes: usize, n: u64) -> bool {
-    let row = n.div_ceil(8) as usize;
-    let used = ((n - 1) % 8 + 1) as usize;
-    bits.get((row - 1) * planes..).is_some_and(|last| {
-        last.iter()
-            .all(|&b| crate::pack::padding_bits_clear(&[b], used))
-    })
+/// One tensor's place in a delta, known before its payload: name, base dtype and dimensions.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorShape<'t> {
+    /// Name (as in the base model).
+    pub name: &'t str,
+    /// Base dtype.
+    pub dtype: DType,
+    /// Dimensions.
+    pub dims: &'t [u32],
+}
+
+/// A streaming delta writer: the layout of the meta region is fixed by the tensors' names and
+/// shapes and the manifest's strings, so payloads can be written in order, each at its final
+/// offset, before the meta region is known.
+///
+/// 1. [`DeltaWriter::new`] takes the manifest and every tensor's [`TensorShape`], in ascending
+///    byte order of names, and checks them with the reader's rules and caps.
+/// 2. Write [`DeltaWriter::payload_offset`] placeholder bytes, then for each tensor in order
+///    [`DeltaWriter::push`] its encoded payload (with its alignment padding) and write those bytes.
+/// 3. [`DeltaWriter::finish`] returns the header and meta region for bytes
+///    `[0, payload_offset)`.
+///
+/// Each entry is checked with the reader's entry and payload checks as it is pushed, so the
+/// output parses with [`super::DeltaFile::parse`] (everything the reader refuses, the writer
+/// refuses first). [`write_delta`] is this writer over one buffer.
+#[derive(Debug)]
+pub struct DeltaWriter<'m> {
+    manifest: Manifest<'m>,
+    manifest_len: usize,
+    alignment: u32,
+    /// Per tensor: dtype, rank, index of the first dim, name offset, name length.
+    shapes: Vec<(DType, u8, u32, u32, u16)>,
+    dims: Vec<u8>,
+    names: Vec<u8>,
+    table: Vec<u8>,
+    payload_offset: u64,
+    /// End of the payloads so far, relative to `payload_offset`.
+    cursor: u64,
+}
+
+fn too_large<T>(_: T) -> WriteError {
+    WriteError::TooLarge
+}
+
+impl<'m> DeltaWriter<'m> {
+    /// Checks the manifest and the tensors, and lays out the meta region. `manifest.params` is
+    /// filled in; its fingerprints may be set later with [`DeltaWriter::set_fingerprints`].
+    pub fn new<'t>(
+        manifest: &Manifest<'m>,
+        tensors: impl IntoIterator<Item = TensorShape<'t>>,
+        alignment: u32,
+    ) -> Result<Self, WriteError> {
+        if !is_valid_variant_name(manifest.name) {
+            return Err(WriteError::BadVariantName);
+        }
+        if !alignment.is_power_of_two() || alignment > MAX_ALIGN {
+            return Err(WriteError::BadAlignment(alignment));
+        }
+        let (mut shapes, mut dims, mut names) = (Vec::new(), Vec::new(), Vec::new());
+        let mut params = 0u64;
+        let mut prev: Option<&str> = None;
+        for t in tensors {
+            match prev {
+                Some(p) if p == t.name => return Err(WriteError::DuplicateName(t.name.into())),
+                Some(p) if p.as_bytes() > t.name.as_bytes() => {
+                    return Err(WriteError::NotSorted(t.name.into()))
+                }
+                _ => {}
+            }
+            prev = Some(t.name);
+            let n = t
+                .dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(u64::from(d)));
+            let Some(n) = n.filter(|&n| n <= MAX_ELEMENTS) else {
+                return Err(WriteError::TooLarge);
+            };
+            if !is_valid_tensor_name(t.name) || t.dims.len() > usize::from(MAX_RANK) {
+                return Err(WriteError::Inconsistent(t.name.into()));
+            }
+            let dims_start = u32::try_from(dims.len() / 4).map_err(too_large)?;
+            let name_off = u32::try_from(names.len()).map_err(too_large)?;
+            // Checked above: at most MAX_NAME_LEN and MAX_RANK.
+            shapes.push((
+                t.dtype,
+                t.dims.len() as u8,
+                dims_start,
+                name_off,
+                t.name.len() as u16,
+            ));
+            t.dims
+                .iter()
+                .for_each(|d| dims.extend_from_slice(&d.to_le_bytes()));
+            names.extend_from_slice(t.name.as_bytes());
+            if shapes.len() > MAX_TENSORS as usize || names.len() > MAX_NAMES_LEN as usize {
+                return Err(WriteError::TooLarge);
+            }
+            params += n;
+        }
+        let manifest = Manifest {
+            params,
+            ..manifest.clone()
+        };
+        let manifest_len = postcard::to_allocvec(&manifest).map_err(too_large)?.len();
+        if manifest_len > MAX_MANIFEST_LEN as usize {
+            return Err(WriteError::TooLarge);
+        }
+        let meta_end =
+            (HEADER_LEN + manifest_len + shapes.len() * ENTRY_LEN + dims.len() + names.len())
+                as u64;
+        let payload_offset = meta_end.next_multiple_of(u64::from(alignment));
+        Ok(Self {
+            manifest,
+            manifest_len,
+            alignment,
+            table: Vec::with_capacity(shapes.len() * ENTRY_LEN),
+            shapes,
+            dims,
+            names,
+            payload_offset,
+            cursor: 0,
+        })
+    }
+
+    /// Absolute offset of the first payload byte: the length of the header and meta region.
+    pub fn payload_offset(&self) -> u64 {
+        self.payload_offset
+    }
+
+    /// The manifest as it will be written (with `params` filled in).
+    pub fn manifest(&self) -> &Manifest<'m> {
+        &self.manifest
+    }
+
+    /// Sets the base and result fingerprints of the manifest (fixed-size: the layout is kept).
+    pub fn set_fingerprints(&mut self, base: [u8; 32], result: [u8; 32]) {
+        self.manifest.base_fingerprint = base;
+        self.manifest.result_fingerprint = result;
+    }
+
+    /// Appends to `out` the zero padding before the next tensor's payload and the payload of
+    /// `encoded`, checks the entry and payload with the reader's rules, and returns the
+    /// reader's view of the payload (borrowed from `out`).
+    ///
+    /// # Errors
+    /// [`WriteError::Inconsistent`] when the payload does not fit the tensor's shape or breaks
+    /// a rule of the format (out-of-range scale or value, sign padding bits set); `out` is then
+    /// left with the bytes appended. [`WriteError::TooLarge`] past the last tensor.
+    pub fn push<'o>(
+        &mut self,
+        encoded: &Encoded,
+        out: &'o mut Vec<u8>,
+    ) -> Result<Payload<'o>, WriteError> {
+        let i = self.table.len() / ENTRY_LEN;
+        let &(dtype, rank, dims_start, name_off, name_len) =
+            self.shapes.get(i).ok_or(WriteError::TooLarge)?;
+        let name = || {
+            let s = name_off as usize;
+            String::from_utf8_lossy(&self.names[s..s + usize::from(name_len)]).into_owned()
+        };
+        let pad = self.cursor.next_multiple_of(u64::from(self.alignment)) - self.cursor;
+        out.resize(out.len() + pad as usize, 0);
+        let start = out.len();
+        encoded.write(out);
+        let bytes = &out[start..];
+        let len = bytes.len() as u64;
+        let (groups, scale) = match encoded {
+            Encoded::Sign { scale, .. } => (1, *scale),
+            _ => (
+                u32::try_from(encoded.groups()).map_err(|_| WriteError::Inconsistent(name()))?,
+                0.0,
+            ),
+        };
+        let flags = match encoded {
+            Encoded::SignGroups { scales, .. }
+            | Encoded::Q8Groups { scales, .. }
+            | Encoded::SignPlanes { scales, .. }
+                if scales.is_f16() =>
+            {
+                FLAG_SCALES_F16
+            }
+            _ => 0,
+        };
+        let raw = RawEntry {
+            offset: self.cursor + pad,
+            len,
+            name_off,
+            name_len,
+            codec: encoded.codec() as u8,
+            dtype: dtype as u8,
+            dims_start,
+            rank,
+            flags,
+            reserved: 0,
+            groups,
+            scale,
+            crc: crc32fast::hash(bytes),
+        };
+        let entry_off = (HEADER_LEN + self.manifest_len + self.table.len()) as u64;
+        // The plane count read back must be the encoded one (a scale count that is not a
+        // multiple of the planes could otherwise alias another count).
+        let planes_ok = |e: &super::TensorEntry<'_>| !matches!(encoded, Encoded::SignPlanes { planes, .. } if *planes != e.planes());
+        let payload = raw
+            .check(i as u32, entry_off, &self.names, &self.dims, 0, u64::MAX)
+            .ok()
+            .filter(planes_ok)
+            .and_then(|e| e.split_payload(bytes).ok())
+            .ok_or_else(|| WriteError::Inconsistent(name()))?;
+        self.table.extend_from_slice(&raw.to_bytes());
+        self.cursor += pad + len;
+        Ok(payload)
+    }
+
+    /// The header and meta region: bytes `[0, payload_offset)` of the delta, whose payloads
+    /// (`file_len - payload_offset` bytes) are those [`DeltaWriter::push`] appended.
+    ///
+    /// # Errors
+    /// [`WriteError::TooLarge`] when not every tensor was pushed.
+    pub fn finish(self) -> Result<Vec<u8>, WriteError> {
+        if self.table.len() != self.shapes.len() * ENTRY_LEN {
+            return Err(WriteError::TooLarge);
+        }
+        let manifest_b = postcard::to_allocvec(&self.manifest).map_err(too_large)?;
+        // The fingerprints are fixed-size, so the manifest keeps the length `new` laid out.
+        if manifest_b.len() != self.manifest_len {
+            return Err(WriteError::TooLarge);
+        }
+        let mut out = Vec::with_capacity(self.payload_offset as usize);
+        out.resize(HEADER_LEN, 0);
+        out.extend_from_slice(&manifest_b);
+        out.extend_from_slice(&self.table);
+        out.extend_from_slice(&self.dims);
+        out.extend_from_slice(&self.names);
+        out.resize(self.payload_offset as usize, 0);
+        let header = Header {
+            version: VERSION,
+            alignment: self.alignment,
+            manifest_len: self.manifest_len as u32,
+            tensor_count: self.shapes.len() as u32,
+            dims_count: (self.dims.len() / 4) as u32,
+            names_len: self.names.len() as u32,
+            payload_offset: self.payload_offset,
+            file_len: self.payload_offset + self.cursor,
+            meta_crc: crc32fast::hash(&out[HEADER_LEN..]),
+        };
+        out[..HEADER_LEN].copy_from_slice(&header.to_bytes());
+        Ok(out)
+    }
 }
 
 /// Writes a complete delta file. Tensors are sorted by name; `manifest.params` is filled in.
-/// The output parses with [`super::DeltaFile::parse`].
+/// The output parses with [`super::DeltaFile::parse`]: the tensors are checked with the reader's
+/// rules and caps ([`DeltaWriter`]).
 pub fn write_delta(
     manifest: &Manifest<'_>,
     tensors: &mut [TensorRecord],
     alignment: u32,
 ) -> Result<Vec<u8>, WriteError> {
-    if !is_valid_variant_name(manifest.name) {
-        return Err(WriteError::BadVariantName);
-    }
-    if !alignment.is_power_of_two() || alignment > MAX_ALIGN {
-        return Err(WriteError::BadAlignment(alignment));
-    }
     tensors.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
-    for w in tensors.windows(2) {
-        if w[0].name == w[1].name {
-            return Err(WriteError::DuplicateName(w[1].name.clone()));
-        }
-    }
-    let mut params = 0u64;
-    for t in tensors.iter() {
-        let n = t
-            .dims
-            .iter()
-            .try_fold(1u64, |a, &d| a.checked_mul(u64::from(d)));
-        let Some(n) = n.filter(|&n| n <= super::MAX_ELEMENTS) else {
-            return Err(WriteError::TooLarge);
-        };
-        let ok = t.dims.len() <= MAX_RANK as usize
-            && t.dims.iter().all(|&d| d > 0)
-            && match &t.encoded {
-                Encoded::Unchanged => true,
-                Encoded::RawF32(v) => v.len() as u64 == n,
-                Encoded::RawF16(v) => v.len() as u64 == n,
-                Encoded::Sign { bits, .. } => bits.len() as u64 == n.div_ceil(8),
-                Encoded::SignGroups { scales, bits } => {
-                    !scales.is_empty()
-                        && n.is_multiple_of(scales.len() as u64)
-                        && bits.len() as u64 == n.div_ceil(8)
-                }
-                Encoded::Q8Groups { scales, q } => {
-                    !scales.is_empty()
-                        && n.is_multiple_of(scales.len() as u64)
-                        && q.len() as u64 == n
-                }
-                Encoded::SignPlanes {
-                    planes,
-                    scales,
-                    bits,
-                } => {
-                    let k = *planes as u64;
-                    let g = t.encoded.groups() as u64;
-                    (super::MIN_PLANES..=super::MAX_PLANES).contains(planes)
-                        && g > 0
-                        && scales.len() as u64 == k * g
-                        && n.is_multiple_of(g)
-                        && u32::try_from(g).is_ok()
-                        && bits.len() as u64 == k * n.div_ceil(8)
-                        && planes_padding_clear(bits, *planes, n)
-                }
-            };
-        let scale_ok = |v: f32| v.is_finite() && (0.0..=super::MAX_SCALE).contains(&v);
-        let scales_ok = match &t.encoded {
-            Encoded::Sign { scale, .. } => scale_ok(*scale),
-            Encoded::SignGroups { scales, .. }
-            | Encoded::Q8Groups { scales, .. }
-            | Encoded::SignPlanes { scales, .. } => match scales {
-                OwnedScales::F16(v) => v.iter().all(|s| scale_ok(s.to_f32())),
-                OwnedScales::F32(v) => v.iter().all(|&s| scale_ok(s)),
-            },
-            _ => true,
-        };
-        let q_ok = !matches!(&t.encoded, Encoded::Q8Groups { q, .. } if q.contains(&i8::MIN));
-        if !ok
-            || !scales_ok
-            || !q_ok
-            || t.name.is_empty()
-            || t.name.len() > usize::from(super::MAX_NAME_LEN)
-        {
-            return Err(WriteError::Inconsistent(t.name.clone()));
-        }
-        params += n;
-    }
-    let manifest = Manifest {
-        params,
-        ..manifest.clone()
-    };
-    let manifest_b = postcard::to_allocvec(&manifest).map_err(|_| WriteError::TooLarge)?;
-
-    let a = alignment as usize;
+    let shapes = tensors.iter().map(|t| TensorShape {
+        name: &t.name,
+        dtype: t.dtype,
+        dims: &t.dims,
+    });
+    let mut w = DeltaWriter::new(manifest, shapes, alignment)?;
     let mut payloads = Vec::new();
-    let mut table = Vec::with_capacity(tensors.len() * ENTRY_LEN);
-    let mut dims = Vec::new();
-    let mut names = Vec::new();
-    let mut dims_count = 0u32;
     for t in tensors.iter() {
-        payloads.resize(payloads.len().div_ceil(a) * a, 0);
-        let off = payloads.len();
-        t.encoded.write(&mut payloads);
-        let len = payloads.len() - off;
-        let (groups, scale, flags) = match &t.encoded {
-            Encoded::Sign { scale, .. } => (1u32, *scale, 0u8),
-            Encoded::SignGroups { scales, .. }
-            | Encoded::Q8Groups { scales, .. }
-            | Encoded::SignPlanes { scales, .. } => (
-                // Checked above to fit a u32.
-                t.encoded.groups() as u32,
-                0.0,
-                if scales.is_f16() { FLAG_SCALES_F16 } else { 0 },
-            ),
-            _ => (0, 0.0, 0),
-        };
-        let name_len = u16::try_from(t.name.len()).map_err(|_| WriteError::TooLarge)?;
-        table.extend_from_slice(&(off as u64).to_le_bytes());
-        table.extend_from_slice(&(len as u64).to_le_bytes());
-        table.extend_from_slice(&(names.len() as u32).to_le_bytes());
-        table.extend_from_slice(&name_len.to_le_bytes());
-        table.push(t.encoded.codec() as u8);
-        table.push(t.dtype as u8);
-        table.extend_from_slice(&dims_count.to_le_bytes());
-        table.push(t.dims.len() as u8);
-        table.push(flags);
-        table.extend_from_slice(&0u16.to_le_bytes());
-        table.extend_from_slice(&groups.to_le_bytes());
-        table.extend_from_slice(&scale.to_le_bytes());
-        table.extend_from_slice(&crc32fast::hash(&payloads[off..]).to_le_bytes());
-        names.extend_from_slice(t.name.as_bytes());
-        for &d in &t.dims {
-            dims.extend_from_slice(&d.to_le_bytes());
-        }
-        dims_count += t.dims.len() as u32;
+        w.push(&t.encoded, &mut payloads)?;
     }
-    let meta_end = (HEADER_LEN + manifest_b.len() + table.len() + dims.len() + names.len()) as u64;
-    let payload_offset = meta_end.div_ceil(a as u64) * a as u64;
-    let file_len = payload_offset + payloads.len() as u64;
-    let mut out = Vec::with_capacity(usize::try_from(file_len).map_err(|_| WriteError::TooLarge)?);
-    out.resize(HEADER_LEN, 0);
-    out.extend_from_slice(&manifest_b);
-    out.extend_from_slice(&table);
-    out.extend_from_slice(&dims);
-    out.extend_from_slice(&names);
-    out.resize(payload_offset as usize, 0);
-    let meta_crc = crc32fast::hash(&out[HEADER_LEN..]);
+    let mut out = w.finish()?;
+    out.try_reserve_exact(payloads.len()).map_err(too_large)?;
     out.extend_from_slice(&payloads);
-    debug_assert_eq!(out.len() as u64, file_len);
-    let header = Header {
-        version: VERSION,
-        alignment,
-        manifest_len: u32::try_from(manifest_b.len()).map_err(|_| WriteError::TooLarge)?,
-        tensor_count: u32::try_from(tensors.len()).map_err(|_| WriteError::TooLarge)?,
-        dims_count,
-        names_len: u32::try_from(names.len()).map_err(|_| WriteError::TooLarge)?,
-        payload_offset,
-        file_len,
-        meta_crc,
-    };
-    out[..HEADER_LEN].copy_from_slice(&header.to_bytes());
+    debug_assert!(super::DeltaFile::parse(&out).is_ok());
     Ok(out)
 }

@@ -125,11 +125,11 @@ fn detect_simd() -> Option<&'static Kernels> {
 
 /// Whether `BITDELTA_FORCE_SCALAR=1` is set (std only; read by [`Kernels::get`] once).
 fn scalar_forced() -> bool {
-    #[cfg(feature = "std")]
+    #[cfg(feature = "apply")]
     {
         std::env::var_os("BITDELTA_FORCE_SCALAR").is_some_and(|v| v == "1")
     }
-    #[cfg(not(feature = "std"))]
+    #[cfg(not(feature = "apply"))]
     {
         false
     }
@@ -183,12 +183,12 @@ impl Kernels {
     /// With `std`, the choice is made once and cached; without `std` it is fixed at compile time.
     #[must_use]
     pub fn get() -> &'static Self {
-        #[cfg(feature = "std")]
+        #[cfg(feature = "apply")]
         {
             static CHOSEN: std::sync::OnceLock<&'static Kernels> = std::sync::OnceLock::new();
             CHOSEN.get_or_init(select)
         }
-        #[cfg(not(feature = "std"))]
+        #[cfg(not(feature = "apply"))]
         {
             select()
         }

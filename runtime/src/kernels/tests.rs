@@ -273,11 +273,14 @@ fn backends_are_the_expected_ones() {
     if !cfg!(bitdelta_backend = "scalar") {
         #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
         expected.push("neon");
-        #[cfg(all(any(target_arch = "x86", target_arch = "x86_64"), feature = "std"))]
+        #[cfg(all(any(target_arch = "x86", target_arch = "x86_64"), feature = "apply"))]
         if std::is_x86_feature_detected!("avx2") {
             expected.push("avx2");
         }
-        #[cfg(all(any(target_arch = "x86", target_arch = "x86_64"), not(feature = "std")))]
+        #[cfg(all(
+            any(target_arch = "x86", target_arch = "x86_64"),
+            not(feature = "apply")
+        ))]
         if cfg!(target_feature = "avx2") {
             expected.push("avx2");
         }
@@ -290,7 +293,7 @@ fn dispatch_reports_its_choice() {
     let chosen = backend_name();
     assert_eq!(chosen, Kernels::get().name());
     assert!(core::ptr::eq(Kernels::get(), Kernels::get()));
-    let forced = cfg!(feature = "std")
+    let forced = cfg!(feature = "apply")
         && std::env::var_os("BITDELTA_FORCE_SCALAR").is_some_and(|v| v == "1");
     if forced || cfg!(bitdelta_backend = "scalar") {
         assert_eq!(chosen, "scalar");

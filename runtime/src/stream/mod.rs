@@ -6,6 +6,9 @@
 //! [`StreamDecoder`] reads the delta once, front to back, never seeks, and rebuilds one tensor at
 //! a time in a caller-sized chunk of `f32`.
 //!
+//! May depend on: `core`, `embedded-io`, `crc32fast`, `half`, [`crate::format`] (the layout and
+//! every check) and [`crate::kernels`]. No `alloc`, no `std`.
+//!
 //! # Use
 //! 1. [`StreamDecoder::new`] reads the 64-byte header and the meta region (manifest, table, dims,
 //!    names) into the caller's buffer and checks the structure.
@@ -113,9 +116,10 @@
 use embedded_io::Read;
 
 use crate::error::{Error, FormatError};
+use crate::format::entry::check_scale;
 use crate::format::{
-    plane_byte, Codec, DType, DeltaFile, Header, Manifest, Scales, TensorEntry, FLAG_SCALES_F16,
-    HEADER_LEN, MAX_PLANES, MAX_RANK, MIN_PLANES,
+    plane_byte, Codec, DType, DeltaFile, Header, Manifest, Scales, TensorEntry, HEADER_LEN,
+    MAX_PLANES, MAX_RANK, MIN_PLANES,
 };
 use crate::kernels;
 
@@ -209,16 +213,6 @@ impl<'m> TensorInfo<'m> {
     }
 }
 
-/// Bytes of group scales at the start of a payload (`planes` tables for `sign-planes`).
-fn scale_bytes(codec: Codec, flags: u8, groups: u32, planes: usize) -> u64 {
-    let ss = if flags & FLAG_SCALES_F16 != 0 { 2 } else { 4 };
-    match codec {
-        Codec::SignGroups | Codec::Q8Groups => u64::from(groups) * ss,
-        Codec::SignPlanes => u64::from(groups) * ss * planes as u64,
-        _ => 0,
-    }
-}
-
 /// A delta decoder over a forward-only reader; see the [module docs](self).
 ///
 /// `'m` is the lifetime of the caller's buffer, which holds the meta region: names and the
@@ -276,7 +270,7 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
         let mut most = 0u64;
         for i in 0..header.tensor_count {
             let e = TensorEntry::decode(&header, meta, delta_len, i)?;
-            most = most.max(scale_bytes(e.codec, e.flags, e.groups, e.planes()));
+            most = most.max(e.scale_bytes());
         }
         if most > scales.len() as u64 {
             return Err(FormatError::BufferTooSmall {
@@ -411,7 +405,7 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
         let n = info.numel();
 
         // Group scales, held in the caller's buffer (its size was checked by `new`).
-        let scale_len = scale_bytes(info.codec, info.flags, info.groups, info.planes());
+        let scale_len = e.scale_bytes();
         let room = scale_buf.len() as u64;
         let sbuf = usize::try_from(scale_len)
             .ok()
@@ -422,21 +416,14 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
             })?;
         read_payload(delta, pos, &mut crc, sbuf)?;
         let sbuf: &[u8] = sbuf;
-        let scales = if info.flags & FLAG_SCALES_F16 != 0 {
-            Scales::F16(sbuf)
-        } else {
-            Scales::F32(sbuf)
-        };
+        let scales = Scales::new(info.flags, sbuf);
         if info.codec == Codec::Sign {
-            if let Err(err) = TensorEntry::check_scale(info.scale, index, 0) {
+            if let Err(err) = check_scale(info.scale, index, 0) {
                 deferred.get_or_insert(err);
             }
         }
-        for g in 0..scales.len() {
-            if let Err(err) = TensorEntry::check_scale(scales.get(g), index, g as u32) {
-                deferred.get_or_insert(err);
-                break;
-            }
+        if let Err(err) = scales.check(index) {
+            deferred.get_or_insert(err);
         }
         let planes = info.planes().max(1);
         let gsize = if scales.is_empty() {
@@ -604,11 +591,7 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
 /// largest block of group scales. For sizing the buffer ahead of time, e.g. on the host when the
 /// delta is built.
 pub fn buffer_len(file: &DeltaFile<'_>) -> u64 {
-    let most = file
-        .tensors()
-        .map(|e| scale_bytes(e.codec, e.flags, e.groups, e.planes()))
-        .max()
-        .unwrap_or(0);
+    let most = file.tensors().map(|e| e.scale_bytes()).max().unwrap_or(0);
     file.header().payload_offset - HEADER_LEN as u64 + most
 }
 

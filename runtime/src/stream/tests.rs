@@ -9,7 +9,9 @@ use half::f16;
 
 use super::*;
 use crate::compose::{self, Base};
-use crate::format::{write_delta, Encoded, OwnedScales, TensorRecord, ENTRY_LEN, MAX_SCALE};
+use crate::format::{
+    write_delta, Encoded, OwnedScales, TensorRecord, ENTRY_LEN, FLAG_SCALES_F16, MAX_SCALE,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Readers

@@ -44,11 +44,11 @@ pub(super) fn table() -> Option<&'static Kernels> {
 
 /// Whether AVX2 can be used: detected at run time with `std`, fixed at compile time without.
 fn is_available() -> bool {
-    #[cfg(feature = "std")]
+    #[cfg(feature = "apply")]
     {
         std::is_x86_feature_detected!("avx2")
     }
-    #[cfg(not(feature = "std"))]
+    #[cfg(not(feature = "apply"))]
     {
         cfg!(target_feature = "avx2")
     }

@@ -1,0 +1,445 @@
+//! Tests of the encoders: each payload rebuilt through the device path.
+
+use super::rounding::invert;
+use super::*;
+use crate::compose::{self, Base};
+use crate::format::{
+    write_delta, DType, DeltaFile, Encoded, Manifest, TensorRecord, DEFAULT_ALIGN,
+};
+use proptest::prelude::*;
+
+struct Rng(u64);
+impl Rng {
+    fn unit(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % 2_000_001) as f64 / 1_000_000.0 - 1.0
+    }
+    /// Heavy-tailed, like fine-tuning deltas.
+    fn delta(&mut self) -> f32 {
+        let u = self.unit();
+        (u * u * u * 0.05) as f32
+    }
+}
+
+fn pair(n: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let mut r = Rng(seed | 1);
+    let base: Vec<f32> = (0..n).map(|_| r.unit() as f32).collect();
+    let fine = base.iter().map(|&b| b + r.delta()).collect();
+    (base, fine)
+}
+
+/// Writes `enc` as the one tensor of a delta, parses it back and rebuilds it on `base`
+/// through `compose::reconstruct` (the path a device uses).
+fn rebuild(base: &[f32], enc: &Encoded) -> Vec<f32> {
+    let manifest = Manifest {
+        name: "t",
+        description: "",
+        labels: "",
+        tool: "test",
+        sequence: 0,
+        params: 0,
+        base_fingerprint: [0; 32],
+        result_fingerprint: [0; 32],
+    };
+    let mut recs = [TensorRecord {
+        name: "w".into(),
+        dtype: DType::F32,
+        dims: vec![base.len() as u32],
+        encoded: enc.clone(),
+    }];
+    let file = write_delta(&manifest, &mut recs, DEFAULT_ALIGN).expect("encoders write");
+    let f = DeltaFile::parse(&file).expect("parses");
+    let p = f.tensor(0).unwrap().payload().expect("payload checks pass");
+    let mut out = vec![0f32; base.len()];
+    compose::reconstruct(Base::F32(base), &[(p, 1.0)], &mut out).unwrap();
+    out
+}
+
+fn sq_err(fine: &[f32], rec: &[f32]) -> f64 {
+    fine.iter()
+        .zip(rec)
+        .map(|(&f, &r)| (f64::from(f) - f64::from(r)).powi(2))
+        .sum()
+}
+
+/// Residual signs (plane `j` = sign of what the planes before left, scale = its mean
+/// magnitude), written independently of the encoder, in f64: the fit's starting point.
+fn residual_signs(base: &[f32], fine: &[f32], groups: usize, planes: usize) -> Vec<f64> {
+    let g = base.len() / groups;
+    let mut out = Vec::new();
+    for k in 0..groups {
+        let mut r: Vec<f64> = (k * g..(k + 1) * g)
+            .map(|i| f64::from(fine[i]) - f64::from(base[i]))
+            .collect();
+        let d = r.clone();
+        for _ in 0..planes {
+            let s = r.iter().map(|x| x.abs()).sum::<f64>() / g as f64;
+            r.iter_mut()
+                .for_each(|x| *x -= if *x < 0.0 { -s } else { s });
+        }
+        out.extend(d.iter().zip(&r).map(|(d, r)| d - r));
+    }
+    out
+}
+
+#[test]
+fn planes_fit_never_worse_than_residual_signs() {
+    for (n, groups) in [(1, 1), (9, 1), (64, 8), (1000, 10), (4800, 48)] {
+        for planes in 2..=4 {
+            let (base, fine) = pair(n, (n * planes) as u64);
+            let enc = sign_planes(&base, &fine, groups, planes, false);
+            let got = sq_err(&fine, &rebuild(&base, &enc));
+            let greedy: f64 = residual_signs(&base, &fine, groups, planes)
+                .iter()
+                .zip(base.iter().zip(&fine))
+                .map(|(q, (&b, &f))| (f64::from(f) - f64::from(b) - q).powi(2))
+                .sum();
+            // f32 scales and f32 reconstruction: a relative slack for rounding only.
+            assert!(
+                got <= greedy * (1.0 + 1e-5) + 1e-12,
+                "n {n} groups {groups} planes {planes}: {got} > {greedy}"
+            );
+            // More planes, less error; and better than one sign plane.
+            let one = sq_err(
+                &fine,
+                &rebuild(&base, &sign_groups(&base, &fine, groups, false)),
+            );
+            assert!(got < one || one == 0.0, "{got} vs {one}");
+        }
+    }
+}
+
+#[test]
+fn four_levels_are_found_exactly() {
+    // Deltas drawn from ±0.5 ± 0.125 (per group, scaled): two planes represent them exactly.
+    let n = 240;
+    let mut r = Rng(7);
+    let base: Vec<f32> = (0..n).map(|_| r.unit() as f32).collect();
+    let fine: Vec<f32> = (0..n)
+        .map(|i| {
+            let g = (i / 60) as f32 + 1.0;
+            let a = if r.unit() < 0.0 { -0.5 } else { 0.5 };
+            let b = if r.unit() < 0.0 { -0.125 } else { 0.125 };
+            base[i] + g * (a + b)
+        })
+        .collect();
+    let enc = sign_planes(&base, &fine, 4, 2, false);
+    let rec = rebuild(&base, &enc);
+    for (i, (&f, &x)) in fine.iter().zip(&rec).enumerate() {
+        assert!((f - x).abs() <= 2e-6, "element {i}: {f} vs {x}");
+    }
+    let Encoded::SignPlanes { scales, .. } = enc else {
+        unreachable!()
+    };
+    // Largest plane first: plane 0 holds 0.5 * g, plane 1 0.125 * g.
+    let OwnedScales::F32(s) = scales else {
+        unreachable!()
+    };
+    for g in 0..4 {
+        let m = g as f32 + 1.0;
+        assert!((s[g] - 0.5 * m).abs() < 1e-5 && (s[4 + g] - 0.125 * m).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn planes_layout_and_ties() {
+    // A zero delta: every bit `+` (as in `sign`), zero scales, padding bits clear.
+    let base = [0.5f32; 13];
+    let enc = sign_planes(&base, &base, 1, 3, true);
+    assert_eq!(
+        enc,
+        Encoded::SignPlanes {
+            planes: 3,
+            scales: OwnedScales::F16(vec![f16::ZERO; 3]),
+            bits: vec![0xff, 0xff, 0xff, 0x1f, 0x1f, 0x1f],
+        }
+    );
+    assert_eq!(rebuild(&base, &enc), base);
+    // Multiplier 1 is the plain fit; another one scales every scale, bits unchanged.
+    let (base, fine) = pair(96, 3);
+    let plain = sign_planes(&base, &fine, 8, 2, false);
+    assert_eq!(sign_planes_scaled(&base, &fine, 8, 2, false, 1.0), plain);
+    let (
+        Encoded::SignPlanes {
+            scales: OwnedScales::F32(a),
+            bits: ba,
+            ..
+        },
+        Encoded::SignPlanes {
+            scales: OwnedScales::F32(b),
+            bits: bb,
+            ..
+        },
+    ) = (plain, sign_planes_scaled(&base, &fine, 8, 2, false, 1.5))
+    else {
+        unreachable!()
+    };
+    assert_eq!(ba, bb);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((f64::from(*y) - 1.5 * f64::from(*x)).abs() <= 1e-6 * f64::from(*y));
+    }
+}
+
+#[test]
+fn format_md_example() {
+    // docs/FORMAT.md §8, "Sign planes": levels ±0.5 ± 0.125.
+    let fine = [
+        0.625f32, 0.375, -0.375, -0.625, 0.625, 0.625, 0.625, 0.625, -0.625, 0.375,
+    ];
+    let base = [0f32; 10];
+    let enc = sign_planes(&base, &fine, 1, 2, true);
+    assert_eq!(
+        enc,
+        Encoded::SignPlanes {
+            planes: 2,
+            scales: OwnedScales::F16(vec![f16::from_f32(0.5), f16::from_f32(0.125)]),
+            bits: vec![0xf3, 0xf5, 0x02, 0x00],
+        }
+    );
+    assert_eq!(enc.payload_len(), 8);
+    assert_eq!(rebuild(&base, &enc), fine);
+}
+
+// -----------------------------------------------------------------------------------------
+// Output-aware rounding
+
+/// `rows × cols` weights multiplying inputs with correlated features; their `H`.
+fn layer(rows: usize, cols: usize, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f64>) {
+    let (base, fine) = pair(rows * cols, seed);
+    let mut r = Rng(seed ^ 0x55);
+    let samples = 4 * cols;
+    let mut h = vec![0f64; cols * cols];
+    for _ in 0..samples {
+        let common = r.unit();
+        let x: Vec<f64> = (0..cols)
+            .map(|c| r.unit() + common * (c % 3) as f64)
+            .collect();
+        for a in 0..cols {
+            for b in 0..cols {
+                h[a * cols + b] += x[a] * x[b] / samples as f64;
+            }
+        }
+    }
+    (base, fine, h)
+}
+
+/// `sum over rows of e H eᵀ`, e = the rebuilt row minus the fine-tuned row.
+fn output_err(base: &[f32], fine: &[f32], enc: &Encoded, h: &[f64], cols: usize) -> f64 {
+    let rec = rebuild(base, enc);
+    let e: Vec<f64> = rec
+        .iter()
+        .zip(fine)
+        .map(|(&r, &f)| f64::from(r) - f64::from(f))
+        .collect();
+    e.chunks(cols)
+        .map(|row| {
+            (0..cols)
+                .map(|a| {
+                    (0..cols)
+                        .map(|b| row[a] * h[a * cols + b] * row[b])
+                        .sum::<f64>()
+                })
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+/// GPTQ as optimal brain quantization states it, independently of the `L D Lᵀ` shortcut:
+/// keep `H⁻¹` of the columns not yet chosen; column `i` takes a level `q_i`, its error
+/// `(w_i − q_i) / H⁻¹_ii · H⁻¹_i·` moves onto the rest, and `i` leaves `H⁻¹`. Returns, per
+/// column, how much farther `q[i]` (the codec's choice) is from the updated `w_i` than the
+/// nearest level: 0 up to rounding when the codec followed the same path.
+fn obq_excess(d: &[f64], q: &[f64], levels: &[f64], h: &[f64], cols: usize) -> Vec<f64> {
+    let mut h = h.to_vec();
+    for i in 0..cols {
+        if h[i * cols + i] <= 0.0 {
+            h[i * cols + i] = 1.0;
+        }
+    }
+    let damp = OUTPUT_ROUNDING_DAMP * (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols as f64;
+    (0..cols).for_each(|i| h[i * cols + i] += damp);
+    let mut hinv = invert(&h, cols).unwrap();
+    let mut w = d.to_vec();
+    let mut excess = vec![0f64; cols];
+    for i in 0..cols {
+        let x = w[i];
+        let nearest = levels
+            .iter()
+            .map(|l| (x - l).abs())
+            .fold(f64::INFINITY, f64::min);
+        excess[i] = (x - q[i]).abs() - nearest;
+        let err = (x - q[i]) / hinv[i * cols + i];
+        for j in i + 1..cols {
+            w[j] -= err * hinv[i * cols + j];
+        }
+        let (row, p) = (hinv[i * cols..(i + 1) * cols].to_vec(), hinv[i * cols + i]);
+        let col: Vec<f64> = (0..cols).map(|a| hinv[a * cols + i]).collect();
+        for a in 0..cols {
+            for b in 0..cols {
+                hinv[a * cols + b] -= col[a] * row[b] / p;
+            }
+        }
+    }
+    excess
+}
+
+#[test]
+fn output_rounding_matches_optimal_brain_quantization() {
+    let (rows, cols) = (6, 12);
+    let (base, fine, h) = layer(rows, cols, 11);
+    let r = OutputRounding::new(cols, std::slice::from_ref(&h)).unwrap();
+    let mut enc = sign_planes(&base, &fine, rows, 2, false);
+    assert!(round_signs_to_outputs(&mut enc, &base, &fine, &r));
+    let Encoded::SignPlanes {
+        scales: OwnedScales::F32(s),
+        bits,
+        ..
+    } = &enc
+    else {
+        unreachable!()
+    };
+    for row in 0..rows {
+        let (s0, s1) = (f64::from(s[row]), f64::from(s[rows + row]));
+        let levels = [-s0 - s1, -s0 + s1, s0 - s1, s0 + s1];
+        let d: Vec<f64> = (row * cols..(row + 1) * cols)
+            .map(|i| f64::from(fine[i]) - f64::from(base[i]))
+            .collect();
+        // The codec's levels, read from its bits (plane j of element i: byte (i/8)*2 + j).
+        let q: Vec<f64> = (row * cols..(row + 1) * cols)
+            .map(|i| {
+                let sign = |j: usize| {
+                    if bits[(i / 8) * 2 + j] >> (i % 8) & 1 == 1 {
+                        1.0
+                    } else {
+                        -1.0
+                    }
+                };
+                sign(0) * s0 + sign(1) * s1
+            })
+            .collect();
+        for (c, e) in obq_excess(&d, &q, &levels, &h, cols).iter().enumerate() {
+            assert!(
+                *e < 1e-9,
+                "row {row} col {c}: {e} farther than the nearest level"
+            );
+        }
+        // And the path is not the plain one (the error did move).
+        let plain: Vec<f64> = d
+            .iter()
+            .map(|&x| {
+                levels
+                    .iter()
+                    .copied()
+                    .min_by(|a, b| (x - a).abs().total_cmp(&(x - b).abs()))
+                    .unwrap()
+            })
+            .collect();
+        assert_ne!(q, plain, "row {row}");
+    }
+}
+
+#[test]
+fn output_rounding_lowers_the_output_error() {
+    let (rows, cols) = (16, 24);
+    let (base, fine, h) = layer(rows, cols, 5);
+    let r = OutputRounding::new(cols, std::slice::from_ref(&h)).unwrap();
+    let encoders: [(&str, Encoded); 4] = [
+        ("sign", sign_tensor(&base, &fine)),
+        ("sign-groups", sign_groups(&base, &fine, rows, true)),
+        ("sign-planes 2", sign_planes(&base, &fine, rows, 2, true)),
+        ("sign-planes 3", sign_planes(&base, &fine, 1, 3, false)),
+    ];
+    for (name, plain) in encoders {
+        let mut rounded = plain.clone();
+        assert!(round_signs_to_outputs(&mut rounded, &base, &fine, &r));
+        let (p, q) = (
+            output_err(&base, &fine, &plain, &h, cols),
+            output_err(&base, &fine, &rounded, &h, cols),
+        );
+        assert!(q < 0.8 * p, "{name}: {q} not below {p}");
+    }
+}
+
+#[test]
+fn output_rounding_with_uncorrelated_inputs_is_nearest() {
+    // H = I: no error moves to other columns, so each element takes its nearest level,
+    // which is what the plain encoders do.
+    let (rows, cols) = (4, 10);
+    let (base, fine) = pair(rows * cols, 9);
+    let identity: Vec<f64> = (0..cols * cols)
+        .map(|i| if i % (cols + 1) == 0 { 1.0 } else { 0.0 })
+        .collect();
+    // Two blocks of rows (a grouped convolution) with the same H.
+    let r = OutputRounding::new(cols, &[identity.clone(), identity]).unwrap();
+    for plain in [
+        sign_tensor(&base, &fine),
+        sign_groups(&base, &fine, rows, true),
+        sign_planes(&base, &fine, rows, 3, false),
+    ] {
+        let mut rounded = plain.clone();
+        assert!(round_signs_to_outputs(&mut rounded, &base, &fine, &r));
+        assert_eq!(rounded, plain);
+    }
+}
+
+#[test]
+fn output_rounding_refuses_what_does_not_fit() {
+    let (base, fine) = pair(24, 1);
+    let h = |k: usize| {
+        vec![(0..k * k)
+            .map(|i| f64::from(u8::from(i % (k + 1) == 0)))
+            .collect()]
+    };
+    let r5 = OutputRounding::new(5, &h(5)).unwrap();
+    let r6 = OutputRounding::new(6, &h(6)).unwrap();
+    let r6x3 =
+        OutputRounding::new(6, &[h(6)[0].clone(), h(6)[0].clone(), h(6)[0].clone()]).unwrap();
+    for (mut enc, r) in [
+        (sign_tensor(&base, &fine), &r5),           // 5 does not divide 24
+        (sign_groups(&base, &fine, 8, false), &r6), // groups of 3 split rows of 6
+        (sign_planes(&base, &fine, 1, 2, true), &r6x3), // 3 blocks for 4 rows
+        (q8_groups(&base, &fine, 4, true), &r6),    // not a sign codec
+        (Encoded::Unchanged, &r6),
+    ] {
+        let before = enc.clone();
+        assert!(!round_signs_to_outputs(&mut enc, &base, &fine, r));
+        assert_eq!(enc, before);
+    }
+    assert!(OutputRounding::new(0, &[]).is_none());
+    assert!(OutputRounding::new(2, &[]).is_none());
+    assert!(OutputRounding::new(2, &[vec![1.0; 3]]).is_none());
+    assert!(OutputRounding::new(2, &[vec![1.0, f64::NAN, f64::NAN, 1.0]]).is_none());
+    // Not positive definite even after damping.
+    assert!(OutputRounding::new(2, &[vec![1.0, 5.0, 5.0, 1.0]]).is_none());
+    // An input that is always 0 is fine.
+    assert!(OutputRounding::new(2, &[vec![0.0, 0.0, 0.0, 2.0]]).is_some());
+}
+
+proptest! {
+    #[test]
+    fn sign_planes_encode_valid_payloads(
+        rows in 1usize..20,
+        cols in 1usize..40,
+        planes in 2usize..=8,
+        per_channel in any::<bool>(),
+        f16 in any::<bool>(),
+        m in prop::sample::select(vec![1.0f64, 1.25, 1.5]),
+        seed in any::<u64>(),
+    ) {
+        let (base, fine) = pair(rows * cols, seed);
+        let groups = if per_channel { rows } else { 1 };
+        let enc = sign_planes_scaled(&base, &fine, groups, planes, f16, m);
+        prop_assert_eq!(enc.groups(), groups);
+        // Writes, parses and rebuilds (the payload checks pass), within the levels' reach.
+        let rec = rebuild(&base, &enc);
+        let max = |v: &[f32]| v.iter().fold(0f32, |a, &x| a.max(x.abs()));
+        let d: Vec<f32> = fine.iter().zip(&base).map(|(f, b)| f - b).collect();
+        let r: Vec<f32> = rec.iter().zip(&base).map(|(x, b)| x - b).collect();
+        prop_assert!(max(&r) <= m as f32 * 2.0 * max(&d) + 1e-6);
+        let Encoded::SignPlanes { scales, planes: k, .. } = &enc else { unreachable!() };
+        prop_assert_eq!(*k, planes);
+        prop_assert!(scale_values(scales).iter().all(|x| x.is_finite() && *x >= 0.0));
+    }
+}
