@@ -66,6 +66,8 @@ step "no_std core (format, kernels, streaming decoder)"
 cargo build -p bitdelta --no-default-features --target thumbv7em-none-eabihf
 cargo build -p bitdelta --no-default-features --target aarch64-unknown-none
 cargo test -p bitdelta --lib --no-default-features
+# The apply-only library (no prost, ed25519, serde_json, safetensors): builds and lints clean.
+cargo clippy -p bitdelta --no-default-features --features apply -- -D warnings
 
 step "fuzz smoke (cargo-fuzz on stable: parse and stream targets, 30 s each)"
 FUZZ_SECONDS="${FUZZ_SECONDS:-30}" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}/fuzz" fuzz/smoke.sh
