@@ -218,12 +218,16 @@ impl Frame {
             Resize::Stretch => self.resized(tw, th, None),
             Resize::Crop => {
                 // Shorter side to resize_to, then the centre (tw x th) of that, expressed as a
-                // box of the source so only one resampling pass runs.
+                // box of the source so only one resampling pass runs. Sizes and offsets round
+                // half to even, as torchvision's Resize/CenterCrop (Python's round) do.
                 let k = input.resize_to as f64 / sw.min(sh);
-                let (rw, rh) = ((sw * k).round().max(1.0), (sh * k).round().max(1.0));
+                let (rw, rh) = (
+                    (sw * k).round_ties_even().max(1.0),
+                    (sh * k).round_ties_even().max(1.0),
+                );
                 let (left, top) = (
-                    ((rw - tw as f64) / 2.0).round(),
-                    ((rh - th as f64) / 2.0).round(),
+                    ((rw - tw as f64) / 2.0).round_ties_even(),
+                    ((rh - th as f64) / 2.0).round_ties_even(),
                 );
                 let (fx, fy) = (sw / rw, sh / rh);
                 let crop = (left * fx, top * fy, tw as f64 * fx, th as f64 * fy);
@@ -307,7 +311,7 @@ impl Frame {
 /// 8-bit luma of an sRGB pixel, with the weights `image`'s `to_luma8` uses (ITU-R BT.709).
 fn luma(r: u8, g: u8, b: u8) -> u8 {
     let l = 2126 * u32::from(r) + 7152 * u32::from(g) + 722 * u32::from(b);
-    (l / 10000) as u8
+    ((l + 5000) / 10000) as u8
 }
 
 #[cfg(test)]
