@@ -197,8 +197,7 @@ impl Frame {
         let step = self.channels;
         match input.layout {
             Layout::Nchw => {
-                for k in 0..c {
-                    let s = source[k];
+                for (k, &s) in source.iter().enumerate() {
                     out.extend(self.pixels.chunks_exact(step).map(|px| value(px[s], k)));
                 }
             }

@@ -84,10 +84,10 @@ fn a_bad_model_card_is_refused_naming_the_file_and_the_key() {
     type Edit = fn(&mut serde_json::Value);
     let cases: [(&str, &str, Edit); 7] = [
         ("layout", "input.layout", |c| {
-            c["input"]["layout"] = "NWHC".into()
+            c["input"]["layout"] = "NWHC".into();
         }),
         ("colour", "input.colour", |c| {
-            c["input"]["colour"] = "CMYK".into()
+            c["input"]["colour"] = "CMYK".into();
         }),
         ("mean", "input.mean", |c| {
             c["input"]["colour"] = "RGB".into();
@@ -125,7 +125,9 @@ fn a_bad_model_card_is_refused_naming_the_file_and_the_key() {
         );
     }
     // The same refusals in the other commands that read cards.
-    let card = species_card_with(&dir, "eval", |c| c["input"]["layout"] = "CHW".into());
+    let card = species_card_with(&dir, "eval", |c| {
+        c["input"]["layout"] = "CHW".into();
+    });
     let (code, _, err) = bitdelta(&[
         "eval",
         "--base",
