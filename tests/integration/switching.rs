@@ -135,7 +135,6 @@ fn zoo_vit_tiny_d6() {
 }
 
 #[test]
-#[ignore = "tract 0.23.9 cannot load it: the f16 Gemm's expansion yields f32 (\"Output mismatch after rewiring expansion\")"]
 fn zoo_regnet_x_400mf_f16() {
     zoo("regnet_x_400mf_f16");
 }

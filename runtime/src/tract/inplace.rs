@@ -2,8 +2,9 @@
 //!
 //! After `into_optimized()`, tract 0.23.9 keeps a model's weights in three kinds of places:
 //! plain `Const` nodes (biases, depthwise kernels, reshaped but in element order), `Const` nodes
-//! holding one packed matrix (`PackedMatrixStorage`, e.g. an im2col convolution's kernel), and
-//! packed operands baked into `OptMatMul` micro-ops (`MatMulOperand::Const`). [`Sites::find`]
+//! holding packed matrices (`PackedMatrixStorage`: one for an im2col convolution's kernel, one
+//! per group for a grouped convolution's), and packed operands baked into `OptMatMul` micro-ops
+//! (`MatMulOperand::Const`). [`Sites::find`]
 //! locates every weight of the base ONNX in those places by *content*: a plain constant must hold
 //! the same elements, a packed one must equal what the operand's own packing format makes of the
 //! weight read as an `(mn, k)` or a `(k, mn)` matrix. A weight is only given a site when that
@@ -52,6 +53,9 @@ pub(crate) enum Site {
     },
     /// A `Const` node holding one packed matrix.
     Packed { node: usize, layout: Layout },
+    /// A `Const` node holding one packed `(mn, k)` matrix per group of a grouped convolution:
+    /// group `g` holds the weight's elements `g * n / groups..(g + 1) * n / groups`.
+    Grouped { node: usize },
     /// Operand `a` (or `b`) of micro-op `op` of an `OptMatMul` node, packed.
     Baked {
         node: usize,
@@ -161,6 +165,8 @@ impl Panels {
 enum Place<'m> {
     Plain(&'m [f32]),
     Packed(Panels, &'m [f32]),
+    /// One `(mn, k)` matrix per group, all of the same size.
+    Grouped(Vec<(Panels, &'m [f32])>),
 }
 
 impl Place<'_> {
@@ -168,7 +174,20 @@ impl Place<'_> {
         match self {
             Place::Plain(v) => v.len(),
             Place::Packed(p, _) => p.mn * p.k,
+            Place::Grouped(g) => g.len() * g.first().map_or(0, |(p, _)| p.mn * p.k),
         }
+    }
+}
+
+/// Calls `f(group, first, src, len)` for each part of the weight's elements `first..first + n`
+/// that falls in one group of `per` elements: `first` within the group, `src` from `first`.
+fn per_group(per: usize, first: usize, n: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
+    let mut at = first;
+    while at < first + n && per > 0 {
+        let (g, local) = (at / per, at % per);
+        let take = (per - local).min(first + n - at);
+        f(g, local, at - first, take);
+        at += take;
     }
 }
 
@@ -195,7 +214,7 @@ impl Sites {
     }
 
     /// Locates weights in `model`. `shapes[i]` is weight `i`'s element count and leading
-    /// dimension (`None`: it cannot be rewritten, e.g. an f16 weight); `current(i, first, out)`
+    /// dimension (`None`: it cannot be rewritten); `current(i, first, out)`
     /// fills `out` with its elements `first..` as the model holds them now. A weight whose
     /// elements are all equal (a single one included) is only located when `distinct(i)` says its
     /// current values are unlike any other constant (decoys).
@@ -229,6 +248,14 @@ impl Sites {
                             };
                             add(site, Place::Packed(p, held));
                         }
+                    } else if let Some(groups) = s
+                        .values()
+                        .iter()
+                        .map(|v| packed_f32(&**v))
+                        .collect::<Option<Vec<_>>>()
+                        .filter(|g| g.iter().all(|(p, _)| (p.mn, p.k) == (g[0].0.mn, g[0].0.k)))
+                    {
+                        add(Site::Grouped { node: node.id }, Place::Grouped(groups));
                     }
                 }
             } else if let Some(m) = node.op_as::<OptMatMul>() {
@@ -280,6 +307,7 @@ impl Sites {
                             _ => true,
                         })
                         .collect(),
+                    Place::Grouped(_) => vec![true],
                 })
                 .collect();
             let mut first_bits = None;
@@ -309,6 +337,16 @@ impl Sites {
                                     });
                                 }
                             }
+                        }
+                        Place::Grouped(groups) => {
+                            let per = groups[0].0.mn * groups[0].0.k;
+                            per_group(per, at, len, |g, local, from, take| {
+                                let (p, held) = &groups[g];
+                                let part = &buf[from..from + take];
+                                p.runs(Layout::MnK, local, take, |d, s, l| {
+                                    eq[0] &= same(&held[d..d + l], &part[s..s + l]);
+                                });
+                            });
                         }
                     }
                 }
@@ -374,7 +412,9 @@ fn with_layout(site: Site, layout: Layout) -> Site {
 
 fn place_key(site: Site) -> (usize, usize, bool) {
     match site {
-        Site::Plain { node, .. } | Site::Packed { node, .. } => (node, usize::MAX, false),
+        Site::Plain { node, .. } | Site::Packed { node, .. } | Site::Grouped { node } => {
+            (node, usize::MAX, false)
+        }
         Site::Baked { node, op, b, .. } => (node, op, b),
     }
 }
@@ -478,6 +518,34 @@ pub(crate) fn write(
                 tvec![Box::new(value) as Box<dyn MMMInputValue>],
             )
             .into_tensor(old.val().datum_type());
+            let fact = t.exotic_fact()?;
+            node.op = Box::new(Const::new_with_opt_exotic_fact(Arc::new(t), fact)?);
+            refresh_fact(node)
+        }
+        Site::Grouped { node } => {
+            let node = model.node_mut(node);
+            let old = node
+                .op_as::<Const>()
+                .ok_or_else(|| format_err!("node {} is not a constant", node.name))?;
+            let storage = old.val().try_storage_as::<PackedMatrixStorage>()?;
+            let held = storage.values();
+            let per = n / held.len().max(1);
+            if per * held.len() != n {
+                bail!(
+                    "constant {} holds {} groups, not a split of {n}",
+                    node.name,
+                    held.len()
+                );
+            }
+            let mut values = TVec::new();
+            for (g, v) in held.iter().enumerate() {
+                let value = repacked(&**v, Layout::MnK, &mut |first, out: &mut [f32]| {
+                    fill(g * per + first, out)
+                })?;
+                values.push(Box::new(value) as Box<dyn MMMInputValue>);
+            }
+            let t = PackedMatrixStorage::new_batched(storage.batch_shape(), values)
+                .into_tensor(old.val().datum_type());
             let fact = t.exotic_fact()?;
             node.op = Box::new(Const::new_with_opt_exotic_fact(Arc::new(t), fact)?);
             refresh_fact(node)

@@ -44,6 +44,7 @@
 //! variant that fails leaves the engine on the variant it had.
 
 mod inplace;
+mod widen;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::string::{String, ToString};
@@ -67,8 +68,9 @@ pub const BASE: &str = "base";
 
 /// The element type of a model's input tensor (a model card's `input.dtype`).
 ///
-/// Frames are always preprocessed in f32; an f16 model gets them converted (round to nearest)
-/// just before inference, and its f16 outputs are widened back to f32.
+/// Frames are always preprocessed in f32; an f16 model gets them rounded to f16 (to nearest)
+/// just before inference. f16 models are computed in f32 (see [`widen`]) and their f16 outputs
+/// rounded to f16, as onnxruntime's CPU provider does.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum InputType {
     /// 32-bit floats (most exports).
@@ -78,13 +80,9 @@ pub enum InputType {
     F16,
 }
 
-impl InputType {
-    fn fact(self, shape: &[usize]) -> TypedFact {
-        match self {
-            InputType::F32 => f32::fact(shape),
-            InputType::F16 => f16::fact(shape),
-        }
-    }
+/// The f32 input fact of `shape` (an f16 input is widened with the rest of the graph).
+fn input_fact(shape: &[usize]) -> TypedFact {
+    f32::fact(shape)
 }
 
 /// An optimized tract plan for a single-input, single-output classifier.
@@ -95,6 +93,8 @@ pub struct Classifier {
     model: Arc<TypedModel>,
     input_shape: Vec<usize>,
     input_type: InputType,
+    /// The model's output was f16 (computed in f32, rounded to f16).
+    round_output: bool,
 }
 
 impl Classifier {
@@ -109,25 +109,33 @@ impl Classifier {
         input_shape: &[usize],
         input_type: InputType,
     ) -> TractResult<Self> {
-        let proto = ModelProto::decode(bytes)?;
+        let mut proto = ModelProto::decode(bytes)?;
+        let widened = widen::widen_f16(&mut proto);
         let model = tract_onnx::onnx().model_for_proto_model(&proto)?;
         drop(proto);
         let model = model
-            .with_input_fact(0, input_type.fact(input_shape).into())?
+            .with_input_fact(0, input_fact(input_shape).into())?
             .into_optimized()?;
-        Self::from_model(Arc::new(model), input_shape.to_vec(), input_type)
+        Self::from_model(
+            Arc::new(model),
+            input_shape.to_vec(),
+            input_type,
+            widened.is_some_and(|w| w.output),
+        )
     }
 
     fn from_model(
         model: Arc<TypedModel>,
         input_shape: Vec<usize>,
         input_type: InputType,
+        round_output: bool,
     ) -> TractResult<Self> {
         Ok(Self {
             plan: model.clone().into_runnable()?,
             model,
             input_shape,
             input_type,
+            round_output,
         })
     }
 
@@ -144,17 +152,24 @@ impl Classifier {
     /// Runs one input (as many values as the input shape holds, converted to the model's input
     /// type) and returns the flat output as f32.
     pub fn run(&self, input: &[f32]) -> TractResult<Vec<f32>> {
-        let t = Tensor::from_shape(&self.input_shape, input)?;
         let t = match self.input_type {
-            InputType::F32 => t,
-            InputType::F16 => t.cast_to::<f16>()?.into_owned(),
+            InputType::F32 => Tensor::from_shape(&self.input_shape, input)?,
+            InputType::F16 => {
+                let rounded: Vec<f32> = input.iter().map(|&v| widen::round_f16(v)).collect();
+                Tensor::from_shape(&self.input_shape, &rounded)?
+            }
         };
         let out = self.plan.run(tvec!(t.into()))?;
         let out = out
             .first()
             .ok_or_else(|| TractError::msg("model has no output"))?;
         let out = out.cast_to::<f32>()?;
-        Ok(out.to_plain_array_view::<f32>()?.iter().copied().collect())
+        let out = out.to_plain_array_view::<f32>()?;
+        Ok(if self.round_output {
+            out.iter().map(|&v| widen::round_f16(v)).collect()
+        } else {
+            out.iter().copied().collect()
+        })
     }
 }
 
@@ -488,6 +503,7 @@ impl Engine {
             mut model,
             input_shape,
             input_type,
+            round_output,
         } = self.classifier.take().expect("checked above");
         drop(plan);
         let sites = self.sites.take().expect("found above");
@@ -513,7 +529,7 @@ impl Engine {
                 return Ok(false);
             }
         }
-        let Ok(clf) = Classifier::from_model(model, input_shape, input_type) else {
+        let Ok(clf) = Classifier::from_model(model, input_shape, input_type, round_output) else {
             return Ok(false);
         };
         drop(from);
@@ -547,7 +563,8 @@ impl Engine {
             BTreeSet::new()
         };
         let stripped = crate::onnx::without_weights(base, &self.weights)?;
-        let proto = ModelProto::decode(&stripped[..])?;
+        let mut proto = ModelProto::decode(&stripped[..])?;
+        let widened = widen::widen_f16(&mut proto);
         drop(stripped);
         let mut onnx = tract_onnx::onnx();
         onnx.provider = Arc::new(Rebuilder {
@@ -595,7 +612,7 @@ impl Engine {
         );
         let mut model = parsed
             .model
-            .with_input_fact(0, self.input_type.fact(&self.input_shape).into())?
+            .with_input_fact(0, input_fact(&self.input_shape).into())?
             .into_optimized()?;
         let sites = if decoys.is_empty() {
             None
@@ -617,8 +634,12 @@ impl Engine {
             }
             Some(sites)
         };
-        let clf =
-            Classifier::from_model(Arc::new(model), self.input_shape.clone(), self.input_type)?;
+        let clf = Classifier::from_model(
+            Arc::new(model),
+            self.input_shape.clone(),
+            self.input_type,
+            widened.is_some_and(|w| w.output),
+        )?;
         Ok(Built::Model(clf, fp, sites))
     }
 
@@ -639,10 +660,6 @@ impl Engine {
         let mut out = BTreeSet::new();
         let (mut values, mut stored) = (Vec::new(), Vec::new());
         for i in changed {
-            let init = &self.weights.initializers[i];
-            if init.dtype != DType::F32 {
-                continue;
-            }
             let p = payloads(&self.weights, files, i)?;
             let mut first: Option<[u8; 4]> = None;
             let mut uniform = true;
@@ -651,6 +668,7 @@ impl Engine {
                 &self.weights,
                 i,
                 &p,
+                DType::F32,
                 &mut values,
                 &mut stored,
                 |_, b| {
@@ -665,8 +683,8 @@ impl Engine {
         Ok(out)
     }
 
-    /// Finds every f32 weight of the base in `model`, whose weights are those of `files`
-    /// except the `decoys`, which hold [`decoy`] values.
+    /// Finds every weight of the base in `model` (f16 weights as the f32 values tract holds),
+    /// whose weights are those of `files` except the `decoys`, which hold [`decoy`] values.
     fn locate(
         &self,
         model: &TypedModel,
@@ -680,7 +698,7 @@ impl Engine {
             .iter()
             .map(|init| {
                 let rows = init.dims.first().copied().unwrap_or(1) as usize;
-                (init.dtype == DType::F32).then_some((init.numel() as usize, rows))
+                Some((init.numel() as usize, rows))
             })
             .collect();
         let mut held: Option<(usize, Vec<(Payload<'_>, f32)>)> = None;
@@ -742,7 +760,8 @@ fn payloads<'d>(
         .collect()
 }
 
-/// Elements `first..first + out.len()` of weight `i` with the checked `payloads` applied.
+/// Elements `first..first + out.len()` of weight `i` with the checked `payloads` applied, as
+/// the applied model stores them (an f16 weight's values rounded to f16).
 fn reconstruct_at(
     base: &[u8],
     weights: &OnnxWeights,
@@ -751,8 +770,13 @@ fn reconstruct_at(
     first: usize,
     out: &mut [f32],
 ) -> TractResult<()> {
-    let view = base_view(base, &weights.initializers[i]);
-    compose::reconstruct_at(view, payloads, first, out).map_err(|e| format_err!("{e}"))
+    let init = &weights.initializers[i];
+    compose::reconstruct_at(base_view(base, init), payloads, first, out)
+        .map_err(|e| format_err!("{e}"))?;
+    if init.dtype == DType::F16 {
+        out.iter_mut().for_each(|v| *v = widen::round_f16(*v));
+    }
+    Ok(())
 }
 
 /// Fingerprint of the base with `deltas` applied, chunk by chunk (weights the deltas leave
@@ -776,6 +800,7 @@ fn rebuilt_fingerprint(
             weights,
             i,
             &p,
+            init.dtype,
             &mut values,
             &mut stored,
             |_, bytes| {
@@ -786,27 +811,32 @@ fn rebuilt_fingerprint(
     Ok(fp.finish())
 }
 
-/// Weight `i` with the checked `payloads` applied, in its stored dtype, chunk by chunk:
-/// `f(byte offset, bytes)` for each chunk (`values` and `stored` are scratch buffers).
+/// Weight `i` with the checked `payloads` applied, stored as `dtype` (its own in the model's
+/// file, f32 for tract), chunk by chunk: `f(byte offset, bytes)` for each chunk (`values` and
+/// `stored` are scratch buffers).
+#[allow(clippy::too_many_arguments)]
 fn stored_chunks(
     base: &[u8],
     weights: &OnnxWeights,
     i: usize,
     payloads: &[(Payload<'_>, f32)],
+    dtype: DType,
     values: &mut Vec<f32>,
     stored: &mut Vec<u8>,
     mut f: impl FnMut(usize, &[u8]),
 ) -> TractResult<()> {
-    let init = &weights.initializers[i];
-    let n = init.numel() as usize;
-    let width = init.data.len() / n.max(1);
+    let n = weights.initializers[i].numel() as usize;
+    let width = match dtype {
+        DType::F32 => 4,
+        DType::F16 => 2,
+    };
     let mut at = 0;
     while at < n {
         let len = CHUNK.min(n - at);
         values.resize(len, 0.0);
         reconstruct_at(base, weights, i, payloads, at, values)?;
         stored.resize(len * width, 0);
-        apply::store(init.dtype, values, stored);
+        apply::store(dtype, values, stored);
         f(at * width, stored);
         at += len;
     }
@@ -861,8 +891,10 @@ impl tract_onnx::data_resolver::ModelDataResolver for Rebuilder {
             .initializers
             .get(offset)
             .ok_or_else(|| format_err!("no weight {offset}"))?;
+        // Every weight reaches tract as f32 (f16 weights are widened with their graph).
+        let size = init.numel() as usize * 4;
         ensure!(
-            length.is_none_or(|l| l == init.data.len()),
+            length.is_none_or(|l| l == size),
             "weight {:?}: asked for {length:?} bytes",
             init.name
         );
@@ -872,11 +904,11 @@ impl tract_onnx::data_resolver::ModelDataResolver for Rebuilder {
             .map(|(b, a)| Ok((DeltaFile::parse(b).map_err(|e| format_err!("{e}"))?, *a)))
             .collect::<TractResult<Vec<_>>>()?;
         buf.clear();
-        buf.resize(init.data.len(), 0);
+        buf.resize(size, 0);
         if self.decoys.contains(&offset) {
             let mut values = vec![0f32; init.numel() as usize];
             decoy(offset, 0, &mut values);
-            apply::store(init.dtype, &values, buf);
+            apply::store(DType::F32, &values, buf);
             return Ok(());
         }
         let p = payloads(&self.weights, &files, offset)?;
@@ -886,6 +918,7 @@ impl tract_onnx::data_resolver::ModelDataResolver for Rebuilder {
             &self.weights,
             offset,
             &p,
+            DType::F32,
             &mut values,
             &mut stored,
             |at, bytes| buf[at..at + bytes.len()].copy_from_slice(bytes),
