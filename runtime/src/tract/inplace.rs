@@ -116,21 +116,24 @@ impl Panels {
             .then(|| (p, f.clone()))
     }
 
-    /// Calls `f(dst, src, len)` for each run of the weight's elements `first..first + n` (read
-    /// as `layout`) that is contiguous in the packed buffer: `dst` is the run's index in the
-    /// buffer, `src` its offset from `first`.
-    fn runs(&self, layout: Layout, first: usize, n: usize, mut f: impl FnMut(usize, usize, usize)) {
+    /// Calls `f(run)` for each run of the weight's elements `first..first + n` (read as
+    /// `layout`) that sits at one stride in the packed buffer.
+    fn runs(&self, layout: Layout, first: usize, n: usize, mut f: impl FnMut(Run)) {
         let (r, panel) = (self.r, self.panel);
         let mut i = 0;
         match layout {
             Layout::MnK => {
+                // A row's elements sit `r` apart in its panel.
                 let (mut m, mut kk) = (first / self.k, first % self.k);
                 while i < n {
                     let at = (m / r) * panel + m % r;
                     let take = (self.k - kk).min(n - i);
-                    for j in 0..take {
-                        f(at + (kk + j) * r, i + j, 1);
-                    }
+                    f(Run {
+                        dst: at + kk * r,
+                        src: i,
+                        len: take,
+                        stride: r,
+                    });
                     i += take;
                     kk = 0;
                     m += 1;
@@ -141,14 +144,24 @@ impl Panels {
                 for j in 0..n {
                     let (m, kk) = ((first + j) / self.k, (first + j) % self.k);
                     let kk = (kk % groups) * per + kk / groups;
-                    f((m / r) * panel + kk * r + m % r, j, 1);
+                    f(Run {
+                        dst: (m / r) * panel + kk * r + m % r,
+                        src: j,
+                        len: 1,
+                        stride: 1,
+                    });
                 }
             }
             Layout::KMn => {
                 let (mut kk, mut m) = (first / self.mn, first % self.mn);
                 while i < n {
                     let take = (r - m % r).min(self.mn - m).min(n - i);
-                    f((m / r) * panel + kk * r + m % r, i, take);
+                    f(Run {
+                        dst: (m / r) * panel + kk * r + m % r,
+                        src: i,
+                        len: take,
+                        stride: 1,
+                    });
                     i += take;
                     m += take;
                     if m == self.mn {
@@ -156,6 +169,44 @@ impl Panels {
                         kk += 1;
                     }
                 }
+            }
+        }
+    }
+}
+
+/// `len` elements of a weight, from its element `src` (relative to a chunk), at `dst`,
+/// `dst + stride`, ... in a packed buffer.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    dst: usize,
+    src: usize,
+    len: usize,
+    stride: usize,
+}
+
+impl Run {
+    /// The run's places in `held`: `None` when it runs past the end.
+    fn places<'a>(&self, held: &'a [f32]) -> Option<impl Iterator<Item = &'a f32> + 'a> {
+        let end = self.dst + (self.len.max(1) - 1) * self.stride;
+        (end < held.len()).then(|| held[self.dst..=end].iter().step_by(self.stride))
+    }
+
+    /// Whether `held` holds `values[src..src + len]` at the run's places.
+    fn holds(&self, held: &[f32], values: &[f32]) -> bool {
+        let want = &values[self.src..self.src + self.len];
+        self.places(held)
+            .is_some_and(|got| got.map(|v| v.to_bits()).eq(want.iter().map(|v| v.to_bits())))
+    }
+
+    /// Writes `values[src..src + len]` at the run's places in `dst`.
+    fn write(&self, dst: &mut [f32], values: &[f32]) {
+        let want = &values[self.src..self.src + self.len];
+        if self.stride == 1 {
+            dst[self.dst..self.dst + self.len].copy_from_slice(want);
+        } else {
+            let end = self.dst + (self.len.max(1) - 1) * self.stride;
+            for (d, v) in dst[self.dst..=end].iter_mut().step_by(self.stride).zip(want) {
+                *d = *v;
             }
         }
     }
@@ -324,16 +375,16 @@ impl Sites {
                         Place::Plain(held) => {
                             eq[0] &= same(&held[at..at + len], &buf);
                             if let (true, Some(t)) = (eq[1], &columns) {
-                                t.runs(Layout::MnK, at, len, |d, s, l| {
-                                    eq[1] &= same(&held[d..d + l], &buf[s..s + l]);
+                                t.runs(Layout::MnK, at, len, |run| {
+                                    eq[1] &= run.holds(held, &buf);
                                 });
                             }
                         }
                         Place::Packed(p, held) => {
                             for (e, layout) in eq.iter_mut().zip(packed_layouts()) {
                                 if *e {
-                                    p.runs(layout, at, len, |d, s, l| {
-                                        *e &= same(&held[d..d + l], &buf[s..s + l]);
+                                    p.runs(layout, at, len, |run| {
+                                        *e &= run.holds(held, &buf);
                                     });
                                 }
                             }
@@ -343,8 +394,8 @@ impl Sites {
                             per_group(per, at, len, |g, local, from, take| {
                                 let (p, held) = &groups[g];
                                 let part = &buf[from..from + take];
-                                p.runs(Layout::MnK, local, take, |d, s, l| {
-                                    eq[0] &= same(&held[d..d + l], &part[s..s + l]);
+                                p.runs(Layout::MnK, local, take, |run| {
+                                    eq[0] &= run.holds(held, part);
                                 });
                             });
                         }
@@ -434,9 +485,7 @@ fn scatter(
         let len = CHUNK.min(n - at);
         buf.resize(len, 0.0);
         fill(at, &mut buf)?;
-        p.runs(layout, at, len, |d, s, l| {
-            dst[d..d + l].copy_from_slice(&buf[s..s + l]);
-        });
+        p.runs(layout, at, len, |run| run.write(dst, &buf));
         at += len;
     }
     Ok(())
