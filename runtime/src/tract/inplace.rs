@@ -194,8 +194,10 @@ impl Run {
     /// Whether `held` holds `values[src..src + len]` at the run's places.
     fn holds(&self, held: &[f32], values: &[f32]) -> bool {
         let want = &values[self.src..self.src + self.len];
-        self.places(held)
-            .is_some_and(|got| got.map(|v| v.to_bits()).eq(want.iter().map(|v| v.to_bits())))
+        self.places(held).is_some_and(|got| {
+            got.map(|v| v.to_bits())
+                .eq(want.iter().map(|v| v.to_bits()))
+        })
     }
 
     /// Writes `values[src..src + len]` at the run's places in `dst`.
@@ -205,7 +207,11 @@ impl Run {
             dst[self.dst..self.dst + self.len].copy_from_slice(want);
         } else {
             let end = self.dst + (self.len.max(1) - 1) * self.stride;
-            for (d, v) in dst[self.dst..=end].iter_mut().step_by(self.stride).zip(want) {
+            for (d, v) in dst[self.dst..=end]
+                .iter_mut()
+                .step_by(self.stride)
+                .zip(want)
+            {
                 *d = *v;
             }
         }
@@ -506,17 +512,39 @@ fn repacked(
     Ok(e)
 }
 
+impl Site {
+    /// The node that holds the site.
+    pub(crate) fn node(self) -> usize {
+        match self {
+            Site::Plain { node, .. }
+            | Site::Packed { node, .. }
+            | Site::Grouped { node }
+            | Site::Baked { node, .. } => node,
+        }
+    }
+}
+
 /// Replaces weight `i`'s data at `site` with `n` new elements, given chunk by chunk by
 /// `fill(first, out)`.
 pub(crate) fn write(
     model: &mut TypedModel,
     site: Site,
     n: usize,
+    fill: impl FnMut(usize, &mut [f32]) -> TractResult<()>,
+) -> TractResult<()> {
+    write_node(model.node_mut(site.node()), site, n, fill)
+}
+
+/// [`write`] on the site's node (`node` is `site.node()`), so that the sites of different nodes
+/// can be written on different threads.
+pub(crate) fn write_node(
+    node: &mut TypedNode,
+    site: Site,
+    n: usize,
     mut fill: impl FnMut(usize, &mut [f32]) -> TractResult<()>,
 ) -> TractResult<()> {
     match site {
-        Site::Plain { node, transposed } => {
-            let node = model.node_mut(node);
+        Site::Plain { transposed, .. } => {
             let old = node
                 .op_as::<Const>()
                 .ok_or_else(|| format_err!("node {} is not a constant", node.name))?;
@@ -552,8 +580,7 @@ pub(crate) fn write(
             node.op = Box::new(Const::new(Arc::new(t))?);
             refresh_fact(node)
         }
-        Site::Packed { node, layout } => {
-            let node = model.node_mut(node);
+        Site::Packed { layout, .. } => {
             let old = node
                 .op_as::<Const>()
                 .ok_or_else(|| format_err!("node {} is not a constant", node.name))?;
@@ -571,8 +598,7 @@ pub(crate) fn write(
             node.op = Box::new(Const::new_with_opt_exotic_fact(Arc::new(t), fact)?);
             refresh_fact(node)
         }
-        Site::Grouped { node } => {
-            let node = model.node_mut(node);
+        Site::Grouped { .. } => {
             let old = node
                 .op_as::<Const>()
                 .ok_or_else(|| format_err!("node {} is not a constant", node.name))?;
@@ -599,21 +625,16 @@ pub(crate) fn write(
             node.op = Box::new(Const::new_with_opt_exotic_fact(Arc::new(t), fact)?);
             refresh_fact(node)
         }
-        Site::Baked {
-            node,
-            op,
-            b,
-            layout,
-        } => {
-            let m = model
-                .node_mut(node)
+        Site::Baked { op, b, layout, .. } => {
+            let name = node.name.clone();
+            let m = node
                 .op_as_mut::<OptMatMul>()
-                .ok_or_else(|| format_err!("node {node} is not a matrix product"))?;
+                .ok_or_else(|| format_err!("node {name} is not a matrix product"))?;
             let Some(ProtoFusedSpec::AddMatMul { a, b: bb, .. }) = m.micro_ops.get_mut(op) else {
-                bail!("node {node} has no matrix product at micro-op {op}");
+                bail!("node {name} has no matrix product at micro-op {op}");
             };
             let MatMulOperand::Const(held) = (if b { bb } else { a }) else {
-                bail!("node {node}: operand is not constant");
+                bail!("node {name}: operand is not constant");
             };
             // Rewrite the operand's own buffer when nothing else holds it.
             if let Some(e) = held.downcast_mut::<EagerPackedInput>() {

@@ -428,6 +428,68 @@ impl Engine {
         }
     }
 
+    /// Writes every weight of `set` into its sites in `model`, `fill(i, first, out)` giving weight
+    /// `i`'s elements `first..`. Nodes are shared out among the CPU's cores (each node's sites are
+    /// written by one thread), largest first. On failure, the weight that failed and why.
+    fn rewrite(
+        model: &mut TypedModel,
+        weights: &OnnxWeights,
+        sites: &Sites,
+        set: &BTreeSet<usize>,
+        fill: impl Fn(usize, usize, &mut [f32]) -> TractResult<()> + Sync,
+    ) -> Result<(), (usize, TractError)> {
+        let mut work: BTreeMap<usize, NodeWork> = BTreeMap::new();
+        for &i in set {
+            for &site in sites.get(i).unwrap_or_default() {
+                let w = work.entry(site.node()).or_default();
+                w.0 += weights.initializers[i].numel() as usize;
+                w.1.push((i, site));
+            }
+        }
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, work.len().max(1));
+        let mut jobs: Vec<(&mut TypedNode, &NodeWork)> = model
+            .nodes
+            .iter_mut()
+            .filter_map(|node| work.get(&node.id).map(|w| (node, w)))
+            .collect();
+        jobs.sort_by_key(|(_, (size, _))| std::cmp::Reverse(*size));
+        let mut lanes: Vec<(usize, Vec<_>)> = (0..threads).map(|_| (0, Vec::new())).collect();
+        for job in jobs {
+            let lane = lanes
+                .iter_mut()
+                .min_by_key(|(load, _)| *load)
+                .expect("at least one lane");
+            lane.0 += job.1 .0;
+            lane.1.push(job);
+        }
+        let fill = &fill;
+        let lane = |jobs: Vec<(&mut TypedNode, &NodeWork)>| {
+            for (node, (_, items)) in jobs {
+                for &(i, site) in items {
+                    let n = weights.initializers[i].numel() as usize;
+                    inplace::write_node(node, site, n, |first, out| fill(i, first, out))
+                        .map_err(|e| (i, e))?;
+                }
+            }
+            Ok(())
+        };
+        let mut lanes = lanes.into_iter().map(|(_, jobs)| jobs);
+        let first = lanes.next().unwrap_or_default();
+        std::thread::scope(|s| {
+            let others: Vec<_> = lanes.map(|jobs| s.spawn(move || lane(jobs))).collect();
+            let mut result = lane(first);
+            for h in others {
+                let r = h
+                    .join()
+                    .unwrap_or_else(|_| Err((0, format_err!("a rewriting thread panicked"))));
+                result = result.and(r);
+            }
+            result
+        })
+    }
+
     /// The parsed deltas of a variant (none for the base).
     fn deltas_of<'v>(
         variants: &'v BTreeMap<String, Variant>,
@@ -475,8 +537,9 @@ impl Engine {
         for (k, (f, _)) in to.iter().enumerate() {
             check_binding(f, k, weights, &self.base_fingerprint).map_err(|e| format_err!("{e}"))?;
         }
+        let mut checked = BTreeMap::new();
         for &i in &set {
-            payloads(weights, &to, i)?;
+            checked.insert(i, payloads(weights, &to, i)?);
         }
         let fp = match variants.get(name) {
             None => self.base_fingerprint,
@@ -511,23 +574,11 @@ impl Engine {
             self.fallback = Some("the running model is shared with a clone".into());
             return Ok(false);
         };
-        for &i in &set {
-            let n = weights.initializers[i].numel() as usize;
-            let written = payloads(weights, &to, i).and_then(|p| {
-                sites
-                    .get(i)
-                    .expect("checked above")
-                    .iter()
-                    .try_for_each(|&site| {
-                        inplace::write(m, site, n, |first, out| {
-                            reconstruct_at(base, weights, i, &p, first, out)
-                        })
-                    })
-            });
-            if let Err(e) = written {
-                self.fallback = Some(format!("rewriting {}: {e}", weights.initializers[i].name));
-                return Ok(false);
-            }
+        if let Err((i, e)) = Self::rewrite(m, weights, &sites, &set, |i, first, out| {
+            reconstruct_at(base, weights, i, &checked[&i], first, out)
+        }) {
+            self.fallback = Some(format!("rewriting {}: {e}", weights.initializers[i].name));
+            return Ok(false);
         }
         let Ok(clf) = Classifier::from_model(model, input_shape, input_type, round_output) else {
             return Ok(false);
@@ -774,7 +825,7 @@ fn reconstruct_at(
     compose::reconstruct_at(base_view(base, init), payloads, first, out)
         .map_err(|e| format_err!("{e}"))?;
     if init.dtype == DType::F16 {
-        out.iter_mut().for_each(|v| *v = widen::round_f16(*v));
+        widen::round_f16_slice(out);
     }
     Ok(())
 }
@@ -842,6 +893,9 @@ fn stored_chunks(
     }
     Ok(())
 }
+
+/// The sites one node holds, `(weight, site)`, and their element count.
+type NodeWork = (usize, Vec<(usize, inplace::Site)>);
 
 /// Elements reconstructed at a time.
 const CHUNK: usize = 1 << 16;
