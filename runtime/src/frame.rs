@@ -428,13 +428,14 @@ mod libjpeg {
     /// What `error_exit` unwinds with.
     struct Failure(String);
 
+    /// Picks the scale denominator (1, 2, 4 or 8) from the stored width and height and the Exif
+    /// chunk, once the header is read.
+    pub(super) type Scale<'a> = dyn FnMut(usize, usize, Option<&[u8]>) -> usize + 'a;
+
     /// Decodes `data`, scaled by `1 / scale(width, height, exif)` (1, 2, 4 or 8), where `exif`
     /// is the APP1 Exif chunk (from its TIFF header). `None` for colour spaces other than grey,
     /// YCbCr and RGB (CMYK, YCCK).
-    pub(super) fn decode(
-        data: &[u8],
-        scale: &mut dyn FnMut(usize, usize, Option<&[u8]>) -> usize,
-    ) -> Result<Option<Decoded>, String> {
+    pub(super) fn decode(data: &[u8], scale: &mut Scale<'_>) -> Result<Option<Decoded>, String> {
         let len = c_ulong::try_from(data.len()).map_err(|_| "file too large".to_string())?;
         // SAFETY: both are C structs of integers, raw pointers and `Option`s of function
         // pointers, for which all zeros is a valid value (the state libjpeg's own `memset`
@@ -477,7 +478,7 @@ mod libjpeg {
     /// `cinfo` is a created decompressor with a source.
     unsafe fn run(
         cinfo: &mut ffi::jpeg_decompress_struct,
-        scale: &mut dyn FnMut(usize, usize, Option<&[u8]>) -> usize,
+        scale: &mut Scale<'_>,
     ) -> Option<Decoded> {
         // SAFETY: the caller's contract; the marker list is libjpeg's, valid until destroy.
         unsafe {
