@@ -7,17 +7,32 @@
 //! 2. [`Frame::tensor`] turns those 8-bit pixels into the input tensor: channel order (RGB or
 //!    BGR, or luma replicated), `(p * scale - mean[c]) / std[c]`, NCHW or NHWC.
 //!
+//! JPEGs are decoded by libjpeg-turbo's decoder (the copy `mozjpeg-sys` vendors and builds), with
+//! its defaults (accurate integer IDCT, fancy upsampling): the pixels PIL (Pillow bundles
+//! libjpeg-turbo) decodes, so a model sees what it saw in a numpy/PIL pipeline. Other formats
+//! (and CMYK JPEGs) go through the `image` crate.
+//!
+//! A JPEG at least twice as large as the resize needs (on both sides) is scaled while it is
+//! decoded, as PIL's `Image.draft` does: libjpeg's DCT scaling by 1/2, 1/4 or 1/8, the largest
+//! reduction that leaves it at least as large as the size the resize rule resamples the whole
+//! image to (the input's size to stretch; the shorter side at `resize_to` to crop; the fitted
+//! size to letterbox), then the resize as usual. Scaling in the DCT skips most of the inverse
+//! transform and colour conversion, which is what makes a 12 MP camera-trap photo cheap (a
+//! 4000x3000 frame for a 224x224 input is decoded at 500x375).
+//!
 //! Frames are kept as 8-bit pixels at the input size (a 224x224 colour frame is 150 KB), so a
 //! labelled set or a calibration set costs a quarter of its f32 tensors.
 
 use std::fmt;
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::string::{String, ToString};
 use std::vec::Vec;
 
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::{DynamicImage, ImageDecoder, ImageReader};
+use image::metadata::Orientation;
+use image::{DynamicImage, GrayImage, ImageDecoder, ImageReader, RgbImage};
 
 use crate::card::{Colour, Input, Layout, ModelCard, Resize};
 
@@ -54,24 +69,33 @@ pub struct Frame {
 impl Frame {
     /// Decodes an image file (PNG, JPEG; format from its content), applies its EXIF orientation
     /// and fits it to `input` (grey or RGB by the card's colour, resized by its rule).
+    ///
+    /// JPEGs are decoded by libjpeg (scaled while decoding when much larger than the input
+    /// needs; see the module docs). A corrupt or truncated file is an error naming it.
     pub fn load(path: &Path, input: &Input) -> Result<Self, FrameError> {
         let fail = |message: String| FrameError {
             path: path.to_owned(),
             message,
         };
-        let reader = ImageReader::open(path)
-            .map_err(|e| fail(format!("cannot read: {e}")))?
-            .with_guessed_format()
-            .map_err(|e| fail(format!("cannot read: {e}")))?;
-        let mut decoder = reader
-            .into_decoder()
-            .map_err(|e| fail(format!("cannot decode image (expected PNG or JPEG): {e}")))?;
-        let orientation = decoder.orientation().ok();
-        let mut img = DynamicImage::from_decoder(decoder)
-            .map_err(|e| fail(format!("cannot decode image: {e}")))?;
-        if let Some(o) = orientation {
-            img.apply_orientation(o);
-        }
+        let data = std::fs::read(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+        let img = match decode_jpeg(&data, input).map_err(fail)? {
+            Some(img) => img,
+            None => {
+                let reader = ImageReader::new(Cursor::new(data))
+                    .with_guessed_format()
+                    .map_err(|e| fail(format!("cannot read: {e}")))?;
+                let mut decoder = reader.into_decoder().map_err(|e| {
+                    fail(format!("cannot decode image (expected PNG or JPEG): {e}"))
+                })?;
+                let orientation = decoder.orientation().ok();
+                let mut img = DynamicImage::from_decoder(decoder)
+                    .map_err(|e| fail(format!("cannot decode image: {e}")))?;
+                if let Some(o) = orientation {
+                    img.apply_orientation(o);
+                }
+                img
+            }
+        };
         Self::from_image(img, input).map_err(|e| fail(e.message))
     }
 
@@ -79,9 +103,9 @@ impl Frame {
     pub fn from_image(img: DynamicImage, input: &Input) -> Result<Self, FrameError> {
         let (w, h) = (img.width() as usize, img.height() as usize);
         if input.colour == Colour::Grey {
-            Self::from_pixels(img.to_luma8().into_raw(), w, h, 1, input)
+            Self::from_pixels(img.into_luma8().into_raw(), w, h, 1, input)
         } else {
-            Self::from_pixels(img.to_rgb8().into_raw(), w, h, 3, input)
+            Self::from_pixels(img.into_rgb8().into_raw(), w, h, 3, input)
         }
     }
 
@@ -213,17 +237,13 @@ impl Frame {
     fn fit(self, input: &Input) -> Result<Self, &'static str> {
         let (tw, th) = (input.width, input.height);
         let (sw, sh) = (self.width as f64, self.height as f64);
+        let (rw, rh) = resampled_size(input, sw, sh);
         match input.resize {
             Resize::Stretch => self.resized(tw, th, None),
             Resize::Crop => {
                 // Shorter side to resize_to, then the centre (tw x th) of that, expressed as a
-                // box of the source so only one resampling pass runs. Sizes and offsets round
-                // half to even, as torchvision's Resize/CenterCrop (Python's round) do.
-                let k = input.resize_to as f64 / sw.min(sh);
-                let (rw, rh) = (
-                    (sw * k).round_ties_even().max(1.0),
-                    (sh * k).round_ties_even().max(1.0),
-                );
+                // box of the source so only one resampling pass runs. Offsets round half to
+                // even, as the sizes do.
                 let (left, top) = (
                     ((rw - tw as f64) / 2.0).round_ties_even(),
                     ((rh - th as f64) / 2.0).round_ties_even(),
@@ -233,11 +253,7 @@ impl Frame {
                 self.resized(tw, th, Some(crop))
             }
             Resize::Letterbox => {
-                let k = (tw as f64 / sw).min(th as f64 / sh);
-                let (rw, rh) = (
-                    ((sw * k).round() as usize).clamp(1, tw),
-                    ((sh * k).round() as usize).clamp(1, th),
-                );
+                let (rw, rh) = (rw as usize, rh as usize);
                 let inner = self.resized(rw, rh, None)?;
                 let ch = inner.channels;
                 // Pad with the mean colour: those pixels are 0 after normalisation.
@@ -304,6 +320,255 @@ impl Frame {
             height: h,
             channels: self.channels,
         })
+    }
+}
+
+/// The size (width, height) the input's resize rule resamples a whole `sw x sh` image to, before
+/// any crop or padding: the input's size to stretch; the shorter side at `resize_to` to crop
+/// (sizes round half to even, as torchvision's Resize/CenterCrop, Python's round, do); the
+/// largest size that fits the input to letterbox.
+fn resampled_size(input: &Input, sw: f64, sh: f64) -> (f64, f64) {
+    let (tw, th) = (input.width as f64, input.height as f64);
+    match input.resize {
+        Resize::Stretch => (tw, th),
+        Resize::Crop => {
+            let k = input.resize_to as f64 / sw.min(sh);
+            (
+                (sw * k).round_ties_even().max(1.0),
+                (sh * k).round_ties_even().max(1.0),
+            )
+        }
+        Resize::Letterbox => {
+            let k = (tw / sw).min(th / sh);
+            (
+                (sw * k).round().clamp(1.0, tw),
+                (sh * k).round().clamp(1.0, th),
+            )
+        }
+    }
+}
+
+/// libjpeg's DCT scaling for a `w x h` JPEG whose resize needs `need_w x need_h`: the largest
+/// of 8, 4, 2 that divides neither side below what is needed (PIL's `Image.draft`), else 1.
+/// The image is decoded at `ceil(w / d) x ceil(h / d)`.
+fn draft_denominator(w: usize, h: usize, need_w: usize, need_h: usize) -> usize {
+    let room = (w / need_w.max(1)).min(h / need_h.max(1));
+    [8, 4, 2].into_iter().find(|&d| d <= room).unwrap_or(1)
+}
+
+/// Decodes a JPEG (by its SOI marker) with libjpeg for `input`, with the EXIF orientation
+/// applied; `None` when `data` is no JPEG or one libjpeg cannot give as RGB or grey (CMYK),
+/// for the `image` crate.
+fn decode_jpeg(data: &[u8], input: &Input) -> Result<Option<DynamicImage>, String> {
+    if !data.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return Ok(None);
+    }
+    let mut orientation = None;
+    let decoded = libjpeg::decode(data, &mut |w, h, exif| {
+        orientation = exif.and_then(Orientation::from_exif_chunk);
+        // What the resize needs, in the stored (unrotated) axes.
+        let turned = matches!(
+            orientation,
+            Some(
+                Orientation::Rotate90
+                    | Orientation::Rotate270
+                    | Orientation::Rotate90FlipH
+                    | Orientation::Rotate270FlipH
+            )
+        );
+        let (ow, oh) = if turned { (h, w) } else { (w, h) };
+        let (nw, nh) = resampled_size(input, ow as f64, oh as f64);
+        let (nw, nh) = if turned { (nh, nw) } else { (nw, nh) };
+        draft_denominator(w, h, nw as usize, nh as usize)
+    })
+    .map_err(|e| format!("cannot decode JPEG: {e}"))?;
+    let Some(d) = decoded else {
+        return Ok(None);
+    };
+    let size = |n: usize| u32::try_from(n).map_err(|_| "image too large".to_string());
+    let (w, h) = (size(d.width)?, size(d.height)?);
+    let mut img = if d.channels == 1 {
+        GrayImage::from_raw(w, h, d.pixels).map(DynamicImage::ImageLuma8)
+    } else {
+        RgbImage::from_raw(w, h, d.pixels).map(DynamicImage::ImageRgb8)
+    }
+    .ok_or("libjpeg gave fewer pixels than the image's size")?;
+    if let Some(o) = orientation {
+        img.apply_orientation(o);
+    }
+    Ok(Some(img))
+}
+
+/// libjpeg's decoder behind one safe function.
+///
+/// libjpeg reports a fatal error by calling the error manager's `error_exit`, which must not
+/// return. Ours unwinds (`resume_unwind`, which does not run the panic hook, so nothing is
+/// printed) back through the C frames (built with `-fexceptions` by `mozjpeg-sys`'s
+/// `unwinding` feature) to a `catch_unwind` here, which turns it into the message. Warnings
+/// about corrupt data are ignored as PIL ignores them, except the one for data running out: a
+/// truncated file is an error (libjpeg would pad it with grey).
+#[allow(unsafe_code)]
+mod libjpeg {
+    use std::ffi::{c_int, c_ulong};
+    use std::mem;
+    use std::panic::{self, AssertUnwindSafe};
+    use std::string::{String, ToString};
+    use std::vec::Vec;
+
+    use mozjpeg_sys as ffi;
+
+    /// Decoded 8-bit pixels: luma (1 channel) or RGB (3, interleaved), row after row.
+    pub(super) struct Decoded {
+        pub(super) pixels: Vec<u8>,
+        pub(super) width: usize,
+        pub(super) height: usize,
+        pub(super) channels: usize,
+    }
+
+    /// What `error_exit` unwinds with.
+    struct Failure(String);
+
+    /// Picks the scale denominator (1, 2, 4 or 8) from the stored width and height and the Exif
+    /// chunk, once the header is read.
+    pub(super) type Scale<'a> = dyn FnMut(usize, usize, Option<&[u8]>) -> usize + 'a;
+
+    /// Decodes `data`, scaled by `1 / scale(width, height, exif)` (1, 2, 4 or 8), where `exif`
+    /// is the APP1 Exif chunk (from its TIFF header). `None` for colour spaces other than grey,
+    /// YCbCr and RGB (CMYK, YCCK).
+    pub(super) fn decode(data: &[u8], scale: &mut Scale<'_>) -> Result<Option<Decoded>, String> {
+        let len = c_ulong::try_from(data.len()).map_err(|_| "file too large".to_string())?;
+        // SAFETY: both are C structs of integers, raw pointers and `Option`s of function
+        // pointers, for which all zeros is a valid value (the state libjpeg's own `memset`
+        // leaves before `jpeg_std_error` and `jpeg_create_decompress` fill them in).
+        let (mut err, mut cinfo) = unsafe {
+            (
+                Box::new(mem::zeroed::<ffi::jpeg_error_mgr>()),
+                Box::new(mem::zeroed::<ffi::jpeg_decompress_struct>()),
+            )
+        };
+        // SAFETY: `err` is a valid, exclusively borrowed error manager.
+        unsafe { ffi::jpeg_std_error(&mut err) };
+        err.error_exit = Some(error_exit);
+        err.emit_message = Some(emit_message);
+        cinfo.common.err = &mut *err;
+        let result = panic::catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: `cinfo` is zeroed with a valid error manager that outlives it; `data`
+            // outlives the decoding (the source only reads it).
+            unsafe {
+                ffi::jpeg_create_decompress(&mut *cinfo);
+                ffi::jpeg_mem_src(&mut cinfo, data.as_ptr(), len);
+                run(&mut cinfo, scale)
+            }
+        }));
+        // SAFETY: `cinfo` was created above (or is still zeroed, for which destroying is a
+        // no-op: it frees nothing when the memory manager is null); nothing uses it after.
+        unsafe { ffi::jpeg_destroy_decompress(&mut cinfo) };
+        match result {
+            Ok(r) => Ok(r),
+            Err(payload) => match payload.downcast::<Failure>() {
+                Ok(f) => Err(f.0),
+                Err(other) => panic::resume_unwind(other),
+            },
+        }
+    }
+
+    /// Reads the header, picks the scale and reads every scanline.
+    ///
+    /// # Safety
+    /// `cinfo` is a created decompressor with a source.
+    unsafe fn run(
+        cinfo: &mut ffi::jpeg_decompress_struct,
+        scale: &mut Scale<'_>,
+    ) -> Option<Decoded> {
+        // SAFETY: the caller's contract; the marker list is libjpeg's, valid until destroy.
+        unsafe {
+            ffi::jpeg_save_markers(cinfo, 0xE1, 0xFFFF);
+            ffi::jpeg_read_header(cinfo, 1);
+            let grey = match cinfo.jpeg_color_space {
+                ffi::JCS_GRAYSCALE => true,
+                ffi::JCS_YCbCr | ffi::JCS_RGB => false,
+                _ => return None,
+            };
+            let mut exif = None;
+            let mut m = cinfo.marker_list;
+            while let Some(marker) = m.as_ref() {
+                let bytes = std::slice::from_raw_parts(marker.data, marker.data_length as usize);
+                if marker.marker == 0xE1 && exif.is_none() {
+                    exif = bytes.strip_prefix(b"Exif\0\0");
+                }
+                m = marker.next;
+            }
+            let d = scale(
+                cinfo.image_width as usize,
+                cinfo.image_height as usize,
+                exif,
+            );
+            cinfo.scale_num = 1;
+            cinfo.scale_denom = d as _;
+            cinfo.out_color_space = if grey {
+                ffi::JCS_GRAYSCALE
+            } else {
+                ffi::JCS_RGB
+            };
+            ffi::jpeg_start_decompress(cinfo);
+            let (width, height) = (cinfo.output_width as usize, cinfo.output_height as usize);
+            let channels = cinfo.output_components as usize;
+            let stride = width * channels;
+            let mut pixels = Vec::new();
+            if pixels.try_reserve_exact(stride * height).is_err() {
+                fail("image too large for memory");
+            }
+            pixels.resize(stride * height, 0);
+            while (cinfo.output_scanline as usize) < height {
+                let y = cinfo.output_scanline as usize;
+                let mut row = pixels[y * stride..].as_mut_ptr();
+                if ffi::jpeg_read_scanlines(cinfo, &mut row, 1) == 0 {
+                    fail("libjpeg stopped before the last row");
+                }
+            }
+            Some(Decoded {
+                pixels,
+                width,
+                height,
+                channels,
+            })
+        }
+    }
+
+    /// Ends the decoding with `message` (caught in [`decode`]).
+    fn fail(message: &str) -> ! {
+        panic::resume_unwind(Box::new(Failure(message.to_string())))
+    }
+
+    /// libjpeg's fatal errors: its message, then unwind (it must not return).
+    extern "C-unwind" fn error_exit(cinfo: &mut ffi::jpeg_common_struct) {
+        let mut buffer = [0u8; 80];
+        // SAFETY: `err` is the manager set up in `decode`; `format_message` writes at most 80
+        // bytes (JMSG_LENGTH_MAX), NUL included, into the buffer it is given. It is declared
+        // as taking `&[u8; 80]` but writes to it, so it is called through a `*mut u8` type
+        // (the same C ABI).
+        unsafe {
+            if let Some(format) = (*cinfo.err).format_message {
+                let format: unsafe extern "C-unwind" fn(&mut ffi::jpeg_common_struct, *mut u8) =
+                    mem::transmute(format);
+                format(cinfo, buffer.as_mut_ptr());
+            }
+        }
+        let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+        fail(&String::from_utf8_lossy(&buffer[..end]))
+    }
+
+    /// libjpeg's warnings (level -1) and trace messages: a premature end of data is a
+    /// truncated file; other warnings are counted and decoding goes on, as in PIL.
+    extern "C-unwind" fn emit_message(cinfo: &mut ffi::jpeg_common_struct, level: c_int) {
+        if level < 0 {
+            // SAFETY: `err` is the manager set up in `decode`, only used on this thread.
+            let err = unsafe { &mut *cinfo.err };
+            if err.msg_code == ffi::JWRN_JPEG_EOF as c_int {
+                fail("the file is truncated");
+            }
+            err.num_warnings += 1;
+        }
     }
 }
 
@@ -395,5 +660,86 @@ mod tests {
         }
         let f = Frame::from_pixels(px, 6, 4, 1, &c.input).unwrap();
         assert_eq!(f.pixels(), (1..=16).collect::<Vec<u8>>());
+    }
+
+    /// A `w x h` colour JPEG (quality 90, 4:2:0) of a smooth gradient.
+    fn jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([
+                (x * 255 / w) as u8,
+                (y * 255 / h) as u8,
+                ((x + y) % 256) as u8,
+            ])
+        });
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+            .encode_image(&img)
+            .unwrap();
+        out
+    }
+
+    fn stretch(w: usize, h: usize) -> Input {
+        let text =
+            format!(r#"{{"labels": ["a"], "input": {{"shape": [3, {h}, {w}], "colour": "RGB"}}}}"#);
+        ModelCard::parse(&text, Path::new("card.json"))
+            .unwrap()
+            .input
+    }
+
+    #[test]
+    fn draft_takes_the_largest_reduction_that_leaves_what_the_resize_needs() {
+        assert_eq!(draft_denominator(4000, 3000, 224, 224), 8);
+        assert_eq!(draft_denominator(768, 576, 224, 224), 2);
+        assert_eq!(draft_denominator(768, 576, 192, 144), 4);
+        assert_eq!(draft_denominator(768, 576, 193, 144), 2);
+        assert_eq!(draft_denominator(447, 447, 224, 224), 1);
+        assert_eq!(draft_denominator(224, 224, 224, 224), 1);
+        assert_eq!(draft_denominator(100, 100, 224, 224), 1);
+    }
+
+    #[test]
+    fn large_jpegs_are_scaled_while_decoding_and_never_below_the_need() {
+        let data = jpeg(640, 480);
+        let size = |input: &Input| {
+            let img = decode_jpeg(&data, input).unwrap().unwrap();
+            (img.width(), img.height())
+        };
+        // Stretch to 80x60: 1/8; to 81x60: 1/4 (160x120); whole at 640x480 and above.
+        assert_eq!(size(&stretch(80, 60)), (80, 60));
+        assert_eq!(size(&stretch(81, 60)), (160, 120));
+        assert_eq!(size(&stretch(320, 60)), (320, 240));
+        assert_eq!(size(&stretch(321, 60)), (640, 480));
+        // Crop: the shorter side at resize_to (130 → 173x130 needed: 1/2, 320x240).
+        let crop = ModelCard::parse(
+            r#"{"labels": ["a"], "input": {"shape": [3, 112, 112], "colour": "RGB",
+                "resize": "crop", "resize_to": 130}}"#,
+            Path::new("card.json"),
+        )
+        .unwrap()
+        .input;
+        assert_eq!(size(&crop), (320, 240));
+        // The frame itself comes out at the input's size either way.
+        let path = std::env::temp_dir().join(format!("bitdelta-frame-{}.jpg", std::process::id()));
+        std::fs::write(&path, &data).unwrap();
+        let f = Frame::load(&path, &stretch(81, 60));
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(f.map(|f| (f.width(), f.height())), Ok((81, 60)));
+    }
+
+    #[test]
+    fn truncated_and_corrupt_jpegs_are_errors() {
+        let data = jpeg(64, 48);
+        let input = stretch(64, 48);
+        assert!(decode_jpeg(&data, &input).unwrap().is_some());
+        let cut = decode_jpeg(&data[..data.len() / 2], &input).unwrap_err();
+        assert!(cut.contains("truncated"), "{cut}");
+        let bad = decode_jpeg(b"\xFF\xD8\xFF\xC0\x00\x01garbage", &input).unwrap_err();
+        assert!(bad.starts_with("cannot decode JPEG: "), "{bad}");
+        assert!(
+            bad.len() > "cannot decode JPEG: ".len(),
+            "libjpeg's message: {bad}"
+        );
+        // Not a JPEG: left to the image crate.
+        assert_eq!(decode_jpeg(b"\x89PNG\r\n\x1a\n", &input), Ok(None));
     }
 }
