@@ -25,11 +25,13 @@
 //! These are tract's public-but-internal types: tract is pinned to `=0.23.9` in the workspace
 //! and the switch is tested against tract running the applied ONNX of every variant.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::vec::Vec;
 
 use tract_onnx::prelude::*;
+
+use crate::onnx::OnnxWeights;
 use tract_onnx::tract_core::internal::{bail, format_err};
 use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
@@ -661,4 +663,68 @@ fn refresh_fact(node: &mut TypedNode) -> TractResult<()> {
         .ok_or_else(|| format_err!("constant {} has no output", node.name))?;
     node.outputs[0].fact = fact;
     Ok(())
+}
+
+/// The sites one node holds, `(weight, site)`, and their element count.
+type NodeWork = (usize, Vec<(usize, Site)>);
+
+/// Writes every weight of `set` into its sites in `model`, `fill(i, first, out)` giving weight
+/// `i`'s elements `first..`. Nodes are shared out among the CPU's cores (each node's sites are
+/// written by one thread), largest first. On failure, the weight that failed and why.
+pub(crate) fn rewrite(
+    model: &mut TypedModel,
+    weights: &OnnxWeights,
+    sites: &Sites,
+    set: &BTreeSet<usize>,
+    fill: impl Fn(usize, usize, &mut [f32]) -> TractResult<()> + Sync,
+) -> Result<(), (usize, TractError)> {
+    let mut work: BTreeMap<usize, NodeWork> = BTreeMap::new();
+    for &i in set {
+        for &site in sites.get(i).unwrap_or_default() {
+            let w = work.entry(site.node()).or_default();
+            w.0 += weights.initializers[i].numel() as usize;
+            w.1.push((i, site));
+        }
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, work.len().max(1));
+    let mut jobs: Vec<(&mut TypedNode, &NodeWork)> = model
+        .nodes
+        .iter_mut()
+        .filter_map(|node| work.get(&node.id).map(|w| (node, w)))
+        .collect();
+    jobs.sort_by_key(|(_, (size, _))| std::cmp::Reverse(*size));
+    let mut lanes: Vec<(usize, Vec<_>)> = (0..threads).map(|_| (0, Vec::new())).collect();
+    for job in jobs {
+        let lane = lanes
+            .iter_mut()
+            .min_by_key(|(load, _)| *load)
+            .expect("at least one lane");
+        lane.0 += job.1 .0;
+        lane.1.push(job);
+    }
+    let fill = &fill;
+    let lane = |jobs: Vec<(&mut TypedNode, &NodeWork)>| {
+        for (node, (_, items)) in jobs {
+            for &(i, site) in items {
+                let n = weights.initializers[i].numel() as usize;
+                write_node(node, site, n, |first, out| fill(i, first, out)).map_err(|e| (i, e))?;
+            }
+        }
+        Ok(())
+    };
+    let mut lanes = lanes.into_iter().map(|(_, jobs)| jobs);
+    let first = lanes.next().unwrap_or_default();
+    std::thread::scope(|s| {
+        let others: Vec<_> = lanes.map(|jobs| s.spawn(move || lane(jobs))).collect();
+        let mut result = lane(first);
+        for h in others {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err((0, format_err!("a rewriting thread panicked"))));
+            result = result.and(r);
+        }
+        result
+    })
 }

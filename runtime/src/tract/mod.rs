@@ -44,6 +44,7 @@
 //! variant that fails leaves the engine on the variant it had.
 
 mod inplace;
+mod rebuild;
 mod widen;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -56,12 +57,13 @@ use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::{ensure, format_err};
 
-use crate::apply::{self, base_view, check_binding};
-use crate::compose;
-use crate::fingerprint::{Fingerprint, Fingerprinter};
+use crate::apply::check_binding;
+
+use crate::fingerprint::Fingerprint;
 use crate::format::{Codec, DType, DeltaFile, Payload};
 use crate::onnx::OnnxWeights;
 use inplace::Sites;
+use rebuild::{decoy, payloads, rebuilt_fingerprint, reconstruct_at, stored_chunks, Rebuilder};
 
 /// Name of the base model as a variant.
 pub const BASE: &str = "base";
@@ -428,68 +430,6 @@ impl Engine {
         }
     }
 
-    /// Writes every weight of `set` into its sites in `model`, `fill(i, first, out)` giving weight
-    /// `i`'s elements `first..`. Nodes are shared out among the CPU's cores (each node's sites are
-    /// written by one thread), largest first. On failure, the weight that failed and why.
-    fn rewrite(
-        model: &mut TypedModel,
-        weights: &OnnxWeights,
-        sites: &Sites,
-        set: &BTreeSet<usize>,
-        fill: impl Fn(usize, usize, &mut [f32]) -> TractResult<()> + Sync,
-    ) -> Result<(), (usize, TractError)> {
-        let mut work: BTreeMap<usize, NodeWork> = BTreeMap::new();
-        for &i in set {
-            for &site in sites.get(i).unwrap_or_default() {
-                let w = work.entry(site.node()).or_default();
-                w.0 += weights.initializers[i].numel() as usize;
-                w.1.push((i, site));
-            }
-        }
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .clamp(1, work.len().max(1));
-        let mut jobs: Vec<(&mut TypedNode, &NodeWork)> = model
-            .nodes
-            .iter_mut()
-            .filter_map(|node| work.get(&node.id).map(|w| (node, w)))
-            .collect();
-        jobs.sort_by_key(|(_, (size, _))| std::cmp::Reverse(*size));
-        let mut lanes: Vec<(usize, Vec<_>)> = (0..threads).map(|_| (0, Vec::new())).collect();
-        for job in jobs {
-            let lane = lanes
-                .iter_mut()
-                .min_by_key(|(load, _)| *load)
-                .expect("at least one lane");
-            lane.0 += job.1 .0;
-            lane.1.push(job);
-        }
-        let fill = &fill;
-        let lane = |jobs: Vec<(&mut TypedNode, &NodeWork)>| {
-            for (node, (_, items)) in jobs {
-                for &(i, site) in items {
-                    let n = weights.initializers[i].numel() as usize;
-                    inplace::write_node(node, site, n, |first, out| fill(i, first, out))
-                        .map_err(|e| (i, e))?;
-                }
-            }
-            Ok(())
-        };
-        let mut lanes = lanes.into_iter().map(|(_, jobs)| jobs);
-        let first = lanes.next().unwrap_or_default();
-        std::thread::scope(|s| {
-            let others: Vec<_> = lanes.map(|jobs| s.spawn(move || lane(jobs))).collect();
-            let mut result = lane(first);
-            for h in others {
-                let r = h
-                    .join()
-                    .unwrap_or_else(|_| Err((0, format_err!("a rewriting thread panicked"))));
-                result = result.and(r);
-            }
-            result
-        })
-    }
-
     /// The parsed deltas of a variant (none for the base).
     fn deltas_of<'v>(
         variants: &'v BTreeMap<String, Variant>,
@@ -574,7 +514,7 @@ impl Engine {
             self.fallback = Some("the running model is shared with a clone".into());
             return Ok(false);
         };
-        if let Err((i, e)) = Self::rewrite(m, weights, &sites, &set, |i, first, out| {
+        if let Err((i, e)) = inplace::rewrite(m, weights, &sites, &set, |i, first, out| {
             reconstruct_at(base, weights, i, &checked[&i], first, out)
         }) {
             self.fallback = Some(format!("rewriting {}: {e}", weights.initializers[i].name));
@@ -791,193 +731,12 @@ fn parse(v: Option<&Variant>) -> TractResult<Vec<(DeltaFile<'_>, f32)>> {
         .collect()
 }
 
-/// The checked payloads of weight `i` in `deltas`, with their alphas.
-fn payloads<'d>(
-    weights: &OnnxWeights,
-    deltas: &[(DeltaFile<'d>, f32)],
-    i: usize,
-) -> TractResult<Vec<(Payload<'d>, f32)>> {
-    deltas
-        .iter()
-        .map(|(f, a)| {
-            let e = f.tensor(i).ok_or_else(|| {
-                format_err!(
-                    "tensor {:?} is missing from the delta",
-                    weights.initializers[i].name
-                )
-            })?;
-            Ok((e.payload().map_err(|e| format_err!("{e}"))?, *a))
-        })
-        .collect()
-}
-
-/// Elements `first..first + out.len()` of weight `i` with the checked `payloads` applied, as
-/// the applied model stores them (an f16 weight's values rounded to f16).
-fn reconstruct_at(
-    base: &[u8],
-    weights: &OnnxWeights,
-    i: usize,
-    payloads: &[(Payload<'_>, f32)],
-    first: usize,
-    out: &mut [f32],
-) -> TractResult<()> {
-    let init = &weights.initializers[i];
-    compose::reconstruct_at(base_view(base, init), payloads, first, out)
-        .map_err(|e| format_err!("{e}"))?;
-    if init.dtype == DType::F16 {
-        widen::round_f16_slice(out);
-    }
-    Ok(())
-}
-
-/// Fingerprint of the base with `deltas` applied, chunk by chunk (weights the deltas leave
-/// unchanged are hashed straight from the base).
-fn rebuilt_fingerprint(
-    base: &[u8],
-    weights: &OnnxWeights,
-    deltas: &[(DeltaFile<'_>, f32)],
-) -> TractResult<Fingerprint> {
-    let mut fp = Fingerprinter::new();
-    let (mut values, mut stored) = (Vec::new(), Vec::new());
-    for (i, init) in weights.initializers.iter().enumerate() {
-        let p = payloads(weights, deltas, i)?;
-        if p.iter().all(|(p, _)| matches!(p, Payload::Unchanged)) {
-            fp.add(&init.name, init.dtype, &init.dims, &base[init.data.clone()]);
-            continue;
-        }
-        fp.begin(&init.name, init.dtype, &init.dims, init.data.len() as u64);
-        stored_chunks(
-            base,
-            weights,
-            i,
-            &p,
-            init.dtype,
-            &mut values,
-            &mut stored,
-            |_, bytes| {
-                fp.update(bytes);
-            },
-        )?;
-    }
-    Ok(fp.finish())
-}
-
-/// Weight `i` with the checked `payloads` applied, stored as `dtype` (its own in the model's
-/// file, f32 for tract), chunk by chunk: `f(byte offset, bytes)` for each chunk (`values` and
-/// `stored` are scratch buffers).
-#[allow(clippy::too_many_arguments)]
-fn stored_chunks(
-    base: &[u8],
-    weights: &OnnxWeights,
-    i: usize,
-    payloads: &[(Payload<'_>, f32)],
-    dtype: DType,
-    values: &mut Vec<f32>,
-    stored: &mut Vec<u8>,
-    mut f: impl FnMut(usize, &[u8]),
-) -> TractResult<()> {
-    let n = weights.initializers[i].numel() as usize;
-    let width = match dtype {
-        DType::F32 => 4,
-        DType::F16 => 2,
-    };
-    let mut at = 0;
-    while at < n {
-        let len = CHUNK.min(n - at);
-        values.resize(len, 0.0);
-        reconstruct_at(base, weights, i, payloads, at, values)?;
-        stored.resize(len * width, 0);
-        apply::store(dtype, values, stored);
-        f(at * width, stored);
-        at += len;
-    }
-    Ok(())
-}
-
-/// The sites one node holds, `(weight, site)`, and their element count.
-type NodeWork = (usize, Vec<(usize, inplace::Site)>);
-
-/// Elements reconstructed at a time.
-const CHUNK: usize = 1 << 16;
-
 /// What [`Engine::build`] made.
 enum Built {
     /// The model, its weights' fingerprint, and where its weights are (when located).
     Model(Classifier, Fingerprint, Option<Sites>),
     /// A weight built from decoy values was not located: the model cannot be used.
     Decoy(String),
-}
-
-/// Elements `first..first + out.len()` of the stand-in values a model is built with for weight
-/// `i` when its true values are all equal: distinct per weight and per element, finite, neither
-/// 0 nor 1, so that tract's optimizer keeps the weight as a constant of its own, as it does for
-/// a fine-tuned variant's values.
-fn decoy(i: usize, first: usize, out: &mut [f32]) {
-    for (j, o) in out.iter_mut().enumerate() {
-        let k = (first + j) as u64 ^ ((i as u64) << 32);
-        let h = k.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 41; // 23 bits
-        *o = 1.5 + h as f32 / (1u32 << 23) as f32 * 0.25;
-    }
-}
-
-/// tract's data resolver for a build: each weight (marked as external data by
-/// [`crate::onnx::without_weights`], offset = its index) is reconstructed from the base and the
-/// deltas when tract reads it, so the decoded model never holds a second copy of the weights.
-struct Rebuilder {
-    base: Arc<dyn AsRef<[u8]> + Send + Sync>,
-    weights: Arc<OnnxWeights>,
-    deltas: Vec<(Arc<[u8]>, f32)>,
-    /// Weights given as [`decoy`] values.
-    decoys: BTreeSet<usize>,
-}
-
-impl tract_onnx::data_resolver::ModelDataResolver for Rebuilder {
-    fn read_bytes_from_path(
-        &self,
-        buf: &mut Vec<u8>,
-        _path: &std::path::Path,
-        offset: usize,
-        length: Option<usize>,
-    ) -> TractResult<()> {
-        let base = (*self.base).as_ref();
-        let init = self
-            .weights
-            .initializers
-            .get(offset)
-            .ok_or_else(|| format_err!("no weight {offset}"))?;
-        // Every weight reaches tract as f32 (f16 weights are widened with their graph).
-        let size = init.numel() as usize * 4;
-        ensure!(
-            length.is_none_or(|l| l == size),
-            "weight {:?}: asked for {length:?} bytes",
-            init.name
-        );
-        let files = self
-            .deltas
-            .iter()
-            .map(|(b, a)| Ok((DeltaFile::parse(b).map_err(|e| format_err!("{e}"))?, *a)))
-            .collect::<TractResult<Vec<_>>>()?;
-        buf.clear();
-        buf.resize(size, 0);
-        if self.decoys.contains(&offset) {
-            let mut values = vec![0f32; init.numel() as usize];
-            decoy(offset, 0, &mut values);
-            apply::store(DType::F32, &values, buf);
-            return Ok(());
-        }
-        let p = payloads(&self.weights, &files, offset)?;
-        let (mut values, mut stored) = (Vec::new(), Vec::new());
-        stored_chunks(
-            base,
-            &self.weights,
-            offset,
-            &p,
-            DType::F32,
-            &mut values,
-            &mut stored,
-            |at, bytes| buf[at..at + bytes.len()].copy_from_slice(bytes),
-        )
-    }
 }
 
 pub use crate::card::{argmax, softmax};

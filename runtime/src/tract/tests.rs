@@ -1,7 +1,8 @@
 //! The engine's switches against tract running the applied ONNX of each variant.
 
 use super::*;
-use crate::apply::apply_onnx;
+use crate::apply::{apply_onnx, base_view};
+use crate::compose;
 use crate::compress::{compress_onnx, Options, Policy};
 
 fn model(name: &str) -> Vec<u8> {
