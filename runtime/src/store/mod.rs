@@ -37,6 +37,7 @@
 //! - `state`: what `store.json`, `state.json` and the journal record.
 //! - `verify`: checks of a delta against the store (signature, base binding, sequence, fingerprint).
 //! - `operations`: `init`, `install`, `activate`, `rollback`, `remove`, `resolve`.
+//! - `selftest` (features `tract` and `images`): the activation self-test (`SelfTest`).
 
 use std::fmt;
 use std::fs;
@@ -50,6 +51,8 @@ use crate::fingerprint::{parse_hex32, Fingerprint};
 
 mod io;
 mod operations;
+#[cfg(all(feature = "tract", feature = "images"))]
+mod selftest;
 mod state;
 mod verify;
 
@@ -58,6 +61,8 @@ mod tests;
 
 pub use io::{Fault, Staged, StoreIo, StoreLock};
 pub use operations::{InstallOutcome, Resolved};
+#[cfg(all(feature = "tract", feature = "images"))]
+pub use selftest::{goldens_for, test_patterns, SelfTest, SelfTestError};
 pub use state::{BaseRecord, Config, Outcome, Slot, State};
 pub use verify::{Checked, Installed};
 

@@ -215,6 +215,7 @@ impl Store {
         Ok(())
     }
 
+    /// Trial-loads the newest `name` (or the base for `"base"`) through `self_test`, then moves
     /// the active pointer; on failure the active variant is unchanged.
     pub fn activate(
         &mut self,

@@ -438,3 +438,110 @@ fn staged_writes_replace_the_target_only_on_commit() {
         assert!(!tmp.exists(), "step {k}");
     }
 }
+
+#[cfg(all(feature = "tract", feature = "images"))]
+mod selftest {
+    use super::*;
+    use crate::card::ModelCard;
+
+    fn species(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/species")
+            .join(rel)
+    }
+
+    /// A store of the species base with its card and golden images; with `wrong`, each golden
+    /// label for `night` is changed to the card's next label.
+    fn store_with_card(s: &Scratch, wrong: bool) -> Store {
+        let mut card: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(species("model-card.json")).unwrap()).unwrap();
+        let labels = card["labels"].as_array().unwrap().clone();
+        let mut extras = Vec::new();
+        for g in card["golden"].as_array_mut().unwrap() {
+            let image = PathBuf::from(g["image"].as_str().unwrap());
+            extras.push((species(image.to_str().unwrap()), image));
+            if wrong
+                && g["variants"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|v| v == "night")
+            {
+                let i = labels.iter().position(|l| *l == g["label"]).unwrap();
+                g["label"] = labels[(i + 1) % labels.len()].clone();
+            }
+        }
+        let card_path = s.file("card.json", card.to_string().as_bytes());
+        let (base, dir) = (model_path("species-base"), s.store());
+        Store::init(&dir, &base, Some(&card_path), &extras, &[], StoreIo::new()).unwrap()
+    }
+
+    #[test]
+    fn test_patterns_are_black_grey_and_a_ramp() {
+        let [black, grey, ramp] = test_patterns(4, 2);
+        assert_eq!(black, [0; 8]);
+        assert_eq!(grey, [128; 8]);
+        assert_eq!(ramp, [0, 31, 63, 95, 127, 159, 191, 223]);
+    }
+
+    #[test]
+    fn goldens_apply_to_the_variants_they_name() {
+        let card = ModelCard::load(&species("model-card.json")).unwrap();
+        let images = |name| -> Vec<String> {
+            goldens_for(&card, name)
+                .map(|g| g.image.display().to_string())
+                .collect()
+        };
+        let night = images("night");
+        assert!(!night.is_empty());
+        assert!(
+            night.iter().all(|i| i.starts_with("images/night-")),
+            "{night:?}"
+        );
+        assert!(images("base")
+            .iter()
+            .all(|i| i.starts_with("images/clean-")));
+        assert!(images("owl").is_empty());
+    }
+
+    #[test]
+    fn the_self_test_passes_good_variants_and_refuses_wrong_golden_labels() {
+        let s = Scratch::new("selftest");
+        let mut store = store_with_card(&s, false);
+        let night = s.file("night.bdelta", &delta("species-base", "night", "night", 1));
+        store.install(&night).unwrap();
+        let test = SelfTest::for_store(&store).unwrap();
+        test.check(None).unwrap();
+        let (_, c) = store.newest("night").unwrap();
+        test.check(Some(&c)).unwrap();
+        store
+            .activate("night", |c| test.check(c).map_err(|e| e.to_string()))
+            .unwrap();
+        assert_eq!(
+            slot_name(&state_on_disk(&s.store()).active),
+            Some(("night", 1))
+        );
+
+        // The same variant, judged by a card that expects another label for its images.
+        let s = Scratch::new("selftest-wrong");
+        let mut store = store_with_card(&s, true);
+        store.install(&night).unwrap();
+        let test = SelfTest::for_store(&store).unwrap();
+        test.check(None).unwrap();
+        let (_, c) = store.newest("night").unwrap();
+        let err = test.check(Some(&c)).unwrap_err();
+        assert!(
+            matches!(&err, SelfTestError::Golden { expected, found, .. } if expected != found),
+            "{err}"
+        );
+        let before = snapshot(&s.store());
+        let err = store
+            .activate("night", |c| test.check(c).map_err(|e| e.to_string()))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("golden input images/night-"),
+            "{err}"
+        );
+        assert_eq!(snapshot(&s.store()), before);
+    }
+}

@@ -261,8 +261,6 @@ impl Store {
         Ok(c)
     }
 
-    /// Trial-loads the newest `name` (or the base for `"base"`) through `self_test`, then moves
-
     /// The full check against the base (whose fingerprint `read_base` checks): the delta must
     /// name exactly the base's tensors, and the rebuilt weights must hash to the manifest's
     /// result fingerprint. Rebuilds in memory, hashing only; `source` names the file in messages.
