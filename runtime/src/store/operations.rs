@@ -222,13 +222,26 @@ impl Store {
         name: &str,
         self_test: impl FnOnce(Option<&Checked>) -> Result<(), String>,
     ) -> Result<Option<Slot>, StoreError> {
+        self.move_active("activate", "activated", |s| {
+            s.activate_locked(name, self_test)
+        })
+    }
+
+    /// Runs `op` (which moves the active pointer) under the lock and journals where the pointer
+    /// went: "`verb` NAME sequence N", or "`verb` the base model".
+    fn move_active(
+        &mut self,
+        action: &str,
+        verb: &str,
+        op: impl FnOnce(&mut Self) -> Result<Option<Slot>, StoreError>,
+    ) -> Result<Option<Slot>, StoreError> {
         let _lock = self.begin()?;
-        let res = self.activate_locked(name, self_test);
+        let res = op(self);
         let msg = res.as_ref().map(|s| match s {
-            Some(s) => format!("activated {:?} sequence {}", s.name, s.sequence),
-            None => "activated the base model".to_string(),
+            Some(s) => format!("{verb} {:?} sequence {}", s.name, s.sequence),
+            None => format!("{verb} the base model"),
         });
-        self.record("activate", &msg);
+        self.record(action, &msg);
         res
     }
 
@@ -263,14 +276,9 @@ impl Store {
         &mut self,
         self_test: impl FnOnce(Option<&Checked>) -> Result<(), String>,
     ) -> Result<Option<Slot>, StoreError> {
-        let _lock = self.begin()?;
-        let res = self.rollback_locked(self_test);
-        let msg = res.as_ref().map(|s| match s {
-            Some(s) => format!("rolled back to {:?} sequence {}", s.name, s.sequence),
-            None => "rolled back to the base model".to_string(),
-        });
-        self.record("rollback", &msg);
-        res
+        self.move_active("rollback", "rolled back to", |s| {
+            s.rollback_locked(self_test)
+        })
     }
 
     fn rollback_locked(
