@@ -1,11 +1,11 @@
 //! Reading models and deltas, writing outputs atomically.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use bitdelta::onnx::OnnxWeights;
+use bitdelta::store::StoreIo;
 use memmap2::Mmap;
 
 /// A memory-mapped ONNX model with its float initializers indexed.
@@ -43,104 +43,52 @@ pub(crate) fn read_delta(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))
 }
 
-/// Writes `bytes` to `path` through a temporary file, fsync and rename.
+/// Writes `bytes` to `path` atomically ([`StoreIo::write_atomic`]: temp file, fsync, rename,
+/// folder fsync).
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut out = Staged::create(path)?;
-    out.file()
-        .write_all(bytes)
-        .with_context(|| format!("{}: cannot write", path.display()))?;
-    out.commit()
+    StoreIo::new()
+        .write_atomic(path, bytes)
+        .with_context(|| format!("{}: cannot write", path.display()))
 }
 
-/// A file written under a temporary name (`.NAME.tmp`) in the target's folder, renamed over
-/// the target by [`Staged::commit`] (fsync, rename, folder fsync) and removed if dropped before.
+/// A file written under a temporary name and renamed over its target on commit
+/// ([`bitdelta::store::Staged`]), with the target named in errors.
 pub(crate) struct Staged {
-    tmp: PathBuf,
+    inner: bitdelta::store::Staged<'static>,
     path: PathBuf,
-    file: Option<File>,
 }
 
 impl Staged {
     /// Stages a file readable as the umask allows.
     pub(crate) fn create(path: &Path) -> Result<Self> {
-        Self::open(path, false)
+        Self::wrap(path, bitdelta::store::Staged::create(path))
     }
 
-    /// Stages a file only its owner can read (mode 0600 on unix), for secrets. A stale temp file
-    /// is removed first and the new one must not exist, so no looser file is ever reused.
+    /// Stages a file only its owner can read (mode 0600 on unix), for secrets.
     pub(crate) fn create_private(path: &Path) -> Result<Self> {
-        Self::open(path, true)
+        Self::wrap(path, bitdelta::store::Staged::create_private(path))
     }
 
-    fn open(path: &Path, private: bool) -> Result<Self> {
-        let name = path
-            .file_name()
-            .with_context(|| format!("{}: not a file path", path.display()))?;
-        let tmp = folder_of(path).join(format!(".{}.tmp", name.to_string_lossy()));
-        let mut opts = std::fs::OpenOptions::new();
-        opts.read(true).write(true);
-        if private {
-            match std::fs::remove_file(&tmp) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(e).with_context(|| format!("{}: cannot remove", tmp.display()))
-                }
-                _ => {}
-            }
-            opts.create_new(true);
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::OpenOptionsExt;
-                opts.mode(0o600);
-            }
-        } else {
-            opts.create(true).truncate(true);
-        }
-        let file = opts
-            .open(&tmp)
-            .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    fn wrap(path: &Path, inner: std::io::Result<bitdelta::store::Staged<'static>>) -> Result<Self> {
+        let inner = inner.with_context(|| format!("{}: cannot write", path.display()))?;
         Ok(Self {
-            tmp,
+            inner,
             path: path.to_owned(),
-            file: Some(file),
         })
     }
 
     pub(crate) fn file(&mut self) -> &mut File {
-        self.file.as_mut().expect("open until committed")
+        self.inner.file()
     }
 
     /// Syncs the data, renames over the target and syncs the folder.
-    pub(crate) fn commit(mut self) -> Result<()> {
-        let file = self.file.take().expect("open until committed");
-        let res = file
-            .sync_all()
-            .and_then(|()| std::fs::rename(&self.tmp, &self.path));
-        if res.is_err() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-        res.with_context(|| format!("{}: cannot write", self.path.display()))?;
-        if let Ok(d) = File::open(folder_of(&self.path)) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+    pub(crate) fn commit(self) -> Result<()> {
+        let path = self.path;
+        self.inner
+            .commit()
+            .with_context(|| format!("{}: cannot write", path.display()))
     }
 }
 
-impl Drop for Staged {
-    fn drop(&mut self) {
-        if self.file.take().is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-fn folder_of(path: &Path) -> &Path {
-    path.parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-}
-
-/// Lowercase hex of a fingerprint.
-pub(crate) fn hex(fp: &[u8; 32]) -> String {
-    bitdelta::fingerprint::hex(fp)
-}
+/// Lowercase hex (fingerprints, keys).
+pub(crate) use bitdelta::fingerprint::hex;

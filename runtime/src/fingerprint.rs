@@ -63,34 +63,24 @@ impl Fingerprinter {
 /// Lowercase hex of bytes (fingerprints, keys).
 #[cfg(feature = "alloc")]
 pub fn hex(bytes: &[u8]) -> alloc::string::String {
-    use core::fmt::Write;
-    let mut s = alloc::string::String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    base16ct::lower::encode_string(bytes)
 }
 
 /// Parses exactly 64 hex digits (either case) into 32 bytes.
 pub fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    let s = s.as_bytes();
-    if s.len() != 64 {
-        return None;
-    }
-    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
     let mut out = [0u8; 32];
-    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
-        *o = digit(pair[0])? << 4 | digit(pair[1])?;
+    match base16ct::mixed::decode(s, &mut out) {
+        Ok(b) if b.len() == 32 => Some(out),
+        _ => None,
     }
-    Some(out)
 }
 
 /// Lowercase hex of a fingerprint's first `n` bytes.
 pub fn short_hex(fp: &Fingerprint, n: usize) -> heapless::String<64> {
-    use core::fmt::Write;
+    let mut buf = [0u8; 64];
+    let hex =
+        base16ct::lower::encode_str(&fp[..n.min(32)], &mut buf).expect("64 bytes hold 32 in hex");
     let mut s = heapless::String::new();
-    for b in fp.iter().take(n.min(32)) {
-        let _ = write!(s, "{b:02x}");
-    }
+    s.push_str(hex).expect("at most 64 digits");
     s
 }

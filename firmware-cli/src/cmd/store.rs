@@ -4,9 +4,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use bitdelta::card::{argmax, ModelCard};
-use bitdelta::frame::Frame;
-use bitdelta::store::{Checked, InstallOutcome, Resolved, Slot, Store, StoreError, StoreIo};
+use bitdelta::card::ModelCard;
+use bitdelta::store::{
+    Checked, InstallOutcome, Resolved, SelfTest, Slot, Store, StoreError, StoreIo,
+};
 use bitdelta::tract::BASE;
 use serde_json::{json, Value};
 
@@ -490,68 +491,15 @@ pub(crate) fn card_of(s: &Store) -> Result<PathBuf> {
     })
 }
 
-/// Trial-loads `candidate` (None = the base) as `serve` would and checks it: the rebuilt
-/// weights' fingerprint (first build), finite outputs on fixed inputs, and the card's golden
-/// inputs for this variant.
+/// The library's activation self-test ([`SelfTest`]) of `candidate` (None = the base), with the
+/// base memory-mapped as `serve` maps it.
 fn self_test(base: &Path, card_path: &Path, candidate: Option<&Checked>) -> Result<(), String> {
-    let name = candidate.map_or(BASE, |c| c.name.as_str());
-    let run = || -> Result<()> {
-        let mut session = Session::open(base, Some(card_path))?;
-        let shown = match candidate {
-            Some(c) => {
-                session.add_variant_bytes(&c.name, c.delta().to_vec())?;
-                c.name.clone()
-            }
-            None => BASE.to_string(),
-        };
-        session.engine.switch(&shown)?;
-        let card = session.card.clone();
-        let (w, h) = (card.input.width, card.input.height);
-        let pixels = w * h;
-        let patterns: [Vec<u8>; 3] = [
-            vec![0; pixels],
-            vec![128; pixels],
-            (0..pixels)
-                .map(|i| (i * 255 / pixels.max(1)) as u8)
-                .collect(),
-        ];
-        for (k, p) in patterns.into_iter().enumerate() {
-            let frame = Frame::from_pixels(p, w, h, 1, &card.input)?;
-            let logits = session.engine.run(&frame.tensor(&card))?;
-            anyhow::ensure!(
-                logits.len() == card.labels.len(),
-                "test input {k}: expected {} outputs, found {}",
-                card.labels.len(),
-                logits.len()
-            );
-            anyhow::ensure!(
-                logits.iter().all(|x| x.is_finite()),
-                "test input {k}: outputs are not finite"
-            );
-        }
-        let folder = card_path.parent().unwrap_or(Path::new("."));
-        for g in card
-            .golden
-            .iter()
-            .filter(|g| g.variants.is_empty() || g.variants.iter().any(|v| v == name))
-        {
-            let path = folder.join(&g.image);
-            let frame = crate::card::frame(&path, &card)?;
-            let logits = session.engine.run(&frame.tensor(&card))?;
-            let got = argmax(&card.scores(&logits))
-                .and_then(|i| card.labels.get(i))
-                .cloned()
-                .unwrap_or_default();
-            anyhow::ensure!(
-                got == g.label,
-                "golden input {}: expected {:?}, found {got:?}",
-                g.image.display(),
-                g.label
-            );
-        }
-        Ok(())
-    };
-    run().map_err(|e| format!("{e:#}"))
+    let map = crate::files::Model::open(base)
+        .map_err(|e| format!("{e:#}"))?
+        .map;
+    SelfTest::new(base, card_path)
+        .check_with(Box::new(map), candidate)
+        .map_err(|e| e.to_string())
 }
 
 /// Logs what [`Store::resolve`] had to skip (a corrupt active variant, ...) on stderr.

@@ -65,7 +65,7 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
             let verified = signed && !trusted.is_empty();
             if a.json {
                 super::print_json(&json!({"file": a.file, "ok": true, "variant": name,
-                    "result_fingerprint": fp.as_ref().map(hex), "signed": signed,
+                    "result_fingerprint": fp.as_ref().map(|f| hex(f)), "signed": signed,
                     "key_id": key_id, "signature_verified": verified}))?;
             } else {
                 let against = base
