@@ -40,10 +40,7 @@ use crate::apply;
 use crate::codec;
 use crate::compose::{self, Base};
 use crate::compress::{for_each_pair, CompressError};
-use crate::format::{
-    write_delta, Codec, DType, Encoded, Manifest, OwnedScales, Payload, Scales, TensorRecord,
-    DEFAULT_ALIGN,
-};
+use crate::format::{write_delta, Codec, DType, Encoded, Manifest, TensorRecord, DEFAULT_ALIGN};
 use crate::onnx::OnnxWeights;
 use crate::tract::Classifier;
 use tract_onnx::prelude::*;
@@ -353,62 +350,10 @@ impl Evaluator {
 /// The reconstruction of `enc` applied to `base` (the path a device uses), as f32 values.
 pub fn reconstruct_encoded(base: &[f32], enc: &Encoded) -> Vec<f32> {
     let mut out = vec![0f32; base.len()];
-    let scale_bytes = |s: &OwnedScales| -> (Vec<u8>, bool) {
-        match s {
-            OwnedScales::F16(v) => (v.iter().flat_map(|x| x.to_le_bytes()).collect(), true),
-            OwnedScales::F32(v) => (v.iter().flat_map(|x| x.to_le_bytes()).collect(), false),
-        }
-    };
-    fn scales(b: &[u8], f16: bool) -> Scales<'_> {
-        if f16 {
-            Scales::F16(b)
-        } else {
-            Scales::F32(b)
-        }
-    }
-    let raw: Vec<u8>;
-    let sb: (Vec<u8>, bool);
-    let payload = match enc {
-        Encoded::Unchanged => Payload::Unchanged,
-        Encoded::RawF32(v) => {
-            raw = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            Payload::RawF32(&raw)
-        }
-        Encoded::RawF16(v) => {
-            raw = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            Payload::RawF16(&raw)
-        }
-        Encoded::Sign { scale, bits } => Payload::Sign {
-            scale: *scale,
-            bits,
-        },
-        Encoded::SignGroups { scales: s, bits } => {
-            sb = scale_bytes(s);
-            Payload::SignGroups {
-                scales: scales(&sb.0, sb.1),
-                bits,
-            }
-        }
-        Encoded::Q8Groups { scales: s, q } => {
-            sb = scale_bytes(s);
-            Payload::Q8Groups {
-                scales: scales(&sb.0, sb.1),
-                q: bytemuck::cast_slice(q),
-            }
-        }
-        Encoded::SignPlanes {
-            planes,
-            scales: s,
-            bits,
-        } => {
-            sb = scale_bytes(s);
-            Payload::SignPlanes {
-                planes: *planes,
-                scales: scales(&sb.0, sb.1),
-                bits,
-            }
-        }
-    };
+    let mut bytes = Vec::new();
+    let payload = enc
+        .payload(base.len(), &mut bytes)
+        .expect("encoders produce payloads that fit their tensor");
     compose::reconstruct(Base::F32(base), &[(payload, 1.0)], &mut out)
         .expect("encoders produce payloads that fit their tensor");
     out

@@ -28,7 +28,6 @@ pub mod calibrate;
 pub mod card;
 #[cfg(feature = "std")]
 pub mod checkpoint;
-#[cfg(feature = "alloc")]
 pub mod codec;
 pub mod compose;
 #[cfg(feature = "std")]
