@@ -41,6 +41,7 @@ use crate::codec;
 use crate::compose::{self, Base};
 use crate::compress::{for_each_pair, CompressError};
 use crate::format::{write_delta, Codec, DType, Encoded, Manifest, TensorRecord, DEFAULT_ALIGN};
+use crate::metrics::Top1;
 use crate::onnx::OnnxWeights;
 use crate::tract::Classifier;
 use tract_onnx::prelude::*;
@@ -334,16 +335,17 @@ impl Evaluator {
             &self.reference_search
         };
         let mut kl = 0.0;
-        let mut agree = 0usize;
+        let mut agree = Top1::new();
         for (r, q) in reference.iter().zip(&got) {
             kl += r
                 .iter()
                 .zip(q)
                 .map(|(&lp, &lq)| lp.exp() * (lp - lq))
                 .sum::<f64>();
-            agree += usize::from(argmax(r) == argmax(q));
+            // Top-1 agreement: the fine-tune's classes are the labels.
+            agree.add(Some(argmax(q)), argmax(r) as i64);
         }
-        Ok((kl.max(0.0) / n as f64, agree as f64 / n as f64))
+        Ok((kl.max(0.0) / n as f64, agree.accuracy()))
     }
 }
 

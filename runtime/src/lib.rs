@@ -41,6 +41,8 @@ pub mod kernels;
 #[cfg(feature = "apply")]
 pub mod mem;
 #[cfg(feature = "std")]
+pub mod metrics;
+#[cfg(feature = "std")]
 pub mod onnx;
 pub mod pack;
 #[cfg(feature = "std")]
