@@ -196,14 +196,20 @@ impl Codec {
         out: &mut [f32],
         t: &Term<'_>,
     ) -> Result<(), C::Error> {
+        let span = Span {
+            p,
+            lo,
+            out,
+            alpha: t.alpha,
+        };
         match self {
             Self::Unchanged => Ok(()),
-            Self::RawF32 => raw::decode(4, cur, lo, out, t),
-            Self::RawF16 => raw::decode(2, cur, lo, out, t),
-            Self::Sign => sign::decode(p, cur, lo, out, t.alpha),
-            Self::SignGroups => sign_groups::decode(p, cur, lo, out, t.alpha),
-            Self::Q8Groups => q8_groups::decode(p, cur, lo, out, t.alpha),
-            Self::SignPlanes => sign_planes::decode(p, cur, lo, out, t.alpha),
+            Self::RawF32 => raw::decode(4, span, t, cur),
+            Self::RawF16 => raw::decode(2, span, t, cur),
+            Self::Sign => sign::decode(span, cur),
+            Self::SignGroups => sign_groups::decode(span, cur),
+            Self::Q8Groups => q8_groups::decode(span, cur),
+            Self::SignPlanes => sign_planes::decode(span, cur),
         }
     }
 
@@ -491,11 +497,55 @@ impl Cursor for SliceCursor<'_> {
     fn flag(&mut self, _: FormatError) {}
 }
 
-/// Elements of one segment `a..b` of `lo..end` that stays inside one group of `gsize` elements
-/// and spans at most `most` elements.
-fn segment(a: u64, end: u64, gsize: u64, most: u64) -> (u64, u64) {
-    let g = a / gsize;
-    (g, end.min((g + 1) * gsize).min(a.saturating_add(most)))
+/// One decoder call: add a delta's contribution to the elements `lo..lo + out.len()` of a tensor.
+pub(crate) struct Span<'s> {
+    /// What the decoder needs besides the body.
+    pub(crate) p: &'s Params<'s>,
+    /// The tensor element `out[0]` stands for.
+    pub(crate) lo: u64,
+    /// The values to add to.
+    pub(crate) out: &'s mut [f32],
+    /// The delta's weight.
+    pub(crate) alpha: f32,
+}
+
+impl Span<'_> {
+    /// Calls `f(g, a, b, values)` for each segment `a..b` of the span that lies in one group `g`
+    /// (of `group` elements) and spans at most `most` elements, `values` its part of `out`.
+    pub(crate) fn segments<E>(
+        &mut self,
+        group: u64,
+        most: u64,
+        mut f: impl FnMut(u64, u64, u64, &mut [f32]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let (lo, end) = (self.lo, self.lo + self.out.len() as u64);
+        let mut a = lo;
+        while a < end {
+            let g = a / group;
+            let b = end.min((g + 1) * group).min(a.saturating_add(most));
+            f(g, a, b, &mut self.out[(a - lo) as usize..(b - lo) as usize])?;
+            a = b;
+        }
+        Ok(())
+    }
+}
+
+/// Reads `len` body bytes at `at` from `cur`, checks them with `check` (a failure goes to
+/// [`Cursor::flag`]) and hands them to `apply`.
+pub(crate) fn read_checked<C: Cursor>(
+    cur: &mut C,
+    at: u64,
+    len: usize,
+    check: impl FnOnce(&[u8]) -> Result<(), FormatError>,
+    apply: impl FnOnce(&[u8]),
+) -> Result<(), C::Error> {
+    let bytes = cur.read(at, len)?;
+    let checked = check(bytes);
+    apply(bytes);
+    if let Err(e) = checked {
+        cur.flag(e);
+    }
+    Ok(())
 }
 
 /// An encoded tensor payload (needs `alloc`).

@@ -6,7 +6,7 @@
 
 #[cfg(feature = "alloc")]
 use super::{deltas, group_len, group_pairs, scale_values, scales_from, Encoded};
-use super::{group_scales, segment, Cursor, Layout, Params};
+use super::{group_scales, read_checked, Cursor, Layout, Params, Span};
 use crate::error::FormatError;
 use crate::kernels;
 
@@ -25,33 +25,13 @@ pub(super) fn check(p: &Params<'_>, q: &[u8]) -> Result<(), FormatError> {
 }
 
 /// The `q8-groups` decoder, a segment at a time (one group, at most one window).
-pub(super) fn decode<C: Cursor>(
-    p: &Params<'_>,
-    cur: &mut C,
-    lo: u64,
-    out: &mut [f32],
-    alpha: f32,
-) -> Result<(), C::Error> {
-    let gsize = p.group_len();
-    let end = lo + out.len() as u64;
-    let mut a = lo;
-    while a < end {
-        let (g, b) = segment(a, end, gsize, C::WINDOW as u64);
-        let q = cur.read(a, (b - a) as usize)?;
-        let checked = check(p, q);
-        let seg = &mut out[(a - lo) as usize..(b - lo) as usize];
-        kernels::add_q8(
-            seg,
-            bytemuck::cast_slice(q),
-            p.scales.get(g as usize),
-            alpha,
-        );
-        if let Err(e) = checked {
-            cur.flag(e);
-        }
-        a = b;
-    }
-    Ok(())
+pub(super) fn decode<C: Cursor>(mut s: Span<'_>, cur: &mut C) -> Result<(), C::Error> {
+    let (p, alpha) = (s.p, s.alpha);
+    s.segments(p.group_len(), C::WINDOW as u64, |g, a, b, seg| {
+        let scale = p.scales.get(g as usize);
+        let add = |q: &[u8]| kernels::add_q8(seg, bytemuck::cast_slice(q), scale, alpha);
+        read_checked(cur, a, (b - a) as usize, |q| check(p, q), add)
+    })
 }
 
 /// 8-bit symmetric deltas: per group, `scale = max |d| / 127` (rounded to the stored type),

@@ -12,7 +12,7 @@ use half::f16;
 
 #[cfg(feature = "alloc")]
 use super::Encoded;
-use super::{no_groups, Cursor, Layout, Term};
+use super::{no_groups, Cursor, Layout, Span, Term};
 
 /// `raw-f32`: `n * 4` bytes.
 pub(super) const F32: Layout = Layout {
@@ -38,20 +38,20 @@ fn value(c: &[u8]) -> f32 {
     }
 }
 
-/// The decoder of both raw codecs (values of `size` bytes): elements `lo..lo + out.len()`.
+/// The decoder of both raw codecs (values of `size` bytes): sets the span's values, or with a
+/// base reader in `t` adds `alpha * (value - base)`.
 pub(super) fn decode<C: Cursor>(
     size: usize,
-    cur: &mut C,
-    lo: u64,
-    out: &mut [f32],
+    s: Span<'_>,
     t: &Term<'_>,
+    cur: &mut C,
 ) -> Result<(), C::Error> {
     let step = match t.base {
         None => C::WINDOW / size,
         Some(_) => (C::WINDOW / size).min(BASE_STEP),
     };
-    let mut at = lo;
-    for sub in out.chunks_mut(step) {
+    let mut at = s.lo;
+    for sub in s.out.chunks_mut(step) {
         let bytes = cur.read(at * size as u64, sub.len() * size)?;
         let values = bytes.chunks_exact(size).map(value);
         match t.base {
@@ -61,7 +61,7 @@ pub(super) fn decode<C: Cursor>(
                 let b = &mut b[..sub.len()];
                 base(at, b);
                 for ((o, v), &x) in sub.iter_mut().zip(values).zip(b.iter()) {
-                    *o += t.alpha * (v - x);
+                    *o += s.alpha * (v - x);
                 }
             }
         }

@@ -12,7 +12,7 @@ use alloc::vec::Vec;
 
 #[cfg(feature = "alloc")]
 use super::{deltas, Encoded};
-use super::{plane_byte, segment, Cursor, Layout, Params};
+use super::{plane_byte, read_checked, Cursor, Layout, Params, Span};
 use crate::error::FormatError;
 use crate::format::MIN_PLANES;
 use crate::kernels;
@@ -53,16 +53,15 @@ pub(super) fn check_rows(p: &Params<'_>, at: u64, bytes: &[u8]) -> Result<(), Fo
     Ok(())
 }
 
-/// Adds `±scale(j, g)` for every element of `lo..lo + out.len()` and every plane `j` (plane by
-/// plane, in order), `g` the element's group: the decoder of the three sign codecs. Reads whole
-/// rows of `p.planes` interleaved bytes, a segment at a time (one group, at most one window).
+/// Adds `±scale(j, g)` for every element of the span and every plane `j` (plane by plane, in
+/// order), `g` the element's group: the decoder of the three sign codecs. Reads whole rows of
+/// `p.planes` interleaved bytes, a segment at a time (one group, at most one window).
 pub(super) fn add_planes<C: Cursor>(
-    p: &Params<'_>,
+    mut s: Span<'_>,
     cur: &mut C,
-    lo: u64,
-    out: &mut [f32],
     scale: impl Fn(usize, u64) -> f32,
 ) -> Result<(), C::Error> {
+    let p = s.p;
     let k = p.planes.max(1);
     let rows_most = if k == 1 {
         C::WINDOW
@@ -71,47 +70,35 @@ pub(super) fn add_planes<C: Cursor>(
     };
     // A segment of `most` elements starting anywhere in a byte spans at most `rows_most` rows.
     let most = (rows_most as u64 - 1).saturating_mul(8);
-    let gsize = p.group_len();
-    let end = lo + out.len() as u64;
     let mut plane = [0u8; PLANE_ROWS];
-    let mut a = lo;
-    while a < end {
-        let (g, b) = segment(a, end, gsize, most);
-        let r0 = a / 8;
+    s.segments(p.group_len(), most, |g, a, b, seg| {
+        let (r0, offset) = (a / 8, (a % 8) as usize);
         let rows = ((b - 1) / 8 + 1 - r0) as usize;
         let at = r0 * k as u64;
-        let bytes = cur.read(at, rows * k)?;
-        let checked = check_rows(p, at, bytes);
-        let seg = &mut out[(a - lo) as usize..(b - lo) as usize];
-        let offset = (a % 8) as usize;
-        if k == 1 {
-            kernels::add_signs(seg, bytes, offset, scale(0, g));
-        } else {
-            for j in 0..k {
-                for (r, x) in plane[..rows].iter_mut().enumerate() {
-                    *x = bytes[plane_byte(k, 8 * r, j)];
+        read_checked(
+            cur,
+            at,
+            rows * k,
+            |bytes| check_rows(p, at, bytes),
+            |bytes| {
+                if k == 1 {
+                    return kernels::add_signs(seg, bytes, offset, scale(0, g));
                 }
-                kernels::add_signs(seg, &plane[..rows], offset, scale(j, g));
-            }
-        }
-        if let Err(e) = checked {
-            cur.flag(e);
-        }
-        a = b;
-    }
-    Ok(())
+                for j in 0..k {
+                    for (r, x) in plane[..rows].iter_mut().enumerate() {
+                        *x = bytes[plane_byte(k, 8 * r, j)];
+                    }
+                    kernels::add_signs(seg, &plane[..rows], offset, scale(j, g));
+                }
+            },
+        )
+    })
 }
 
 /// The `sign` decoder: `alpha * scale` for every element.
-pub(super) fn decode<C: Cursor>(
-    p: &Params<'_>,
-    cur: &mut C,
-    lo: u64,
-    out: &mut [f32],
-    alpha: f32,
-) -> Result<(), C::Error> {
-    let s = alpha * p.scale;
-    add_planes(p, cur, lo, out, |_, _| s)
+pub(super) fn decode<C: Cursor>(s: Span<'_>, cur: &mut C) -> Result<(), C::Error> {
+    let v = s.alpha * s.p.scale;
+    add_planes(s, cur, |_, _| v)
 }
 
 /// `sign(fine - base)` packed (sign(0) is +1), chunk by chunk.

@@ -7,7 +7,7 @@
 use super::sign::add_planes;
 #[cfg(feature = "alloc")]
 use super::{group_means, scales_from, sign::pack, Encoded};
-use super::{group_scales, Cursor, Layout, Params};
+use super::{group_scales, Cursor, Layout, Span};
 
 /// `sign-groups`: the group scales, then `ceil(n/8)` bytes.
 pub(super) const LAYOUT: Layout = Layout {
@@ -16,14 +16,9 @@ pub(super) const LAYOUT: Layout = Layout {
 };
 
 /// The `sign-groups` decoder: `alpha * scale_g` for every element of group `g`.
-pub(super) fn decode<C: Cursor>(
-    p: &Params<'_>,
-    cur: &mut C,
-    lo: u64,
-    out: &mut [f32],
-    alpha: f32,
-) -> Result<(), C::Error> {
-    add_planes(p, cur, lo, out, |_, g| alpha * p.scales.get(g as usize))
+pub(super) fn decode<C: Cursor>(s: Span<'_>, cur: &mut C) -> Result<(), C::Error> {
+    let (scales, alpha) = (s.p.scales, s.alpha);
+    add_planes(s, cur, |_, g| alpha * scales.get(g as usize))
 }
 
 /// Sign bits with one scale (mean |d| of the group) per group of `n / groups` elements.

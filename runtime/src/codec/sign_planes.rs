@@ -14,7 +14,7 @@ use alloc::vec::Vec;
 use super::sign::add_planes;
 #[cfg(feature = "alloc")]
 use super::{deltas, group_len, plane_byte, scales_from, Encoded};
-use super::{group_scales, Cursor, Fields, Layout, Params};
+use super::{group_scales, Cursor, Fields, Layout, Span};
 use crate::format::{MAX_PLANES, MIN_PLANES};
 
 /// `sign-planes`: a whole number of planes in [`MIN_PLANES`]`..=`[`MAX_PLANES`]; the expected
@@ -49,17 +49,10 @@ fn planes_for_len(len: u64, plane: u64) -> Result<usize, u64> {
 
 /// The `sign-planes` decoder: for every element of group `g`, `alpha * scale_{j,g}` of each
 /// plane `j` in turn.
-pub(super) fn decode<C: Cursor>(
-    p: &Params<'_>,
-    cur: &mut C,
-    lo: u64,
-    out: &mut [f32],
-    alpha: f32,
-) -> Result<(), C::Error> {
-    let groups = p.scales.len() / p.planes.max(1);
-    add_planes(p, cur, lo, out, |j, g| {
-        alpha * p.scales.get(j * groups + g as usize)
-    })
+pub(super) fn decode<C: Cursor>(s: Span<'_>, cur: &mut C) -> Result<(), C::Error> {
+    let (scales, alpha) = (s.p.scales, s.alpha);
+    let groups = scales.len() / s.p.planes.max(1);
+    add_planes(s, cur, |j, g| alpha * scales.get(j * groups + g as usize))
 }
 
 /// Most Lloyd rounds of [`sign_planes_scaled`] (it stops earlier when no bit changes).
