@@ -5,8 +5,8 @@
 //! number of deltas. The arithmetic is the one `docs/FORMAT.md` specifies (f32, non-fused), so the
 //! result is bit-identical on every backend and every CPU.
 
-use crate::format::{plane_byte, Payload};
-use crate::kernels;
+use crate::codec::{SliceCursor, Term};
+use crate::format::Payload;
 
 /// Elements per chunk (16 KiB of f32): small enough for L1/L2, large enough for SIMD bodies.
 pub const CHUNK: usize = 4096;
@@ -52,11 +52,6 @@ impl Base<'_> {
             }
         }
     }
-    fn at(&self, i: usize) -> f32 {
-        let mut v = [0f32];
-        self.read(i, &mut v);
-        v[0]
-    }
 }
 
 /// Why a composition could not run.
@@ -89,39 +84,6 @@ impl core::fmt::Display for ComposeError {
 }
 
 impl core::error::Error for ComposeError {}
-
-fn payload_elems(p: &Payload<'_>, n: usize) -> Option<usize> {
-    Some(match p {
-        Payload::Unchanged => n,
-        Payload::RawF32(b) => b.len() / 4,
-        Payload::RawF16(b) => b.len() / 2,
-        Payload::Sign { bits, .. } | Payload::SignGroups { bits, .. } => {
-            if bits.len() != n.div_ceil(8) {
-                return None;
-            }
-            n
-        }
-        Payload::Q8Groups { q, .. } => q.len(),
-        Payload::SignPlanes { planes, bits, .. } => {
-            if *planes == 0 || Some(bits.len()) != n.div_ceil(8).checked_mul(*planes) {
-                return None;
-            }
-            n
-        }
-    })
-}
-
-/// Scale groups of a payload (1 for codecs without group scales), or `None` when its scale
-/// table is not a whole number of groups per plane.
-fn payload_groups(p: &Payload<'_>) -> Option<usize> {
-    match p {
-        Payload::SignGroups { scales, .. } | Payload::Q8Groups { scales, .. } => Some(scales.len()),
-        Payload::SignPlanes { planes, scales, .. } => {
-            (*planes > 0 && scales.len().is_multiple_of(*planes)).then(|| scales.len() / planes)
-        }
-        _ => Some(1),
-    }
-}
 
 /// Reconstructs one tensor: `out = base + sum(alpha_i * delta_i)`, in one pass over memory.
 ///
@@ -163,22 +125,16 @@ pub fn reconstruct_at(
         if !alpha.is_finite() {
             return Err(ComposeError::BadAlpha);
         }
-        match payload_elems(p, n) {
+        match p.elems(n) {
             Some(m) if m == n => {}
-            Some(m) => {
+            found => {
                 return Err(ComposeError::LengthMismatch {
                     expected: n,
-                    found: m,
-                })
-            }
-            None => {
-                return Err(ComposeError::LengthMismatch {
-                    expected: n,
-                    found: 0,
+                    found: found.unwrap_or(0),
                 })
             }
         }
-        let groups = payload_groups(p).unwrap_or(0);
+        let groups = p.groups().unwrap_or(0);
         if groups == 0 || !n.is_multiple_of(groups) {
             return Err(ComposeError::LengthMismatch {
                 expected: n,
@@ -186,95 +142,32 @@ pub fn reconstruct_at(
             });
         }
     }
+    let base_at = |i: u64, v: &mut [f32]| base.read(i as usize, v);
     let mut start = first;
     while start < last {
         let end = (start + CHUNK).min(last);
         let chunk = &mut out[start - first..end - first];
         let mut filled = false;
         for (k, (p, alpha)) in deltas.iter().enumerate() {
-            let alpha = *alpha;
-            match p {
-                Payload::Unchanged => {}
-                Payload::Sign { scale, bits } => {
-                    let s = alpha * scale;
-                    match (filled, base) {
-                        (false, Base::F32(b)) => {
-                            kernels::apply_signs(chunk, &b[start..end], bits, start, s);
-                        }
-                        _ => {
-                            fill(&base, start, chunk, &mut filled);
-                            kernels::add_signs(chunk, bits, start, s);
-                        }
-                    }
-                    filled = true;
-                }
-                Payload::SignGroups { scales, bits } => {
-                    fill(&base, start, chunk, &mut filled);
-                    for_groups(scales.len(), n, start, end, |lo, hi, g| {
-                        kernels::add_signs(
-                            &mut chunk[lo - start..hi - start],
-                            bits,
-                            lo,
-                            alpha * scales.get(g),
-                        );
-                    });
-                }
-                Payload::Q8Groups { scales, q } => {
-                    fill(&base, start, chunk, &mut filled);
-                    let q: &[i8] = bytemuck::cast_slice(q);
-                    for_groups(scales.len(), n, start, end, |lo, hi, g| {
-                        kernels::add_q8(
-                            &mut chunk[lo - start..hi - start],
-                            &q[lo..hi],
-                            scales.get(g),
-                            alpha,
-                        );
-                    });
-                }
-                Payload::SignPlanes {
-                    planes,
-                    scales,
-                    bits,
-                } => {
-                    fill(&base, start, chunk, &mut filled);
-                    let groups = scales.len() / planes;
-                    // Gather plane j's bits from the byte holding element `start` (a chunk
-                    // starts on a byte unless `reconstruct_at` began mid-byte).
-                    let a0 = start - start % 8;
-                    let rows = (end - a0).div_ceil(8);
-                    let mut plane = [0u8; CHUNK / 8 + 1];
-                    for j in 0..*planes {
-                        for (r, b) in plane[..rows].iter_mut().enumerate() {
-                            *b = bits[plane_byte(*planes, a0 + 8 * r, j)];
-                        }
-                        for_groups(groups, n, start, end, |lo, hi, g| {
-                            kernels::add_signs(
-                                &mut chunk[lo - start..hi - start],
-                                &plane[..rows],
-                                lo - a0,
-                                alpha * scales.get(j * groups + g),
-                            );
-                        });
-                    }
-                }
-                Payload::RawF32(_) | Payload::RawF16(_) => {
-                    let raw = match p {
-                        Payload::RawF32(b) => Base::F32Le(b),
-                        Payload::RawF16(b) => Base::F16Le(b),
-                        _ => unreachable!("matched raw payloads above"),
-                    };
-                    if k == 0 && alpha == 1.0 {
-                        raw.read(start, chunk);
-                    } else {
-                        fill(&base, start, chunk, &mut filled);
-                        for (i, o) in chunk.iter_mut().enumerate() {
-                            let d = raw.at(start + i) - base.at(start + i);
-                            *o += alpha * d;
-                        }
-                    }
-                    filled = true;
-                }
+            let (codec, params, body) = p.parts(0, n as u64);
+            // A replacement that comes first with alpha 1 sets the values.
+            let replace = k == 0 && *alpha == 1.0 && codec.replaces();
+            if !replace {
+                fill(&base, start, chunk, &mut filled);
             }
+            let term = Term {
+                alpha: *alpha,
+                base: (!replace).then_some(&base_at as &dyn Fn(u64, &mut [f32])),
+            };
+            let mut cur = SliceCursor::new(body);
+            // The lengths were checked above, so every read is inside the payload.
+            codec
+                .decode(&params, &mut cur, start as u64, chunk, &term)
+                .map_err(|_| ComposeError::LengthMismatch {
+                    expected: n,
+                    found: 0,
+                })?;
+            filled = true;
         }
         fill(&base, start, chunk, &mut filled);
         start = end;
@@ -286,25 +179,6 @@ fn fill(base: &Base<'_>, start: usize, chunk: &mut [f32], filled: &mut bool) {
     if !*filled {
         base.read(start, chunk);
         *filled = true;
-    }
-}
-
-/// Calls `f(lo, hi, g)` for each segment `[lo, hi)` of group `g` (of `groups` equal groups of
-/// `n` elements) intersecting `[start, end)`.
-fn for_groups(
-    groups: usize,
-    n: usize,
-    start: usize,
-    end: usize,
-    mut f: impl FnMut(usize, usize, usize),
-) {
-    let gsize = n / groups;
-    let mut lo = start;
-    while lo < end {
-        let g = lo / gsize;
-        let hi = ((g + 1) * gsize).min(end);
-        f(lo, hi, g);
-        lo = hi;
     }
 }
 

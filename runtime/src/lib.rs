@@ -28,7 +28,6 @@ pub mod calibrate;
 pub mod card;
 #[cfg(feature = "std")]
 pub mod checkpoint;
-#[cfg(feature = "alloc")]
 pub mod codec;
 pub mod compose;
 #[cfg(feature = "std")]
@@ -41,6 +40,8 @@ pub mod frame;
 pub mod kernels;
 #[cfg(feature = "apply")]
 pub mod mem;
+#[cfg(feature = "std")]
+pub mod metrics;
 #[cfg(feature = "std")]
 pub mod onnx;
 pub mod pack;

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use bitdelta::card::{argmax, ModelCard};
 use bitdelta::compress::{compress_onnx, Options, Policy};
 use bitdelta::frame::Frame;
+use bitdelta::metrics::Top1;
 use bitdelta::tract::Classifier;
 
 use bitdelta::mem::{release_free_memory, reset_peak_rss, rss};
@@ -134,7 +135,7 @@ impl Evaluator {
         let single = self.classifier(model, 1)?;
         let mut out = Vec::new();
         for (_, set) in &self.sets {
-            let mut correct = 0usize;
+            let mut top1 = Top1::new();
             let mut i = 0;
             while i < set.len() {
                 let (clf, b) = if set.len() - i >= batch {
@@ -147,14 +148,10 @@ impl Evaluator {
                     set.frame(k).tensor_into(&self.card.input, &mut input);
                 }
                 let logits = clf.run(&input)?;
-                let classes = logits.len() / b;
-                for k in 0..b {
-                    let pred = argmax(&logits[k * classes..(k + 1) * classes]);
-                    correct += usize::from(pred.map(|p| p as i64) == Some(set.labels[i + k]));
-                }
+                top1.add_rows(&logits, logits.len() / b, &set.labels[i..i + b]);
                 i += b;
             }
-            out.push(correct as f64 / set.len() as f64);
+            out.push(top1.accuracy());
         }
         Ok(out)
     }
@@ -299,7 +296,7 @@ fn samples(
         img_dir.display()
     );
     for cond in CONDITIONS {
-        let (mut n, mut ok_base, mut ok_var) = (0, 0, 0);
+        let (mut ok_base, mut ok_var) = (Top1::new(), Top1::new());
         let clf = var_clf.iter().find(|(v, _)| *v == cond).map(|(_, c)| c);
         let mut line = String::new();
         for f in files.iter().filter(|f| {
@@ -311,21 +308,25 @@ fn samples(
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let truth = stem.rsplit('-').next().unwrap_or("");
+            // A file name's class that the card does not list is never correct.
+            let label = card
+                .labels
+                .iter()
+                .position(|l| l == truth)
+                .map_or(-1, |i| i as i64);
             let input = crate::card::frame(f, card)?.tensor(card);
-            let label = |c: &Classifier| -> Result<String> {
-                Ok(argmax(&c.run(&input)?)
-                    .map(|i| card.labels[i].clone())
-                    .unwrap_or_default())
-            };
-            let b = label(&base_clf)?;
-            let v = clf.map(label).transpose()?;
-            n += 1;
-            ok_base += usize::from(b == truth);
-            ok_var += usize::from(v.as_deref() == Some(truth));
-            if n <= 4 {
-                line.push_str(&format!(" {truth}->{}", v.as_deref().unwrap_or(&b)));
+            let predict = |c: &Classifier| -> Result<Option<usize>> { Ok(argmax(&c.run(&input)?)) };
+            let b = predict(&base_clf)?;
+            let v = clf.map(predict).transpose()?;
+            ok_base.add(b, label);
+            ok_var.add(v.flatten(), label);
+            if ok_base.total() <= 4 {
+                let name = |p: Option<usize>| p.map_or("", |i| card.labels[i].as_str());
+                line.push_str(&format!(" {truth}->{}", name(v.unwrap_or(b))));
             }
         }
+        let n = ok_base.total();
+        let (ok_base, ok_var) = (ok_base.correct(), ok_var.correct());
         match clf {
             Some(_) => println!("  {cond:<6} {n} images: base {ok_base}/{n} correct, {cond} variant {ok_var}/{n} correct;{line} ..."),
             None => println!("  {cond:<6} {n} images: base {ok_base}/{n} correct;{line} ..."),
@@ -387,7 +388,7 @@ fn camera_trap(
     let known: Vec<String> = engine.variants().map(str::to_owned).collect();
     let mut switch_ms = Vec::new();
     let mut first_load_ms = None;
-    let (mut total, mut ok_switch, mut ok_base) = ([0usize; 3], [0usize; 3], [0usize; 3]);
+    let (mut with_switching, mut base_only_top1): ([Top1; 3], [Top1; 3]) = Default::default();
     let mut base_only = engine_on_base()?;
     let rule_text: Vec<String> = rules.iter().map(Rule::to_string).collect();
     println!(
@@ -418,9 +419,8 @@ fn camera_trap(
         let input = frame.tensor(&ev.card);
         let pred = argmax(&engine.run(&input)?).unwrap_or(0);
         let pred_base = argmax(&base_only.run(&input)?).unwrap_or(0);
-        total[c] += 1;
-        ok_switch[c] += usize::from(pred as i64 == set.labels[i]);
-        ok_base[c] += usize::from(pred_base as i64 == set.labels[i]);
+        with_switching[c].add(Some(pred), set.labels[i]);
+        base_only_top1[c].add(Some(pred_base), set.labels[i]);
         if k < 12 {
             println!(
                 "  frame {k:>3} {cond:<5} brightness {b:.2} contrast {ct:.2} -> {want:<5} {:<8} (truth {})",
@@ -435,14 +435,15 @@ fn camera_trap(
         "  {:<6} {:>6} {:>16} {:>16}",
         "", "frames", "with switching", "base only"
     );
+    // A condition without frames shows 0.
+    let acc = |t: &Top1| if t.total() == 0 { 0.0 } else { t.accuracy() };
     for c in 0..3 {
-        let acc = |ok: usize| ok as f64 / total[c].max(1) as f64;
         println!(
             "  {:<6} {:>6} {:>16.3} {:>16.3}",
             ev.sets[c].0,
-            total[c],
-            acc(ok_switch[c]),
-            acc(ok_base[c])
+            with_switching[c].total(),
+            acc(&with_switching[c]),
+            acc(&base_only_top1[c])
         );
     }
     if let Some(ms) = first_load_ms {

@@ -11,8 +11,9 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use bitdelta::apply::check_binding;
-use bitdelta::card::{argmax, ModelCard, OutputKind};
+use bitdelta::card::{ModelCard, OutputKind};
 use bitdelta::fingerprint::Fingerprint;
+use bitdelta::metrics::Top1;
 use bitdelta::tract::Classifier;
 use serde_json::{json, Value};
 
@@ -88,7 +89,8 @@ struct Row {
     fingerprint: String,
     /// Logits, images x classes.
     logits: Vec<f32>,
-    correct: usize,
+    /// Top-1 counts against the labels.
+    top1: Top1,
 }
 
 pub(crate) fn run(a: Args) -> Result<ExitCode> {
@@ -179,12 +181,7 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
             ),
         };
         let classes = card.labels.len();
-        row.correct = (0..n)
-            .filter(|&i| {
-                argmax(&logits[i * classes..(i + 1) * classes]).map(|p| p as i64)
-                    == Some(set.labels[i])
-            })
-            .count();
+        row.top1 = Top1::of_rows(&logits, classes, &set.labels);
         row.logits = logits;
         row.fingerprint = hex(&fp);
     }
@@ -236,7 +233,7 @@ impl Row {
             reference: None,
             fingerprint: String::new(),
             logits: Vec::new(),
-            correct: 0,
+            top1: Top1::new(),
         }
     }
 }
@@ -259,10 +256,6 @@ struct Comparison<'a> {
 }
 
 impl Report<'_> {
-    fn accuracy(&self, row: &Row) -> f64 {
-        row.correct as f64 / self.images as f64
-    }
-
     fn bits_per_param(&self, row: &Row) -> Option<f64> {
         row.delta_bytes
             .map(|b| b as f64 * 8.0 / self.params.max(1) as f64)
@@ -270,12 +263,11 @@ impl Report<'_> {
 
     fn compare(&self, row: &Row) -> Option<Comparison<'_>> {
         let fine = &self.rows[row.reference?];
-        let fine_acc = self.accuracy(fine);
-        let (agree, kl) = agreement_and_kl(&fine.logits, &row.logits, self.classes, self.kind);
+        let kl = summed_kl(&fine.logits, &row.logits, self.classes, self.kind);
         Some(Comparison {
             fine,
-            retention: (fine_acc > 0.0).then(|| self.accuracy(row) / fine_acc),
-            agreement: agree as f64 / self.images as f64,
+            retention: row.top1.retention(&fine.top1),
+            agreement: Top1::agreement(&fine.logits, &row.logits, self.classes).accuracy(),
             mean_kl: kl / self.images as f64,
         })
     }
@@ -287,10 +279,10 @@ impl Report<'_> {
             "name": row.name,
             "kind": row.kind,
             "path": row.path,
-            "accuracy": self.accuracy(row),
-            "correct": row.correct,
+            "accuracy": row.top1.accuracy(),
+            "correct": row.top1.correct(),
             "fine": c.as_ref().map(|c| &c.fine.path),
-            "fine_accuracy": c.as_ref().map(|c| self.accuracy(c.fine)),
+            "fine_accuracy": c.as_ref().map(|c| c.fine.top1.accuracy()),
             "retention": c.as_ref().and_then(|c| c.retention),
             "agreement": c.as_ref().map(|c| c.agreement),
             "mean_kl": c.as_ref().map(|c| c.mean_kl),
@@ -330,8 +322,8 @@ impl Report<'_> {
                 "{:<width$}  {:<5}  {:>8.3}  {:>11}  {:>9}  {:>9}  {:>8}  {:>10}  {:<16}  {}{vs}",
                 row.name,
                 row.kind,
-                self.accuracy(row),
-                format!("{}/{}", row.correct, self.images),
+                row.top1.accuracy(),
+                format!("{}/{}", row.top1.correct(), self.images),
                 c.as_ref()
                     .and_then(|c| c.retention)
                     .map_or_else(dash, |r| format!("{r:.3}")),
@@ -348,24 +340,22 @@ impl Report<'_> {
     }
 }
 
-/// Images where both top-1 classes agree, and the summed KL(p || q) of the class probabilities
+/// The summed KL(p || q) of the class probabilities
 /// (from log-softmax of logits in f64, so saturated probabilities stay finite; a model that
 /// outputs probabilities has them floored at 1e-12 before the log).
-fn agreement_and_kl(p: &[f32], q: &[f32], classes: usize, kind: OutputKind) -> (usize, f64) {
+fn summed_kl(p: &[f32], q: &[f32], classes: usize, kind: OutputKind) -> f64 {
     let log_p = |v: &[f32]| match kind {
         OutputKind::Logits => log_softmax(v),
         OutputKind::Probabilities => v.iter().map(|&x| f64::from(x).max(1e-12).ln()).collect(),
     };
-    let mut agree = 0;
     let mut kl = 0.0;
     for (a, b) in p.chunks_exact(classes).zip(q.chunks_exact(classes)) {
-        agree += usize::from(argmax(a) == argmax(b));
         let (la, lb) = (log_p(a), log_p(b));
         let d: f64 = la.iter().zip(&lb).map(|(x, y)| x.exp() * (x - y)).sum();
         // KL is never negative; rounding of near-identical outputs can dip just under zero.
         kl += d.max(0.0);
     }
-    (agree, kl)
+    kl
 }
 
 fn log_softmax(v: &[f32]) -> Vec<f64> {

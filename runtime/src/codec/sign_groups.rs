@@ -1,14 +1,32 @@
 //! The `sign-groups` codec: one sign bit per element, one scale per group.
+//!
+//! Layout (`docs/FORMAT.md` §8): `G` scales (f16 or f32, per `FLAG_SCALES_F16`), then
+//! `ceil(n/8)` bytes of sign bits as in `sign`. `G` divides `n`; element `i` belongs to group
+//! `i / (n / G)` and is `base + alpha * (±scale_g)`.
 
-use super::sign::pack;
-use super::{deltas, scales_from};
-use crate::format::Encoded;
+use super::sign::add_planes;
+#[cfg(feature = "alloc")]
+use super::{group_means, scales_from, sign::pack, Encoded};
+use super::{group_scales, Cursor, Layout, Span};
+
+/// `sign-groups`: the group scales, then `ceil(n/8)` bytes.
+pub(super) const LAYOUT: Layout = Layout {
+    expected_len: |f| group_scales(f).map(|s| s + f.numel.div_ceil(8)),
+    planes: |_| 1,
+};
+
+/// The `sign-groups` decoder: `alpha * scale_g` for every element of group `g`.
+pub(super) fn decode<C: Cursor>(s: Span<'_>, cur: &mut C) -> Result<(), C::Error> {
+    let (scales, alpha) = (s.p.scales, s.alpha);
+    add_planes(s, cur, |_, g| alpha * scales.get(g as usize))
+}
 
 /// Sign bits with one scale (mean |d| of the group) per group of `n / groups` elements.
 /// Scales are f16 when `f16_scales` and every scale is representable as a normal f16.
 ///
 /// # Panics
 /// When `groups` is 0 or does not divide the length.
+#[cfg(feature = "alloc")]
 pub fn sign_groups(base: &[f32], fine: &[f32], groups: usize, f16_scales: bool) -> Encoded {
     // x * 1.0 == x exactly, so this is the unscaled rule.
     sign_groups_scaled(base, fine, groups, f16_scales, 1.0)
@@ -19,6 +37,7 @@ pub fn sign_groups(base: &[f32], fine: &[f32], groups: usize, f16_scales: bool) 
 ///
 /// # Panics
 /// When `groups` is 0 or does not divide the length.
+#[cfg(feature = "alloc")]
 pub fn sign_groups_scaled(
     base: &[f32],
     fine: &[f32],
@@ -26,22 +45,8 @@ pub fn sign_groups_scaled(
     f16_scales: bool,
     multiplier: f64,
 ) -> Encoded {
-    assert!(
-        groups > 0 && base.len().is_multiple_of(groups),
-        "groups must divide the tensor length"
-    );
-    let g = base.len() / groups;
-    let means = (0..groups)
-        .map(|k| {
-            multiplier
-                * (deltas(&base[k * g..(k + 1) * g], &fine[k * g..(k + 1) * g])
-                    .map(f64::abs)
-                    .sum::<f64>()
-                    / g as f64)
-        })
-        .collect();
     Encoded::SignGroups {
-        scales: scales_from(means, f16_scales),
+        scales: scales_from(group_means(base, fine, groups, multiplier), f16_scales),
         bits: pack(base, fine),
     }
 }

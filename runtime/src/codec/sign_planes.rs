@@ -1,14 +1,65 @@
 //! The `sign-planes` codec: `k` residual sign bit-planes, each with one scale per group.
+//!
+//! Layout (`docs/FORMAT.md` §8): `k` tables of `G` scales (f16 or f32, per `FLAG_SCALES_F16`;
+//! scale `j * G + g` is plane `j`'s scale of group `g`), then `k * ceil(n/8)` bytes of sign bits
+//! interleaved by byte ([`plane_byte`]). `k` is the payload length over the length of one plane
+//! (its scales and its bits), in [`MIN_PLANES`]`..=`[`MAX_PLANES`]. Element `i` of group `g` is
+//! `base + sum_j alpha * (±scale_{j,g})`, plane after plane.
 
+#[cfg(feature = "alloc")]
 use alloc::vec;
+#[cfg(feature = "alloc")]
 use alloc::vec::Vec;
 
-use super::{deltas, scales_from};
-use crate::format::Encoded;
+use super::sign::add_planes;
+#[cfg(feature = "alloc")]
+use super::{deltas, group_len, plane_byte, scales_from, Encoded};
+use super::{group_scales, Cursor, Fields, Layout, Span};
+use crate::format::{MAX_PLANES, MIN_PLANES};
+
+/// `sign-planes`: a whole number of planes in [`MIN_PLANES`]`..=`[`MAX_PLANES`]; the expected
+/// length is the stored one when it is, else the nearest valid one.
+pub(super) const LAYOUT: Layout = Layout {
+    expected_len: |f| {
+        let plane = group_scales(f)? + f.numel.div_ceil(8);
+        Ok(planes_for_len(f.len, plane).map_or_else(|expected| expected, |_| f.len))
+    },
+    planes: |f| planes(f),
+};
+
+/// The plane count of an entry whose length passed the layout check (0 on overflow).
+fn planes(f: &Fields) -> usize {
+    u64::from(f.groups)
+        .checked_mul(crate::format::entry::scale_size(f.flags))
+        .and_then(|s| s.checked_add(f.numel.div_ceil(8)))
+        .map_or(0, |plane| (f.len / plane.max(1)) as usize)
+}
+
+/// The plane count of a payload of `len` bytes, or the length expected (the nearest valid
+/// one) when `len` is not a whole number of planes in [`MIN_PLANES`]`..=`[`MAX_PLANES`].
+fn planes_for_len(len: u64, plane: u64) -> Result<usize, u64> {
+    let k = len / plane.max(1);
+    let valid = (MIN_PLANES as u64..=MAX_PLANES as u64).contains(&k);
+    if valid && k * plane == len {
+        Ok(k as usize)
+    } else {
+        Err(k.clamp(MIN_PLANES as u64, MAX_PLANES as u64) * plane)
+    }
+}
+
+/// The `sign-planes` decoder: for every element of group `g`, `alpha * scale_{j,g}` of each
+/// plane `j` in turn.
+pub(super) fn decode<C: Cursor>(s: Span<'_>, cur: &mut C) -> Result<(), C::Error> {
+    let (scales, alpha) = (s.p.scales, s.alpha);
+    let groups = scales.len() / s.p.planes.max(1);
+    add_planes(s, cur, |j, g| alpha * scales.get(j * groups + g as usize))
+}
 
 /// Most Lloyd rounds of [`sign_planes_scaled`] (it stops earlier when no bit changes).
+#[cfg(feature = "alloc")]
 pub const PLANE_FIT_ROUNDS: usize = 16;
 
+#[cfg(feature = "alloc")]
 /// `planes` sign bit-planes (residual signs) with one scale per group and plane: the delta of
 /// each element is approximated by `sum_j (±s_{j,g})`. Scales are f16 when `f16_scales` and
 /// every scale is representable as a normal f16 (or 0).
@@ -34,6 +85,7 @@ pub fn sign_planes(
     sign_planes_scaled(base, fine, groups, planes, f16_scales, 1.0)
 }
 
+#[cfg(feature = "alloc")]
 /// [`sign_planes`] with every scale multiplied by `multiplier` (in f64, after the fit and before
 /// rounding to the stored type); the bits are those of the fit.
 ///
@@ -47,17 +99,12 @@ pub fn sign_planes_scaled(
     f16_scales: bool,
     multiplier: f64,
 ) -> Encoded {
-    use crate::format::{plane_byte, MAX_PLANES, MIN_PLANES};
-    assert!(
-        groups > 0 && base.len().is_multiple_of(groups),
-        "groups must divide the tensor length"
-    );
+    let g = group_len(base.len(), groups);
     assert!(
         (MIN_PLANES..=MAX_PLANES).contains(&planes),
         "planes must be in {MIN_PLANES}..={MAX_PLANES}"
     );
     let n = base.len();
-    let g = n / groups;
     let rows = n.div_ceil(8);
     let mut bits = vec![0u8; planes * rows];
     let mut scales = vec![0f64; planes * groups];
@@ -88,6 +135,7 @@ pub fn sign_planes_scaled(
     }
 }
 
+#[cfg(feature = "alloc")]
 /// Fits `planes` sign planes to one group's deltas `d`: returns the scales (largest first, all
 /// `>= 0`) and sets bit `j` of `signs[i]` to element `i`'s sign in plane `j` (1 = `+`).
 fn fit_planes(d: &[f64], planes: usize, signs: &mut [u8]) -> Vec<f64> {
@@ -158,6 +206,7 @@ fn fit_planes(d: &[f64], planes: usize, signs: &mut [u8]) -> Vec<f64> {
     s
 }
 
+#[cfg(feature = "alloc")]
 /// Sorts `(level, plane bits)` by level; equal levels (a zero scale) put the most `+` bits first,
 /// so that the nearest-level search (the first level `>= x`, on a tie between two levels the
 /// larger) maps a zero delta to all `+`, as `sign` does.
@@ -172,6 +221,7 @@ pub(super) fn sort_levels(levels: &mut [(f64, u8)]) {
     });
 }
 
+#[cfg(feature = "alloc")]
 /// The least-squares scales for fixed sign planes (Gaussian elimination with partial pivoting in
 /// f64), or `None` when the planes are linearly dependent on this group.
 fn least_squares(d: &[f64], signs: &[u8], planes: usize) -> Option<Vec<f64>> {

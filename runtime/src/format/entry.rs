@@ -6,9 +6,10 @@
 //! refuses.
 
 use super::{
-    Codec, DType, ENTRY_LEN, FLAG_SCALES_F16, MAX_ELEMENTS, MAX_NAME_LEN, MAX_PLANES, MAX_RANK,
-    MAX_SCALE, MIN_PLANES,
+    Codec, DType, ENTRY_LEN, FLAG_SCALES_F16, MAX_ELEMENTS, MAX_NAME_LEN, MAX_RANK, MAX_SCALE,
 };
+use crate::codec::Fields;
+pub use crate::codec::{plane_byte, Payload};
 use crate::error::{Cap, FormatError};
 
 /// Byte offsets of the fields of one 44-byte table entry (`docs/FORMAT.md` §5), little-endian.
@@ -88,6 +89,7 @@ impl RawEntry {
     }
 
     /// Encodes the entry layout.
+    #[cfg(feature = "alloc")]
     pub(crate) fn to_bytes(self) -> [u8; ENTRY_LEN] {
         use field::*;
         let mut e = [0u8; ENTRY_LEN];
@@ -185,29 +187,15 @@ impl RawEntry {
                 offset: entry_off + field::FLAGS as u64,
             });
         }
-        let has_groups = matches!(
-            codec,
-            Codec::SignGroups | Codec::Q8Groups | Codec::SignPlanes
-        );
-        if !has_groups && (groups != 0 || flags != 0) && codec != Codec::Sign {
-            return Err(FormatError::FieldNotZero { index: i });
-        }
-        if codec == Codec::Sign && (groups != 1 || flags != 0) {
-            return Err(FormatError::BadGroups {
-                index: i,
-                found: groups,
-            });
-        }
-        if codec != Codec::Sign && scale.to_bits() != 0 {
-            return Err(FormatError::FieldNotZero { index: i });
-        }
-        if has_groups && (groups == 0 || !numel.is_multiple_of(u64::from(groups))) {
-            return Err(FormatError::BadGroups {
-                index: i,
-                found: groups,
-            });
-        }
-        let expected_len = payload_len(codec, numel, groups, flags, len);
+        let f = Fields {
+            index: i,
+            numel,
+            groups,
+            flags,
+            scale,
+            len,
+        };
+        let expected_len = codec.expected_len(&f)?;
         if len != expected_len {
             return Err(FormatError::PayloadLength {
                 index: i,
@@ -258,48 +246,6 @@ pub(crate) const fn scale_size(flags: u8) -> u64 {
         2
     } else {
         4
-    }
-}
-
-/// The payload length the entry fields imply (`docs/FORMAT.md` §8). For `sign-planes` the plane
-/// count comes from the stored length `len`: the result is `len` when it is a whole number of
-/// planes in [`MIN_PLANES`]`..=`[`MAX_PLANES`], else the nearest valid length.
-///
-/// `groups <= 2^32` and `numel <= 2^40` (checked before): no overflow.
-fn payload_len(codec: Codec, numel: u64, groups: u32, flags: u8, len: u64) -> u64 {
-    let scales = u64::from(groups) * scale_size(flags);
-    match codec {
-        Codec::Unchanged => 0,
-        Codec::RawF32 => numel * 4,
-        Codec::RawF16 => numel * 2,
-        Codec::Sign => numel.div_ceil(8),
-        Codec::SignGroups => scales + numel.div_ceil(8),
-        Codec::Q8Groups => scales + numel,
-        Codec::SignPlanes => match planes_for_len(len, scales + numel.div_ceil(8)) {
-            Ok(_) => len,
-            Err(expected) => expected,
-        },
-    }
-}
-
-/// Length of one plane of a `sign-planes` payload (its scales and its sign bits), the unit its
-/// payload length is a multiple of. `None` on overflow.
-pub(crate) fn plane_len(numel: u64, groups: u32, flags: u8) -> Option<u64> {
-    u64::from(groups)
-        .checked_mul(scale_size(flags))?
-        .checked_add(numel.div_ceil(8))
-}
-
-/// The plane count of a `sign-planes` payload of `len` bytes, or the length expected (the
-/// nearest valid one) when `len` is not a whole number of planes in
-/// [`MIN_PLANES`]`..=`[`MAX_PLANES`].
-pub(crate) fn planes_for_len(len: u64, plane: u64) -> Result<usize, u64> {
-    let k = len / plane.max(1);
-    let valid = (MIN_PLANES as u64..=MAX_PLANES as u64).contains(&k);
-    if valid && k * plane == len {
-        Ok(k as usize)
-    } else {
-        Err(k.clamp(MIN_PLANES as u64, MAX_PLANES as u64) * plane)
     }
 }
 
@@ -357,54 +303,6 @@ impl<'a> Scales<'a> {
     pub(crate) fn check(&self, index: u32) -> Result<(), FormatError> {
         (0..self.len()).try_for_each(|g| check_scale(self.get(g), index, g as u32))
     }
-}
-
-/// The payload of one tensor, split by codec. Obtained from [`TensorEntry::payload`].
-#[derive(Clone, Copy, Debug)]
-pub enum Payload<'a> {
-    /// No change.
-    Unchanged,
-    /// Replacement values, f32 little-endian.
-    RawF32(&'a [u8]),
-    /// Replacement values, f16 little-endian.
-    RawF16(&'a [u8]),
-    /// Sign bits with one scale per tensor.
-    Sign {
-        /// The scale.
-        scale: f32,
-        /// `ceil(n/8)` bytes of sign bits.
-        bits: &'a [u8],
-    },
-    /// Sign bits with one scale per group.
-    SignGroups {
-        /// One scale per group.
-        scales: Scales<'a>,
-        /// `ceil(n/8)` bytes of sign bits.
-        bits: &'a [u8],
-    },
-    /// 8-bit deltas with one scale per group.
-    Q8Groups {
-        /// One scale per group.
-        scales: Scales<'a>,
-        /// `n` signed bytes.
-        q: &'a [u8],
-    },
-    /// `planes` sign bit-planes, each with one scale per group.
-    SignPlanes {
-        /// Number of planes `k`, in [`MIN_PLANES`]`..=`[`MAX_PLANES`].
-        planes: usize,
-        /// `k * G` scales, plane after plane: scale `j * G + g` is plane `j`'s scale of group `g`.
-        scales: Scales<'a>,
-        /// `k * ceil(n/8)` bytes, interleaved by byte: byte `r * k + j` holds the bits of
-        /// elements `8r .. 8r + 8` in plane `j` (see [`plane_byte`]).
-        bits: &'a [u8],
-    },
-}
-
-/// Index, in the interleaved bits of a `sign-planes` payload with `planes` planes, of the byte
-/// that holds element `i`'s bit of plane `j` (at bit `i % 8`).
-pub const fn plane_byte(planes: usize, i: usize, j: usize) -> usize {
-    (i / 8) * planes + j
 }
 
 /// One entry of the tensor table.
@@ -470,26 +368,25 @@ impl<'a> TensorEntry<'a> {
     pub fn sign_bytes(&self) -> u64 {
         self.planes() as u64 * self.numel().div_ceil(8)
     }
+    /// The entry fields a codec's layout reads.
+    fn fields(&self) -> Fields {
+        Fields {
+            index: self.index,
+            numel: self.numel(),
+            groups: self.groups,
+            flags: self.flags,
+            scale: self.scale,
+            len: self.len,
+        }
+    }
     /// Bytes of group scales at the start of the payload (`planes` tables for `sign-planes`).
     pub(crate) fn scale_bytes(&self) -> u64 {
-        match self.codec {
-            Codec::SignGroups | Codec::Q8Groups => u64::from(self.groups) * scale_size(self.flags),
-            Codec::SignPlanes => {
-                u64::from(self.groups) * scale_size(self.flags) * self.planes() as u64
-            }
-            _ => 0,
-        }
+        self.codec.scale_bytes(&self.fields())
     }
     /// Number of sign planes: `k` for `sign-planes` (payload length / plane length), 1 for
     /// `sign` and `sign-groups`, 0 for the other codecs.
     pub fn planes(&self) -> usize {
-        match self.codec {
-            Codec::Sign | Codec::SignGroups => 1,
-            // Entries are checked at parse time, so the length is a whole number of planes.
-            Codec::SignPlanes => plane_len(self.numel(), self.groups, self.flags)
-                .map_or(0, |p| (self.len / p.max(1)) as usize),
-            _ => 0,
-        }
+        self.codec.planes(&self.fields())
     }
 
     /// Checks the payload (CRC32, scales, sign padding bits, 8-bit range) and splits it.
@@ -508,76 +405,8 @@ impl<'a> TensorEntry<'a> {
                 found,
             });
         }
-        let n = self.numel() as usize;
-        let split_scales = |p: &'p [u8], planes: usize| {
-            // Entries from `DeltaFile` always fit; a caller-edited entry gets an error, not a panic.
-            let (s, rest) = (self.groups as usize)
-                .checked_mul(planes)
-                .and_then(|c| c.checked_mul(scale_size(self.flags) as usize))
-                .and_then(|at| p.split_at_checked(at))
-                .ok_or(FormatError::BadGroups {
-                    index: self.index,
-                    found: self.groups,
-                })?;
-            let scales = Scales::new(self.flags, s);
-            scales.check(self.index)?;
-            Ok::<_, FormatError>((scales, rest))
-        };
-        let check_bits = |bits: &[u8]| {
-            if crate::pack::padding_bits_clear(bits, n) {
-                Ok(())
-            } else {
-                Err(FormatError::SignPaddingNotZero { index: self.index })
-            }
-        };
-        Ok(match self.codec {
-            Codec::Unchanged => Payload::Unchanged,
-            Codec::RawF32 => Payload::RawF32(bytes),
-            Codec::RawF16 => Payload::RawF16(bytes),
-            Codec::Sign => {
-                check_scale(self.scale, self.index, 0)?;
-                check_bits(bytes)?;
-                Payload::Sign {
-                    scale: self.scale,
-                    bits: bytes,
-                }
-            }
-            Codec::SignGroups => {
-                let (scales, bits) = split_scales(bytes, 1)?;
-                check_bits(bits)?;
-                Payload::SignGroups { scales, bits }
-            }
-            Codec::Q8Groups => {
-                let (scales, q) = split_scales(bytes, 1)?;
-                if q.contains(&0x80) {
-                    return Err(FormatError::Q8OutOfRange { index: self.index });
-                }
-                Payload::Q8Groups { scales, q }
-            }
-            Codec::SignPlanes => {
-                let planes = self.planes();
-                let (scales, bits) = split_scales(bytes, planes)?;
-                let row = n.div_ceil(8);
-                if planes == 0 || bits.len() != planes * row {
-                    return Err(FormatError::BadGroups {
-                        index: self.index,
-                        found: self.groups,
-                    });
-                }
-                // The last row holds the last byte of every plane.
-                let last = &bits[(row - 1) * planes..];
-                if !last
-                    .iter()
-                    .all(|&b| crate::pack::padding_bits_clear(&[b], (n - 1) % 8 + 1))
-                {
-                    return Err(FormatError::SignPaddingNotZero { index: self.index });
-                }
-                Payload::SignPlanes {
-                    planes,
-                    scales,
-                    bits,
-                }
-            }
-        })
+        let payload = self.codec.split(&self.fields(), bytes)?;
+        payload.check(self.index, self.numel())?;
+        Ok(payload)
     }
 }

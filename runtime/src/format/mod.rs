@@ -76,56 +76,7 @@ pub const MAX_PLANES: usize = 8;
 /// Entry flag: group scales are stored as IEEE f16 (otherwise f32).
 pub const FLAG_SCALES_F16: u8 = 1;
 
-/// How one tensor is stored. The reconstruction rules are in `docs/FORMAT.md`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Codec {
-    /// The tensor equals the base: no payload.
-    Unchanged = 0,
-    /// Full replacement, little-endian f32 values.
-    RawF32 = 1,
-    /// Full replacement, little-endian IEEE f16 values.
-    RawF16 = 2,
-    /// The seed recipe: one sign bit per element, one f32 scale per tensor (in the entry).
-    Sign = 3,
-    /// One sign bit per element, one scale per group (f16 or f32, in the payload).
-    SignGroups = 4,
-    /// 8-bit symmetric delta per element, one scale per group.
-    Q8Groups = 5,
-    /// `k` sign bit-planes (residual signs), each with one scale per group: the delta is
-    /// `sum_j (±scale_{j,g})`. `k` is `payload length / plane length`, in
-    /// [`MIN_PLANES`]`..=`[`MAX_PLANES`].
-    SignPlanes = 6,
-}
-
-impl Codec {
-    /// The codec for an id, or `None` for an id this build does not know.
-    pub const fn from_id(id: u8) -> Option<Self> {
-        Some(match id {
-            0 => Self::Unchanged,
-            1 => Self::RawF32,
-            2 => Self::RawF16,
-            3 => Self::Sign,
-            4 => Self::SignGroups,
-            5 => Self::Q8Groups,
-            6 => Self::SignPlanes,
-            _ => return None,
-        })
-    }
-
-    /// Short lowercase name used by the CLI and the docs.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::Unchanged => "unchanged",
-            Self::RawF32 => "raw-f32",
-            Self::RawF16 => "raw-f16",
-            Self::Sign => "sign",
-            Self::SignGroups => "sign-groups",
-            Self::Q8Groups => "q8-groups",
-            Self::SignPlanes => "sign-planes",
-        }
-    }
-}
+pub use crate::codec::Codec;
 
 /// Element type of the base tensor a delta entry applies to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

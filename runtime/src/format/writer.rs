@@ -6,9 +6,9 @@ use core::fmt;
 
 use super::entry::RawEntry;
 use super::{
-    is_valid_tensor_name, is_valid_variant_name, Codec, DType, Header, Manifest, Payload,
-    ENTRY_LEN, FLAG_SCALES_F16, HEADER_LEN, MAX_ALIGN, MAX_ELEMENTS, MAX_MANIFEST_LEN,
-    MAX_NAMES_LEN, MAX_RANK, MAX_TENSORS, VERSION,
+    is_valid_tensor_name, is_valid_variant_name, DType, Header, Manifest, Payload, ENTRY_LEN,
+    HEADER_LEN, MAX_ALIGN, MAX_ELEMENTS, MAX_MANIFEST_LEN, MAX_NAMES_LEN, MAX_RANK, MAX_TENSORS,
+    VERSION,
 };
 
 /// Group scales to be written.
@@ -32,10 +32,14 @@ impl OwnedScales {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    fn is_f16(&self) -> bool {
+    pub(crate) fn is_f16(&self) -> bool {
         matches!(self, Self::F16(_))
     }
-    fn write(&self, out: &mut Vec<u8>) {
+    /// Bytes of the scales as stored.
+    pub(crate) fn byte_len(&self) -> usize {
+        self.len() * if self.is_f16() { 2 } else { 4 }
+    }
+    pub(crate) fn write(&self, out: &mut Vec<u8>) {
         match self {
             Self::F16(v) => v
                 .iter()
@@ -47,109 +51,7 @@ impl OwnedScales {
     }
 }
 
-/// An encoded tensor payload.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Encoded {
-    /// Equal to the base.
-    Unchanged,
-    /// Replacement values.
-    RawF32(Vec<f32>),
-    /// Replacement values as f16.
-    RawF16(Vec<half::f16>),
-    /// Sign bits with one f32 scale.
-    Sign {
-        /// Scale.
-        scale: f32,
-        /// Packed sign bits.
-        bits: Vec<u8>,
-    },
-    /// Sign bits with group scales.
-    SignGroups {
-        /// Scales.
-        scales: OwnedScales,
-        /// Packed sign bits.
-        bits: Vec<u8>,
-    },
-    /// 8-bit deltas with group scales.
-    Q8Groups {
-        /// Scales.
-        scales: OwnedScales,
-        /// Values in -127..=127.
-        q: Vec<i8>,
-    },
-    /// Sign bit-planes with group scales per plane (layout of [`super::Payload::SignPlanes`]).
-    SignPlanes {
-        /// Number of planes `k`, in [`super::MIN_PLANES`]`..=`[`super::MAX_PLANES`].
-        planes: usize,
-        /// `k * G` scales, plane after plane.
-        scales: OwnedScales,
-        /// `k * ceil(n/8)` bytes of sign bits, interleaved by byte ([`super::plane_byte`]).
-        bits: Vec<u8>,
-    },
-}
-
-impl Encoded {
-    /// The codec of this payload.
-    pub fn codec(&self) -> Codec {
-        match self {
-            Self::Unchanged => Codec::Unchanged,
-            Self::RawF32(_) => Codec::RawF32,
-            Self::RawF16(_) => Codec::RawF16,
-            Self::Sign { .. } => Codec::Sign,
-            Self::SignGroups { .. } => Codec::SignGroups,
-            Self::Q8Groups { .. } => Codec::Q8Groups,
-            Self::SignPlanes { .. } => Codec::SignPlanes,
-        }
-    }
-    /// Scale-group count `G` as stored in the entry (0 for codecs without group scales).
-    pub fn groups(&self) -> usize {
-        match self {
-            Self::Sign { .. } => 1,
-            Self::SignGroups { scales, .. } | Self::Q8Groups { scales, .. } => scales.len(),
-            Self::SignPlanes { planes, scales, .. } => scales.len() / (*planes).max(1),
-            _ => 0,
-        }
-    }
-    /// Payload length in bytes.
-    pub fn payload_len(&self) -> usize {
-        match self {
-            Self::Unchanged => 0,
-            Self::RawF32(v) => v.len() * 4,
-            Self::RawF16(v) => v.len() * 2,
-            Self::Sign { bits, .. } => bits.len(),
-            Self::SignGroups { scales, bits } => {
-                scales.len() * if scales.is_f16() { 2 } else { 4 } + bits.len()
-            }
-            Self::Q8Groups { scales, q } => {
-                scales.len() * if scales.is_f16() { 2 } else { 4 } + q.len()
-            }
-            Self::SignPlanes { scales, bits, .. } => {
-                scales.len() * if scales.is_f16() { 2 } else { 4 } + bits.len()
-            }
-        }
-    }
-    /// Appends the payload bytes (`docs/FORMAT.md` §8) to `out`.
-    pub fn write(&self, out: &mut Vec<u8>) {
-        match self {
-            Self::Unchanged => {}
-            Self::RawF32(v) => v
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Self::RawF16(v) => v
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Self::Sign { bits, .. } => out.extend_from_slice(bits),
-            Self::SignGroups { scales, bits } | Self::SignPlanes { scales, bits, .. } => {
-                scales.write(out);
-                out.extend_from_slice(bits);
-            }
-            Self::Q8Groups { scales, q } => {
-                scales.write(out);
-                out.extend(q.iter().map(|&v| v as u8));
-            }
-        }
-    }
-}
+pub use crate::codec::Encoded;
 
 /// One tensor to write.
 #[derive(Clone, Debug, PartialEq)]
@@ -376,23 +278,9 @@ impl<'m> DeltaWriter<'m> {
         encoded.write(out);
         let bytes = &out[start..];
         let len = bytes.len() as u64;
-        let (groups, scale) = match encoded {
-            Encoded::Sign { scale, .. } => (1, *scale),
-            _ => (
-                u32::try_from(encoded.groups()).map_err(|_| WriteError::Inconsistent(name()))?,
-                0.0,
-            ),
-        };
-        let flags = match encoded {
-            Encoded::SignGroups { scales, .. }
-            | Encoded::Q8Groups { scales, .. }
-            | Encoded::SignPlanes { scales, .. }
-                if scales.is_f16() =>
-            {
-                FLAG_SCALES_F16
-            }
-            _ => 0,
-        };
+        let groups =
+            u32::try_from(encoded.groups()).map_err(|_| WriteError::Inconsistent(name()))?;
+        let (scale, flags) = (encoded.scale(), encoded.flags());
         let raw = RawEntry {
             offset: self.cursor + pad,
             len,
@@ -411,7 +299,7 @@ impl<'m> DeltaWriter<'m> {
         let entry_off = (HEADER_LEN + self.manifest_len + self.table.len()) as u64;
         // The plane count read back must be the encoded one (a scale count that is not a
         // multiple of the planes could otherwise alias another count).
-        let planes_ok = |e: &super::TensorEntry<'_>| !matches!(encoded, Encoded::SignPlanes { planes, .. } if *planes != e.planes());
+        let planes_ok = |e: &super::TensorEntry<'_>| encoded.planes() == e.planes();
         let payload = raw
             .check(i as u32, entry_off, &self.names, &self.dims, 0, u64::MAX)
             .ok()

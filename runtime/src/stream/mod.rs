@@ -115,13 +115,12 @@
 
 use embedded_io::Read;
 
+use crate::codec::{Cursor, Params, Term};
 use crate::error::{Error, FormatError};
-use crate::format::entry::check_scale;
 use crate::format::{
-    plane_byte, Codec, DType, DeltaFile, Header, Manifest, Scales, TensorEntry, HEADER_LEN,
-    MAX_PLANES, MAX_RANK, MIN_PLANES,
+    Codec, DType, DeltaFile, Header, Manifest, Scales, TensorEntry, HEADER_LEN, MAX_PLANES,
+    MAX_RANK,
 };
-use crate::kernels;
 
 #[cfg(all(test, feature = "alloc"))]
 mod tests;
@@ -129,9 +128,10 @@ mod tests;
 /// Bytes of the stack buffer that every read goes through (base values, payload, padding).
 pub const IO_BUF: usize = 256;
 
-/// Elements of one sign-bit segment: their bits, plus one byte carried over from the previous
-/// segment, fit in [`IO_BUF`] bytes.
-const SIGN_SEG: u64 = ((IO_BUF - 2) * 8) as u64;
+/// Elements of one `sign` segment: the codec decoders read at most [`IO_BUF`] bytes at a time,
+/// and a segment starting anywhere in a byte spans one byte more than its length needs.
+#[cfg(all(test, feature = "alloc"))]
+const SIGN_SEG: u64 = ((IO_BUF - 1) * 8) as u64;
 
 /// Reconstruction with one delta uses alpha 1 (`docs/FORMAT.md` §9); kept as a named factor so the
 /// arithmetic reads exactly as in [`crate::compose::reconstruct`].
@@ -384,25 +384,29 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
             scales: scale_buf,
             ..
         } = self;
-        let mut io = [0u8; IO_BUF];
+        let mut cur = PayloadCursor {
+            delta,
+            pos,
+            crc: crc32fast::Hasher::new(),
+            deferred: None,
+            io: [0u8; IO_BUF],
+            end: 0,
+            tail: [0u8; MAX_PLANES],
+            tail_len: 0,
+        };
 
         // Zero padding up to the payload: no CRC covers it, so every byte is checked.
-        while *pos < info.offset {
-            let m = (info.offset - *pos).min(IO_BUF as u64) as usize;
-            let at = *pos;
-            read_delta(delta, pos, &mut io[..m])?;
-            if let Some(p) = io[..m].iter().position(|&b| b != 0) {
+        while *cur.pos < info.offset {
+            let m = (info.offset - *cur.pos).min(IO_BUF as u64) as usize;
+            let at = *cur.pos;
+            read_delta(cur.delta, cur.pos, &mut cur.io[..m])?;
+            if let Some(p) = cur.io[..m].iter().position(|&b| b != 0) {
                 return Err(FormatError::PaddingNotZero {
                     offset: at + p as u64,
                 }
                 .into());
             }
         }
-
-        let mut crc = crc32fast::Hasher::new();
-        // The first value error (scale, sign padding, -128), reported after the CRC.
-        let mut deferred: Option<FormatError> = None;
-        let n = info.numel();
 
         // Group scales, held in the caller's buffer (its size was checked by `new`).
         let scale_len = e.scale_bytes();
@@ -414,162 +418,40 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
                 needed: scale_len,
                 found: room,
             })?;
-        read_payload(delta, pos, &mut crc, sbuf)?;
+        read_payload(cur.delta, cur.pos, &mut cur.crc, sbuf)?;
         let sbuf: &[u8] = sbuf;
-        let scales = Scales::new(info.flags, sbuf);
-        if info.codec == Codec::Sign {
-            if let Err(err) = check_scale(info.scale, index, 0) {
-                deferred.get_or_insert(err);
-            }
+        let n = info.numel();
+        let params = Params {
+            index,
+            n,
+            scale: info.scale,
+            planes: info.planes(),
+            scales: Scales::new(info.flags, sbuf),
+        };
+        // The first value error (scale, sign padding, -128) is reported after the CRC.
+        if let Err(err) = params.check_scales() {
+            cur.flag(err);
         }
-        if let Err(err) = scales.check(index) {
-            deferred.get_or_insert(err);
-        }
-        let planes = info.planes().max(1);
-        let gsize = if scales.is_empty() {
-            n
-        } else {
-            n / (scales.len() / planes) as u64
+        // One delta at alpha 1: raw values replace the base.
+        let term = Term {
+            alpha: ALPHA,
+            base: None,
         };
 
-        // Sign bits: bytes read so far, and the last one (shared by two chunks when a chunk
-        // boundary falls inside a byte).
-        let mut bits_read = 0u64;
-        let mut last = 0u8;
-        // Sign planes: the same, by rows of `planes` interleaved bytes (one per plane).
-        let mut last_row = [0u8; MAX_PLANES];
-        let mut plane = [0u8; IO_BUF / MIN_PLANES];
-        let plane_seg = ((IO_BUF / planes - 2) * 8) as u64;
         let mut start = 0u64;
-        // Skipping an unchanged tensor reads nothing: do not walk its (possibly huge) extent.
-        let stop = if skip && info.codec == Codec::Unchanged {
-            0
-        } else {
-            n
-        };
+        // Skipping a tensor without payload reads nothing: do not walk its (possibly huge) extent.
+        let stop = if skip && info.len == 0 { 0 } else { n };
         while start < stop {
             let len = (out.len() as u64).min(n - start) as usize;
-            let end = start + len as u64;
             let chunk = &mut out[..len];
-            fill(chunk, &mut io)?;
-            match info.codec {
-                Codec::Unchanged => {}
-                Codec::RawF32 => {
-                    for sub in chunk.chunks_mut(IO_BUF / 4) {
-                        let b = &mut io[..sub.len() * 4];
-                        read_payload(delta, pos, &mut crc, b)?;
-                        for (o, c) in sub.iter_mut().zip(b.chunks_exact(4)) {
-                            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                        }
-                    }
-                }
-                Codec::RawF16 => {
-                    for sub in chunk.chunks_mut(IO_BUF / 2) {
-                        let b = &mut io[..sub.len() * 2];
-                        read_payload(delta, pos, &mut crc, b)?;
-                        for (o, c) in sub.iter_mut().zip(b.chunks_exact(2)) {
-                            *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
-                        }
-                    }
-                }
-                Codec::Sign | Codec::SignGroups => {
-                    let mut lo = start;
-                    while lo < end {
-                        let (group_end, scale) = if info.codec == Codec::Sign {
-                            (end, info.scale)
-                        } else {
-                            let g = lo / gsize;
-                            ((g + 1) * gsize, scales.get(g as usize))
-                        };
-                        let hi = end.min(group_end).min(lo + SIGN_SEG);
-                        // Bytes `lo / 8 ..= (hi - 1) / 8`; the first is the carried one when
-                        // the previous segment ended inside it.
-                        let mut k = 0;
-                        if lo / 8 < bits_read {
-                            io[0] = last;
-                            k = 1;
-                        }
-                        let fresh = ((hi - 1) / 8 + 1 - bits_read) as usize;
-                        read_payload(delta, pos, &mut crc, &mut io[k..k + fresh])?;
-                        bits_read += fresh as u64;
-                        k += fresh;
-                        last = io[k - 1];
-                        if fresh > 0
-                            && bits_read == n.div_ceil(8)
-                            && !crate::pack::padding_bits_clear(&[last], (n % 8) as usize)
-                        {
-                            deferred.get_or_insert(FormatError::SignPaddingNotZero { index });
-                        }
-                        let seg = &mut chunk[(lo - start) as usize..(hi - start) as usize];
-                        kernels::add_signs(seg, &io[..k], (lo % 8) as usize, ALPHA * scale);
-                        lo = hi;
-                    }
-                }
-                Codec::SignPlanes => {
-                    let groups = scales.len() / planes;
-                    let mut lo = start;
-                    while lo < end {
-                        let g = lo / gsize;
-                        let hi = end.min((g + 1) * gsize).min(lo + plane_seg);
-                        // Rows `lo / 8 ..= (hi - 1) / 8`; `bits_read` counts rows here.
-                        let mut rows = 0;
-                        if lo / 8 < bits_read {
-                            io[..planes].copy_from_slice(&last_row[..planes]);
-                            rows = 1;
-                        }
-                        let fresh = ((hi - 1) / 8 + 1 - bits_read) as usize;
-                        let span = rows * planes..(rows + fresh) * planes;
-                        read_payload(delta, pos, &mut crc, &mut io[span])?;
-                        bits_read += fresh as u64;
-                        rows += fresh;
-                        last_row[..planes].copy_from_slice(&io[(rows - 1) * planes..rows * planes]);
-                        let used = ((n - 1) % 8 + 1) as usize;
-                        if fresh > 0
-                            && bits_read == n.div_ceil(8)
-                            && !last_row[..planes]
-                                .iter()
-                                .all(|&b| crate::pack::padding_bits_clear(&[b], used))
-                        {
-                            deferred.get_or_insert(FormatError::SignPaddingNotZero { index });
-                        }
-                        let seg = &mut chunk[(lo - start) as usize..(hi - start) as usize];
-                        for j in 0..planes {
-                            for (r, b) in plane[..rows].iter_mut().enumerate() {
-                                *b = io[plane_byte(planes, 8 * r, j)];
-                            }
-                            let scale = scales.get(j * groups + g as usize);
-                            kernels::add_signs(
-                                seg,
-                                &plane[..rows],
-                                (lo % 8) as usize,
-                                ALPHA * scale,
-                            );
-                        }
-                        lo = hi;
-                    }
-                }
-                Codec::Q8Groups => {
-                    let mut lo = start;
-                    while lo < end {
-                        let g = lo / gsize;
-                        let hi = end.min((g + 1) * gsize).min(lo + IO_BUF as u64);
-                        let q = &mut io[..(hi - lo) as usize];
-                        read_payload(delta, pos, &mut crc, q)?;
-                        if q.contains(&0x80) {
-                            deferred.get_or_insert(FormatError::Q8OutOfRange { index });
-                        }
-                        let seg = &mut chunk[(lo - start) as usize..(hi - start) as usize];
-                        let q: &[i8] = bytemuck::cast_slice(q);
-                        kernels::add_q8(seg, q, scales.get(g as usize), ALPHA);
-                        lo = hi;
-                    }
-                }
-            }
-            if deferred.is_none() {
+            fill(chunk, &mut cur.io)?;
+            info.codec.decode(&params, &mut cur, start, chunk, &term)?;
+            if cur.deferred.is_none() {
                 sink(start, chunk);
             }
-            start = end;
+            start += len as u64;
         }
+        let (crc, deferred) = (cur.crc, cur.deferred);
 
         let found = crc.finalize();
         if found != info.crc {
@@ -641,6 +523,54 @@ impl<'m, R> StreamDecoder<'m, R> {
     /// The delta reader.
     pub fn into_inner(self) -> R {
         self.delta
+    }
+}
+
+/// The payload of the current tensor as a codec [`Cursor`]: reads go through one [`IO_BUF`]
+/// buffer (also lent to the base reader between reads), feed the payload CRC, and keep the last
+/// row of sign bits for a read that starts inside it.
+struct PayloadCursor<'r, R> {
+    delta: &'r mut R,
+    pos: &'r mut u64,
+    crc: crc32fast::Hasher,
+    /// The first value error met.
+    deferred: Option<FormatError>,
+    io: [u8; IO_BUF],
+    /// Body bytes read so far.
+    end: u64,
+    /// The last `tail_len` bytes read, ending at `end`.
+    tail: [u8; MAX_PLANES],
+    tail_len: usize,
+}
+
+impl<R: Read> Cursor for PayloadCursor<'_, R> {
+    type Error = Error<R::Error>;
+    const WINDOW: usize = IO_BUF;
+    fn read(&mut self, at: u64, len: usize) -> Result<&[u8], Self::Error> {
+        // The decoders read in order and start again at most one row back (`Cursor`'s contract).
+        let again = self
+            .end
+            .checked_sub(at)
+            .and_then(|a| usize::try_from(a).ok())
+            .unwrap_or(usize::MAX);
+        assert!(
+            again <= self.tail_len && again <= len && len <= IO_BUF,
+            "payload reads go forward"
+        );
+        self.io[..again].copy_from_slice(&self.tail[self.tail_len - again..self.tail_len]);
+        read_payload(
+            self.delta,
+            self.pos,
+            &mut self.crc,
+            &mut self.io[again..len],
+        )?;
+        self.end += (len - again) as u64;
+        self.tail_len = len.min(MAX_PLANES);
+        self.tail[..self.tail_len].copy_from_slice(&self.io[len - self.tail_len..len]);
+        Ok(&self.io[..len])
+    }
+    fn flag(&mut self, e: FormatError) {
+        self.deferred.get_or_insert(e);
     }
 }
 

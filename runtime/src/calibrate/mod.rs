@@ -1,0 +1,267 @@
+//! Calibration-driven codec choice: spend the bits of a delta where the model's outputs need them.
+//!
+//! The data-free rule ([`crate::compress::auto_codec`]) decides from shapes alone. On a small
+//! model that is both wasteful and lossy: a domain shift rewrites a few early filters, where one
+//! sign bit is fatal, and barely moves many large late tensors, where even "no delta at all"
+//! costs less output error than signs cost bits. Which tensors matter depends on the variant,
+//! so this module measures it on a few unlabelled images from the variant's own domain:
+//!
+//! 0. **Inputs.** The second moments `E[x xᵀ]` of what every convolution and fully connected
+//!    weight multiplies, in the fine-tuned model on all the calibration images. Sign encodings of
+//!    those weights choose their bits by their effect on the layer's outputs (GPTQ with the
+//!    codec's levels, [`codec::OutputRounding`]) rather than element by element.
+//! 1. **Reference.** The fine-tuned model's softmax outputs on the calibration images.
+//! 2. **Sensitivity.** For every tensor and every candidate encoding (unchanged; sign per tensor
+//!    or per output channel, and 2 or 3 sign planes, each with a few scale multipliers; 8-bit per
+//!    tensor or per channel), the
+//!    fine-tuned model with *only that tensor* reconstructed from the candidate: the mean
+//!    KL divergence of its outputs from the reference, on a subset of the images.
+//! 3. **Budget.** A greedy multiple-choice knapsack on those measurements: starting from the
+//!    cheapest encoding of every tensor, take the upgrade with the largest divergence reduction
+//!    per byte (on each tensor's lower convex hull) while the whole file fits the budget.
+//! 4. **Refine.** Divergences do not add up exactly, so each tensor's choice is revisited with
+//!    every other tensor at its planned encoding (the real model, not the isolated one),
+//!    minimising divergence + lambda * bytes within the budget. This is also where the sign
+//!    scale multipliers are fitted against the outputs: the CPU counterpart of BitDelta's scale
+//!    distillation (a sign delta's least-squares scale, the mean |d|, shrinks the update).
+//! 5. **Confirm.** The planned model on all images: top-1 agreement with the fine-tune and the
+//!    divergence, reported as the expected agreement.
+//!
+//! Every evaluation rebuilds the model with tract (about 30 ms for the species family) and runs
+//! the images as one batch. Encodings are the crate's codecs with their normal encoders, so the
+//! plan's reconstructions are exactly what a device rebuilds.
+//!
+//! The module is split by stage: [`plan`](plan()) runs the search (candidates, the knapsack and
+//! the refinement; `plan.rs`), `statistics.rs` measures the layers' inputs for output-aware
+//! rounding, `evaluation.rs` runs the model and compares its outputs with the reference (the
+//! counts through [`crate::metrics`]). This file holds the public types.
+//!
+//! May depend on: `std`, `tract-onnx` and `prost` (running and reading the ONNX model),
+//! [`crate::codec`] (the encoders and output-aware rounding), [`crate::compose`] (the
+//! reconstruction a device runs), [`crate::format`] (the file size), [`crate::compress`] (pairing
+//! the base's and the fine-tune's tensors), [`crate::onnx`], [`crate::tract`], [`crate::apply`]
+//! (storing values in a dtype) and [`crate::metrics`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::string::String;
+use std::vec::Vec;
+
+use crate::format::{Codec, Encoded};
+
+mod evaluation;
+mod plan;
+mod statistics;
+#[cfg(test)]
+mod tests;
+
+pub use evaluation::reconstruct_encoded;
+pub use plan::plan;
+
+/// Multipliers tried on the scales of sign encodings (1 = the mean |d| of the seed recipe).
+pub const SIGN_MULTIPLIERS: [f64; 3] = [1.0, 1.25, 1.5];
+
+/// Plane counts tried with the `sign-planes` codec (2 and 3 bits per element).
+pub const SIGN_PLANES: [usize; 2] = [2, 3];
+
+/// A divergence this small counts as lossless: costlier candidates of the tensor are not run.
+const LOSSLESS: f64 = 1e-7;
+
+/// Smallest channel (elements per output channel) that gets its own sign scale.
+pub const MIN_SIGN_CHANNEL: u64 = 8;
+
+/// Calibration images, preprocessed to the model's input (NCHW f32).
+#[derive(Clone, Debug)]
+pub struct Images {
+    /// `count * channels * height * width` values, image after image.
+    pub data: Vec<f32>,
+    /// Number of images.
+    pub count: usize,
+    /// `[channels, height, width]` of one image.
+    pub shape: [usize; 3],
+}
+
+impl Images {
+    fn image_len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    fn batch_shape(&self, n: usize) -> [usize; 4] {
+        [n, self.shape[0], self.shape[1], self.shape[2]]
+    }
+}
+
+/// Search settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Largest average bits per parameter over the whole delta file (header, table, names and
+    /// payloads).
+    pub max_bits: f64,
+    /// Stop spending bits once the planned model agrees with the fine-tune (top-1) on this
+    /// fraction of the calibration images; `None` spends the whole budget.
+    pub target_retention: Option<f64>,
+    /// Images used while searching (the first ones; all are used to confirm).
+    pub search_images: usize,
+    /// Passes of in-context refinement.
+    pub refine_rounds: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            max_bits: 1.5,
+            target_retention: None,
+            search_images: 64,
+            refine_rounds: 1,
+        }
+    }
+}
+
+/// Search stages, for progress reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Measuring the inputs of every layer of the fine-tuned model (for output-aware rounding).
+    Inputs,
+    /// Running the fine-tuned model on the images.
+    Reference,
+    /// Measuring each tensor's candidates in isolation.
+    Sensitivity,
+    /// Choosing the budget for a target agreement.
+    Target,
+    /// Revisiting choices in the planned model.
+    Refine,
+    /// Measuring the plan on every image.
+    Confirm,
+}
+
+impl Stage {
+    /// Lowercase name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Inputs => "inputs",
+            Self::Reference => "reference",
+            Self::Sensitivity => "sensitivity",
+            Self::Target => "target",
+            Self::Refine => "refine",
+            Self::Confirm => "confirm",
+        }
+    }
+}
+
+/// The encoding chosen for one tensor.
+#[derive(Clone, Debug)]
+pub struct Choice {
+    /// Tensor name.
+    pub name: String,
+    /// Element count.
+    pub params: u64,
+    /// Codec.
+    pub codec: Codec,
+    /// Human-readable encoding, e.g. `sign-groups x1.25 (G=96)`.
+    pub label: String,
+    /// Payload bytes.
+    pub payload_bytes: u64,
+    /// Mean KL divergence from the fine-tune with only this tensor encoded so (0 when exact).
+    pub divergence: f64,
+}
+
+/// A per-tensor encoding plan and what it is expected to keep.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// One encoding per base initializer, in the base's order.
+    pub encodings: Vec<Encoded>,
+    /// What was chosen, per base initializer.
+    pub choices: Vec<Choice>,
+    /// Bytes of the file before the payloads (header, manifest, table, dims, names, padding).
+    pub meta_bytes: u64,
+    /// Size of the delta file this plan writes (at most; the last payload needs no padding).
+    pub file_bytes: u64,
+    /// Total parameter count.
+    pub params: u64,
+    /// Top-1 agreement with the fine-tune on all calibration images.
+    pub agreement: f64,
+    /// Mean KL divergence from the fine-tune on all calibration images.
+    pub divergence: f64,
+    /// Number of calibration images.
+    pub images: usize,
+    /// Model evaluations the search ran.
+    pub evaluations: usize,
+    /// Tensors whose sign encodings were rounded to their outputs (GPTQ): the weights a
+    /// convolution or fully connected layer multiplies, when their inputs could be measured.
+    pub output_rounded: usize,
+}
+
+impl Plan {
+    /// Bits per parameter of the whole file.
+    pub fn bits_per_param(&self) -> f64 {
+        self.file_bytes as f64 * 8.0 / self.params.max(1) as f64
+    }
+
+    /// Tensors, parameters and payload bytes per codec name.
+    pub fn codec_counts(&self) -> BTreeMap<&'static str, (usize, u64, u64)> {
+        let mut m = BTreeMap::new();
+        for c in &self.choices {
+            let e = m.entry(c.codec.name()).or_insert((0, 0, 0));
+            e.0 += 1;
+            e.1 += c.params;
+            e.2 += c.payload_bytes;
+        }
+        m
+    }
+}
+
+/// Why calibration failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum CalibError {
+    /// No calibration image.
+    NoImages,
+    /// The images do not hold `count * shape` values.
+    ImageData {
+        /// Values expected.
+        expected: usize,
+        /// Values given.
+        found: usize,
+    },
+    /// Base and fine-tuned models do not have the same float tensors.
+    Mismatch {
+        /// Tensor name.
+        name: String,
+        /// What differs.
+        what: &'static str,
+    },
+    /// A value is NaN or infinite.
+    NonFinite {
+        /// Tensor name.
+        name: String,
+    },
+    /// Even the cheapest plan (every tensor left at the base) does not fit the budget.
+    Budget {
+        /// Bits per parameter of the smallest possible file.
+        needed: f64,
+        /// The budget.
+        max_bits: f64,
+    },
+    /// tract could not build or run the model.
+    Model(String),
+}
+
+impl fmt::Display for CalibError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoImages => write!(f, "no calibration image"),
+            Self::ImageData { expected, found } => write!(
+                f,
+                "calibration images: expected {expected} values, found {found}"
+            ),
+            Self::Mismatch { name, what } => write!(f, "tensor {name:?}: {what}"),
+            Self::NonFinite { name } => write!(f, "tensor {name:?}: NaN or infinite value"),
+            Self::Budget { needed, max_bits } => write!(
+                f,
+                "budget of {max_bits:.3} bits/param is below the smallest possible delta ({needed:.3} bits/param: header and tensor table)"
+            ),
+            Self::Model(e) => write!(f, "running the model: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for CalibError {}
