@@ -44,6 +44,7 @@
 //! variant that fails leaves the engine on the variant it had.
 
 mod inplace;
+mod panels;
 mod rebuild;
 mod widen;
 
