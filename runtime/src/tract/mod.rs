@@ -528,7 +528,6 @@ impl Engine {
         drop(to);
         self.classifier = Some(clf);
         self.sites = Some(sites);
-        crate::mem::release_free_memory();
         if let Some(v) = self.variants.get_mut(name) {
             v.result = Some(fp);
         }

@@ -68,6 +68,46 @@ impl Panels {
             .then(|| (p, f.clone()))
     }
 
+    /// Writes whole rows `m0..` of a row-major `(mn, k)` weight (`rows`, `m0` a multiple of
+    /// `r`) into the packed buffer, one panel at a time, in 4x4 tiles: four elements of four
+    /// rows are read and written as four runs of four (row by row, every element of a wide
+    /// panel would land on a cache line of its own). Measured on the field family's switch:
+    /// 3.7 ms row by row, 3.6 ms with 8x8 tiles, 2.8 to 3.3 ms with 4x4 tiles, which the
+    /// compiler keeps in registers. Same places as [`Panels::runs`] with [`Layout::MnK`].
+    pub(super) fn write_panels(&self, m0: usize, rows: &[f32], dst: &mut [f32]) {
+        const T: usize = 4;
+        let (r, k) = (self.r, self.k);
+        for (p, panel_rows) in rows.chunks(r * k).enumerate() {
+            let base = (m0 / r + p) * self.panel;
+            let out = &mut dst[base..base + k * r];
+            let height = panel_rows.len() / k;
+            for j0 in (0..height).step_by(T) {
+                let th = T.min(height - j0);
+                let src = &panel_rows[j0 * k..(j0 + th) * k];
+                let mut k0 = 0;
+                if th == T {
+                    while k0 + T <= k {
+                        let mut tile = [[0f32; T]; T];
+                        for (j, line) in tile.iter_mut().enumerate() {
+                            line.copy_from_slice(&src[j * k + k0..j * k + k0 + T]);
+                        }
+                        let runs = out[k0 * r..(k0 + T) * r].chunks_exact_mut(r);
+                        for (b, run) in runs.enumerate() {
+                            let col: [f32; T] = core::array::from_fn(|j| tile[j][b]);
+                            run[j0..j0 + T].copy_from_slice(&col);
+                        }
+                        k0 += T;
+                    }
+                }
+                for (j, row) in src.chunks_exact(k).enumerate() {
+                    for (b, v) in row[k0..].iter().enumerate() {
+                        out[(k0 + b) * r + j0 + j] = *v;
+                    }
+                }
+            }
+        }
+    }
+
     /// Calls `f(run)` for each run of the weight's elements `first..first + n` (read as
     /// `layout`) that sits at one stride in the packed buffer.
     pub(super) fn runs(&self, layout: Layout, first: usize, n: usize, mut f: impl FnMut(Run)) {
@@ -179,13 +219,25 @@ pub(super) fn scatter(
     dst: &mut [f32],
     fill: &mut impl FnMut(usize, &mut [f32]) -> TractResult<()>,
 ) -> TractResult<()> {
+    // Row-major weights go in whole panels (`r` rows) per chunk when a panel fits in a few
+    // chunks: each panel is then written block by block in cache ([`Panels::write_panels`]),
+    // where row by row every element of a wide panel would land on a line of its own.
+    let block = p.r * p.k;
+    let step = match layout {
+        Layout::MnK if block > 0 && block <= 4 * CHUNK => (CHUNK / block).max(1) * block,
+        _ => CHUNK,
+    };
     let mut buf = Vec::new();
     let mut at = 0;
     while at < n {
-        let len = CHUNK.min(n - at);
+        let len = step.min(n - at);
         buf.resize(len, 0.0);
         fill(at, &mut buf)?;
-        p.runs(layout, at, len, |run| run.write(dst, &buf));
+        if step != CHUNK {
+            p.write_panels(at / p.k, &buf, dst);
+        } else {
+            p.runs(layout, at, len, |run| run.write(dst, &buf));
+        }
         at += len;
     }
     Ok(())
@@ -204,4 +256,51 @@ pub(super) fn repacked(
         .map_err(|e| format_err!("packed buffer: {e}"))?;
     scatter(&p, layout, p.mn * p.k, dst, fill)?;
     Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The panel-blocked writer puts every element where tract's packing rule (the row-by-row
+    /// runs, checked against tract's own packed bytes by the switching tests) puts it, and
+    /// leaves the padding alone, on panels with a partial last one and `k` not a multiple of
+    /// the block.
+    #[test]
+    fn panel_writes_land_where_the_runs_put_them() {
+        for (r, mn, k, pad) in [
+            (16, 40, 37, 3),
+            (12, 30, 20, 2),
+            (4, 8, 16, 0),
+            (48, 50, 5, 1),
+            (8, 3, 1, 0),
+        ] {
+            let p = Panels {
+                r,
+                panel: k * r + pad,
+                mn,
+                k,
+            };
+            let n = mn * k;
+            let values: Vec<f32> = (0..n).map(|i| i as f32 + 0.5).collect();
+            let len = mn.div_ceil(r) * p.panel;
+            let mut by_runs = vec![-1.0f32; len];
+            p.runs(Layout::MnK, 0, n, |run| run.write(&mut by_runs, &values));
+            let mut by_panels = vec![-1.0f32; len];
+            // In chunks of whole panels, as `scatter` gives them.
+            for (c, rows) in values.chunks(2 * r * k).enumerate() {
+                p.write_panels(c * 2 * r, rows, &mut by_panels);
+            }
+            assert_eq!(by_runs, by_panels, "r={r} mn={mn} k={k}");
+            // The oracle: element (m, kk) at (m / r) * panel + kk * r + m % r.
+            for m in 0..mn {
+                for kk in 0..k {
+                    assert_eq!(
+                        by_panels[(m / r) * p.panel + kk * r + m % r],
+                        values[m * k + kk]
+                    );
+                }
+            }
+        }
+    }
 }
