@@ -191,16 +191,8 @@ fn reference(base: &Checkpoint, fine: &Checkpoint, opts: &Options<'_>) -> Vec<u8
     for t in base.weights() {
         base_fp.add(&t.name, t.dtype, &t.dims, base.data(t));
     }
-    let mut manifest = Manifest {
-        name: opts.name,
-        description: opts.description,
-        labels: opts.labels,
-        tool: concat!("bitdelta ", env!("CARGO_PKG_VERSION")),
-        sequence: opts.sequence,
-        params: 0,
-        base_fingerprint: base_fp.finish(),
-        result_fingerprint: [0; 32],
-    };
+    let mut manifest = super::compress::manifest(opts);
+    manifest.base_fingerprint = base_fp.finish();
     let draft = write_delta(&manifest, &mut records, DEFAULT_ALIGN).unwrap();
     let parsed = DeltaFile::parse(&draft).unwrap();
     let mut fp = Fingerprinter::new();
