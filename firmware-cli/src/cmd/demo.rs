@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use bitdelta::card::{argmax, ModelCard};
-use bitdelta::compress::{compress_onnx, Options, Policy};
+use bitdelta::compress::{Options, Policy};
 use bitdelta::frame::Frame;
 use bitdelta::metrics::Top1;
 use bitdelta::tract::Classifier;
@@ -235,15 +235,8 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
                 sequence: 1,
                 policy,
             };
-            let bytes = compress_onnx(
-                base.bytes(),
-                &base.weights,
-                fine.bytes(),
-                &fine.weights,
-                &opts,
-                |_, _| {},
-            )
-            .with_context(|| format!("compressing {}", fine_path.display()))?;
+            let bytes = super::compress::compress_models(&base, &fine, &opts, |_, _| {})
+                .with_context(|| format!("compressing {}", fine_path.display()))?;
             let path = out_dir.join(format!("{v}.{label}.bdelta"));
             write_atomic(&path, &bytes)?;
             let model = super::apply::apply_files(&base, &[(&path, 1.0)])?.model;
