@@ -474,6 +474,15 @@ impl ModelCard {
         }
     }
 
+    /// The input type a tract engine gives the model, as the card's `input.dtype` declares it.
+    #[cfg(feature = "tract")]
+    pub fn input_type(&self) -> crate::tract::InputType {
+        match self.input.dtype {
+            DType::F32 => crate::tract::InputType::F32,
+            DType::F16 => crate::tract::InputType::F16,
+        }
+    }
+
     /// Values in one input tensor.
     pub fn input_len(&self) -> usize {
         self.input.channels * self.input.height * self.input.width

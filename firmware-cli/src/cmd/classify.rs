@@ -26,12 +26,9 @@ impl Session {
     pub(crate) fn open(base: &Path, card: Option<&Path>) -> Result<Self> {
         let map = crate::files::Model::open(base)?.map;
         let (card, _) = crate::card::load(base, &map, card)?;
-        let engine = Engine::with_input_type(
-            Box::new(map),
-            &card.batch1_shape(),
-            crate::card::input_type(&card),
-        )
-        .with_context(|| format!("{}", base.display()))?;
+        let engine =
+            Engine::with_input_type(Box::new(map), &card.batch1_shape(), card.input_type())
+                .with_context(|| format!("{}", base.display()))?;
         Ok(Self {
             engine,
             card,

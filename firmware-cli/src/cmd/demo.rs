@@ -15,7 +15,6 @@ use bitdelta::mem::{release_free_memory, reset_peak_rss, rss};
 use bitdelta::tract::{Engine, BASE};
 
 use super::serve::Rule;
-use crate::card::input_type;
 use crate::data::LabelledSet;
 use crate::files::{read_delta, write_atomic, Model};
 
@@ -121,7 +120,7 @@ impl Evaluator {
     fn classifier(&self, model: &[u8], batch: usize) -> Result<Classifier> {
         let mut shape = self.card.batch1_shape();
         shape[0] = batch;
-        Classifier::from_onnx_bytes_as(model, &shape, input_type(&self.card))
+        Classifier::from_onnx_bytes_as(model, &shape, self.card.input_type())
             .context("loading model in tract")
     }
 
@@ -278,7 +277,7 @@ fn samples(
     };
     files.sort();
     let shape = card.batch1_shape();
-    let ty = input_type(card);
+    let ty = card.input_type();
     let base_clf = Classifier::from_onnx_bytes_as(base.bytes(), &shape, ty)?;
     let var_clf = variants
         .iter()
@@ -358,7 +357,7 @@ fn camera_trap(
     }
     frames.truncate(300.min(available));
     let shape = ev.card.batch1_shape();
-    let ty = input_type(&ev.card);
+    let ty = ev.card.input_type();
     let engine_on_base = || Engine::with_input_type(Box::new(base.map.to_vec()), &shape, ty);
     // Peak memory of one model (base + one variant built, one inference), for comparison.
     release_free_memory();
