@@ -3,9 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Result};
-use bitdelta::card::{DType, ModelCard};
+use bitdelta::card::ModelCard;
 use bitdelta::frame::Frame;
-use bitdelta::tract::InputType;
 
 /// `--card`, or `model-card.json` next to the base model.
 pub(crate) fn card_path(base: &Path, card: Option<&Path>) -> PathBuf {
@@ -36,14 +35,6 @@ pub(crate) fn load(
     let parsed = ModelCard::load(&path)?;
     parsed.check_model(base_bytes, &path, base)?;
     Ok((parsed, path))
-}
-
-/// The tract input type a card declares.
-pub(crate) fn input_type(card: &ModelCard) -> InputType {
-    match card.input.dtype {
-        DType::F32 => InputType::F32,
-        DType::F16 => InputType::F16,
-    }
 }
 
 /// Decodes an image file into the card's input frame.

@@ -40,22 +40,24 @@ use serde::Deserialize;
 use crate::onnx::{graph_io, GraphValue};
 
 /// Memory layout of the input tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Layout {
     /// `[batch, channels, height, width]` (torch exports).
+    #[default]
     Nchw,
     /// `[batch, height, width, channels]` (TensorFlow / tf2onnx exports).
     Nhwc,
 }
 
 /// Colour space the model was trained on, in channel order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Colour {
     /// Red, green, blue.
     Rgb,
     /// Blue, green, red (Caffe-era models).
     Bgr,
     /// 8-bit luma, replicated to every input channel.
+    #[default]
     Grey,
 }
 
@@ -70,9 +72,10 @@ impl Colour {
 }
 
 /// How a frame of another size is brought to the input's height and width.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Resize {
     /// Scale both sides to the input size (the aspect ratio changes).
+    #[default]
     Stretch,
     /// Scale the shorter side to `resize_to`, then take the centre of the input's size.
     Crop,
@@ -81,18 +84,20 @@ pub enum Resize {
 }
 
 /// Element type of the input tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DType {
     /// 32-bit float.
+    #[default]
     F32,
     /// IEEE half float.
     F16,
 }
 
 /// What the model's output holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OutputKind {
     /// Unnormalised scores: the runtime applies a softmax.
+    #[default]
     Logits,
     /// Probabilities already (the model ends in a softmax): used as they are.
     Probabilities,
@@ -217,9 +222,50 @@ struct RawOutput {
     kind: Option<String>,
 }
 
-/// One of `options` (case-insensitive), or an error listing them.
-fn one_of<T: Copy>(value: Option<&str>, default: T, options: &[(&str, T)]) -> Result<T, String> {
-    let Some(v) = value else { return Ok(default) };
+/// A card value spelled as one of a few words; an absent key means the `Default` variant.
+trait Keyword: Copy + Default + 'static {
+    /// The accepted spellings (case-insensitive), in the order errors list them.
+    const WORDS: &'static [(&'static str, Self)];
+}
+
+impl Keyword for Layout {
+    const WORDS: &'static [(&'static str, Self)] = &[("NCHW", Self::Nchw), ("NHWC", Self::Nhwc)];
+}
+
+impl Keyword for DType {
+    const WORDS: &'static [(&'static str, Self)] = &[("f32", Self::F32), ("f16", Self::F16)];
+}
+
+impl Keyword for Colour {
+    const WORDS: &'static [(&'static str, Self)] = &[
+        ("RGB", Self::Rgb),
+        ("BGR", Self::Bgr),
+        ("grey", Self::Grey),
+        ("gray", Self::Grey),
+    ];
+}
+
+impl Keyword for Resize {
+    const WORDS: &'static [(&'static str, Self)] = &[
+        ("stretch", Self::Stretch),
+        ("crop", Self::Crop),
+        ("letterbox", Self::Letterbox),
+    ];
+}
+
+impl Keyword for OutputKind {
+    const WORDS: &'static [(&'static str, Self)] = &[
+        ("logits", Self::Logits),
+        ("probabilities", Self::Probabilities),
+    ];
+}
+
+/// One of `T::WORDS` (case-insensitive), the default when absent, or an error listing them.
+fn one_of<T: Keyword>(value: Option<&str>) -> Result<T, String> {
+    let options = T::WORDS;
+    let Some(v) = value else {
+        return Ok(T::default());
+    };
     options
         .iter()
         .find(|(name, _)| name.eq_ignore_ascii_case(v))
@@ -262,39 +308,10 @@ impl ModelCard {
         let i = raw
             .input
             .ok_or_else(|| err("input", "expected the input description, found none".into()))?;
-        let layout = one_of(
-            i.layout.as_deref(),
-            Layout::Nchw,
-            &[("NCHW", Layout::Nchw), ("NHWC", Layout::Nhwc)],
-        )
-        .map_err(|m| err("input.layout", m))?;
-        let dtype = one_of(
-            i.dtype.as_deref(),
-            DType::F32,
-            &[("f32", DType::F32), ("f16", DType::F16)],
-        )
-        .map_err(|m| err("input.dtype", m))?;
-        let colour = one_of(
-            i.colour.as_deref(),
-            Colour::Grey,
-            &[
-                ("RGB", Colour::Rgb),
-                ("BGR", Colour::Bgr),
-                ("grey", Colour::Grey),
-                ("gray", Colour::Grey),
-            ],
-        )
-        .map_err(|m| err("input.colour", m))?;
-        let resize = one_of(
-            i.resize.as_deref(),
-            Resize::Stretch,
-            &[
-                ("stretch", Resize::Stretch),
-                ("crop", Resize::Crop),
-                ("letterbox", Resize::Letterbox),
-            ],
-        )
-        .map_err(|m| err("input.resize", m))?;
+        let layout: Layout = one_of(i.layout.as_deref()).map_err(|m| err("input.layout", m))?;
+        let dtype: DType = one_of(i.dtype.as_deref()).map_err(|m| err("input.dtype", m))?;
+        let colour: Colour = one_of(i.colour.as_deref()).map_err(|m| err("input.colour", m))?;
+        let resize: Resize = one_of(i.resize.as_deref()).map_err(|m| err("input.resize", m))?;
         let shape = i.shape.ok_or_else(|| {
             err(
                 "input.shape",
@@ -385,15 +402,8 @@ impl ModelCard {
                 format!("expected a finite non-zero number, found {scale}"),
             ));
         }
-        let kind = one_of(
-            raw.output.kind.as_deref(),
-            OutputKind::Logits,
-            &[
-                ("logits", OutputKind::Logits),
-                ("probabilities", OutputKind::Probabilities),
-            ],
-        )
-        .map_err(|m| err("output.kind", m))?;
+        let kind: OutputKind =
+            one_of(raw.output.kind.as_deref()).map_err(|m| err("output.kind", m))?;
         let classes = match raw.output.classes {
             None => labels.len(),
             Some(c) if c == labels.len() as i64 => labels.len(),
@@ -461,6 +471,15 @@ impl ModelCard {
         match i.layout {
             Layout::Nchw => vec![1, i.channels, i.height, i.width],
             Layout::Nhwc => vec![1, i.height, i.width, i.channels],
+        }
+    }
+
+    /// The input type a tract engine gives the model, as the card's `input.dtype` declares it.
+    #[cfg(feature = "tract")]
+    pub fn input_type(&self) -> crate::tract::InputType {
+        match self.input.dtype {
+            DType::F32 => crate::tract::InputType::F32,
+            DType::F16 => crate::tract::InputType::F16,
         }
     }
 

@@ -22,6 +22,21 @@ pub enum Cap {
     Elements,
 }
 
+impl Cap {
+    /// `CapExceeded` when `found > max`: the one check of every hard cap.
+    pub(crate) fn check(self, found: u64, max: u64) -> Result<(), FormatError> {
+        if found > max {
+            Err(FormatError::CapExceeded {
+                cap: self,
+                found,
+                max,
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
 impl fmt::Display for Cap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -719,10 +719,13 @@ mod tests {
         .input;
         assert_eq!(size(&crop), (320, 240));
         // The frame itself comes out at the input's size either way.
-        let path = std::env::temp_dir().join(format!("bitdelta-frame-{}.jpg", std::process::id()));
-        std::fs::write(&path, &data).unwrap();
-        let f = Frame::load(&path, &stretch(81, 60));
-        let _ = std::fs::remove_file(&path);
+        let file = tempfile::Builder::new()
+            .prefix("bitdelta-frame-")
+            .suffix(".jpg")
+            .tempfile()
+            .unwrap();
+        std::fs::write(file.path(), &data).unwrap();
+        let f = Frame::load(file.path(), &stretch(81, 60));
         assert_eq!(f.map(|f| (f.width(), f.height())), Ok((81, 60)));
     }
 

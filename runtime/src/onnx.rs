@@ -167,17 +167,28 @@ fn fields(bytes: &[u8], base: usize) -> impl Iterator<Item = Result<FieldRef, On
     })
 }
 
-/// Finds every float initializer of the main graph. Non-float initializers are counted and left
-/// alone; subgraph initializers (inside `If`/`Loop` attributes) are not touched.
-pub fn scan(bytes: &[u8]) -> Result<OnnxWeights, OnnxError> {
+/// True for the `ModelProto.graph` field (number 7, a message).
+fn is_graph(f: &FieldRef) -> bool {
+    f.number == 7 && f.wire == WireType::LengthDelimited
+}
+
+/// The byte range of the main graph in the `ModelProto` `bytes` (the last `graph` field, if
+/// there are several).
+fn main_graph(bytes: &[u8]) -> Result<Range<usize>, OnnxError> {
     let mut graph = None;
     for f in fields(bytes, 0) {
         let f = f?;
-        if f.number == 7 && f.wire == WireType::LengthDelimited {
+        if is_graph(&f) {
             graph = Some(f.range);
         }
     }
-    let graph = graph.ok_or(OnnxError::NoGraph)?;
+    graph.ok_or(OnnxError::NoGraph)
+}
+
+/// Finds every float initializer of the main graph. Non-float initializers are counted and left
+/// alone; subgraph initializers (inside `If`/`Loop` attributes) are not touched.
+pub fn scan(bytes: &[u8]) -> Result<OnnxWeights, OnnxError> {
+    let graph = main_graph(bytes)?;
     let mut out = OnnxWeights::default();
     for f in fields(&bytes[graph.clone()], graph.start) {
         let f = f?;
@@ -213,7 +224,7 @@ pub fn without_weights(bytes: &[u8], weights: &OnnxWeights) -> Result<Vec<u8>, O
     let mut out = Vec::with_capacity(bytes.len() - weights.data_bytes().min(bytes.len()));
     for f in fields(bytes, 0) {
         let f = f?;
-        if !(f.number == 7 && f.wire == WireType::LengthDelimited) {
+        if !is_graph(&f) {
             out.extend_from_slice(&bytes[f.span]);
             continue;
         }
@@ -403,14 +414,7 @@ pub struct GraphValue {
 /// outputs, in the order the file declares them. Only the graph's declarations are read; no
 /// weight is decoded.
 pub fn graph_io(bytes: &[u8]) -> Result<(Vec<GraphValue>, Vec<GraphValue>), OnnxError> {
-    let mut graph = None;
-    for f in fields(bytes, 0) {
-        let f = f?;
-        if f.number == 7 && f.wire == WireType::LengthDelimited {
-            graph = Some(f.range);
-        }
-    }
-    let graph = graph.ok_or(OnnxError::NoGraph)?;
+    let graph = main_graph(bytes)?;
     let g = &bytes[graph.clone()];
     let (mut inputs, mut outputs, mut initializers) = (Vec::new(), Vec::new(), Vec::new());
     for f in fields(g, graph.start) {

@@ -13,7 +13,6 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use bitdelta::checkpoint::{apply_checkpoint, compress_checkpoint, verify_delta, Checkpoint};
-use bitdelta::compress::Options;
 
 use crate::files::{hex, Staged};
 
@@ -62,27 +61,14 @@ pub(crate) fn compress(a: &super::compress::Args) -> Result<ExitCode> {
     let base = Checkpoint::open(&a.base)?;
     let fine = Checkpoint::open(&a.fine)?;
     let name = a.variant_name()?;
-    let opts = Options {
-        name: &name,
-        description: &a.description,
-        labels: "",
-        sequence: a.sequence,
-        policy: a.policy(),
-    };
-    let what = || {
-        format!(
-            "compressing {} against {}",
-            a.fine.display(),
-            a.base.display()
-        )
-    };
+    let opts = a.options(&name);
     let mut out = Staged::create(&a.output)?;
     let bar = byte_bar(base.weight_bytes(), "compress");
     let mut w = BufWriter::with_capacity(WRITE_BUF, out.file());
     let summary = compress_checkpoint(&base, &fine, &opts, &mut w, |done, _| {
         bar.set_position(done);
     })
-    .with_context(what)?;
+    .with_context(|| a.doing())?;
     w.flush()
         .with_context(|| format!("{}: cannot write", a.output.display()))?;
     drop(w);

@@ -1,6 +1,5 @@
 //! Shared by `run` and `serve`: loading the engine, cards, images, answers, CSV records.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -26,12 +25,9 @@ impl Session {
     pub(crate) fn open(base: &Path, card: Option<&Path>) -> Result<Self> {
         let map = crate::files::Model::open(base)?.map;
         let (card, _) = crate::card::load(base, &map, card)?;
-        let engine = Engine::with_input_type(
-            Box::new(map),
-            &card.batch1_shape(),
-            crate::card::input_type(&card),
-        )
-        .with_context(|| format!("{}", base.display()))?;
+        let engine =
+            Engine::with_input_type(Box::new(map), &card.batch1_shape(), card.input_type())
+                .with_context(|| format!("{}", base.display()))?;
         Ok(Self {
             engine,
             card,
@@ -154,7 +150,7 @@ impl Answer {
 
 /// Appends detections to a CSV in a Camtrap DP-friendly layout (observations table columns).
 pub(crate) struct Csv {
-    file: std::fs::File,
+    out: csv::Writer<std::fs::File>,
     path: PathBuf,
 }
 
@@ -167,19 +163,26 @@ impl Csv {
             || std::fs::metadata(path)
                 .map(|m| m.len() == 0)
                 .unwrap_or(true);
-        let mut file = std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .with_context(|| format!("{}: cannot open for appending", path.display()))?;
-        if new {
-            writeln!(file, "{CSV_HEADER}")
-                .with_context(|| format!("{}: cannot write", path.display()))?;
-        }
-        Ok(Self {
-            file,
+        let mut csv = Self {
+            out: csv::Writer::from_writer(file),
             path: path.to_owned(),
-        })
+        };
+        if new {
+            csv.write(CSV_HEADER.split(','))?;
+        }
+        Ok(csv)
+    }
+
+    /// Writes one record and flushes it to the file.
+    fn write<I: IntoIterator<Item: AsRef<[u8]>>>(&mut self, record: I) -> Result<()> {
+        let cannot = || format!("{}: cannot write", self.path.display());
+        self.out.write_record(record).with_context(cannot)?;
+        self.out.flush().with_context(cannot)
     }
 
     pub(crate) fn record(&mut self, a: &Answer) -> Result<()> {
@@ -210,46 +213,16 @@ impl Csv {
                 a.fingerprint
             ),
         ];
-        let line = fields
-            .iter()
-            .map(|f| csv_field(f))
-            .collect::<Vec<_>>()
-            .join(",");
-        writeln!(self.file, "{line}")
-            .with_context(|| format!("{}: cannot write", self.path.display()))
+        self.write(&fields)
     }
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
-    }
-}
-
-/// RFC 3339 UTC timestamp of a system time (civil-from-days, proleptic Gregorian).
+/// RFC 3339 UTC timestamp of a system time, to the second. RFC 3339 years have four digits:
+/// times before 1970 are written as the epoch, times after 9999 as its last second.
 pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
-    let secs = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    use std::time::{Duration, UNIX_EPOCH};
+    let last = UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+    humantime::format_rfc3339_seconds(t.clamp(UNIX_EPOCH, last)).to_string()
 }
 
 /// Checks that a delta file names a variant, for `NAME=DELTA` defaults.

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use bitdelta::calibrate::{self, Images, Settings, Stage};
-use bitdelta::compress::{compress_onnx, compress_onnx_with, Options, Policy};
+use bitdelta::compress::{compress_onnx, compress_onnx_with, CompressError, Options, Policy};
 use clap::ValueEnum;
 
 use crate::files::{write_atomic, Model};
@@ -101,6 +101,44 @@ impl Args {
             CodecArg::Seed => Policy::Seed,
         }
     }
+
+    /// The compression options of these arguments, for the variant `name`
+    /// ([`Args::variant_name`]).
+    pub(super) fn options<'a>(&'a self, name: &'a str) -> Options<'a> {
+        Options {
+            name,
+            description: &self.description,
+            labels: "",
+            sequence: self.sequence,
+            policy: self.policy(),
+        }
+    }
+
+    /// What a failed compression was doing (error context).
+    pub(super) fn doing(&self) -> String {
+        format!(
+            "compressing {} against {}",
+            self.fine.display(),
+            self.base.display()
+        )
+    }
+}
+
+/// [`compress_onnx`] of two opened models; `progress(done, total)` after each tensor.
+pub(super) fn compress_models(
+    base: &Model,
+    fine: &Model,
+    opts: &Options<'_>,
+    progress: impl FnMut(usize, usize),
+) -> Result<Vec<u8>, CompressError> {
+    compress_onnx(
+        base.bytes(),
+        &base.weights,
+        fine.bytes(),
+        &fine.weights,
+        opts,
+        progress,
+    )
 }
 
 /// The line every compress path ends with.
@@ -119,13 +157,7 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
     let base = Model::open(&a.base)?;
     let fine = Model::open(&a.fine)?;
     let name = a.variant_name()?;
-    let opts = Options {
-        name: &name,
-        description: &a.description,
-        labels: "",
-        sequence: a.sequence,
-        policy: a.policy(),
-    };
+    let opts = a.options(&name);
     if let Some(dir) = &a.calib {
         return calibrated(&a, dir, &base, &fine, &opts);
     }
@@ -134,31 +166,25 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         indicatif::ProgressStyle::with_template("compress {bar:40} {pos}/{len} tensors")
             .expect("static template"),
     );
-    let bytes = compress_onnx(
-        base.bytes(),
-        &base.weights,
-        fine.bytes(),
-        &fine.weights,
-        &opts,
-        |done, _| bar.set_position(done as u64),
-    )
-    .with_context(|| {
-        format!(
-            "compressing {} against {}",
-            a.fine.display(),
-            a.base.display()
-        )
-    })?;
+    let bytes = compress_models(&base, &fine, &opts, |done, _| {
+        bar.set_position(done as u64);
+    })
+    .with_context(|| a.doing())?;
     bar.finish_and_clear();
     write_atomic(&a.output, &bytes)?;
-    let params = base.weights.params();
+    Ok(onnx_written(&a, &base, &bytes))
+}
+
+/// Prints the line an ONNX compress ends with: `bytes` written for the base `base`.
+fn onnx_written(a: &Args, base: &Model, bytes: &[u8]) -> ExitCode {
+    let w = &base.weights;
     print_written(
         &a.output,
-        base.weights.initializers.len(),
-        params,
+        w.initializers.len(),
+        w.params(),
         bytes.len() as u64,
     );
-    Ok(ExitCode::SUCCESS)
+    ExitCode::SUCCESS
 }
 
 /// Image files a calibration folder may hold.
@@ -273,13 +299,7 @@ fn calibrated(
         |_, _, _, _| encodings.next().expect("one encoding per tensor"),
         |_, _| {},
     )
-    .with_context(|| {
-        format!(
-            "compressing {} against {}",
-            a.fine.display(),
-            a.base.display()
-        )
-    })?;
+    .with_context(|| a.doing())?;
     write_atomic(&a.output, &bytes)?;
     if a.verbose {
         println!(
@@ -328,11 +348,5 @@ fn calibrated(
         plan.evaluations,
         started.elapsed().as_secs_f64()
     );
-    print_written(
-        &a.output,
-        base.weights.initializers.len(),
-        params,
-        bytes.len() as u64,
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok(onnx_written(a, base, &bytes))
 }

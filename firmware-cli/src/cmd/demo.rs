@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use bitdelta::card::{argmax, ModelCard};
-use bitdelta::compress::{compress_onnx, Options, Policy};
+use bitdelta::compress::{Options, Policy};
 use bitdelta::frame::Frame;
 use bitdelta::metrics::Top1;
 use bitdelta::tract::Classifier;
@@ -15,7 +15,6 @@ use bitdelta::mem::{release_free_memory, reset_peak_rss, rss};
 use bitdelta::tract::{Engine, BASE};
 
 use super::serve::Rule;
-use crate::card::input_type;
 use crate::data::LabelledSet;
 use crate::files::{read_delta, write_atomic, Model};
 
@@ -121,7 +120,7 @@ impl Evaluator {
     fn classifier(&self, model: &[u8], batch: usize) -> Result<Classifier> {
         let mut shape = self.card.batch1_shape();
         shape[0] = batch;
-        Classifier::from_onnx_bytes_as(model, &shape, input_type(&self.card))
+        Classifier::from_onnx_bytes_as(model, &shape, self.card.input_type())
             .context("loading model in tract")
     }
 
@@ -235,15 +234,8 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
                 sequence: 1,
                 policy,
             };
-            let bytes = compress_onnx(
-                base.bytes(),
-                &base.weights,
-                fine.bytes(),
-                &fine.weights,
-                &opts,
-                |_, _| {},
-            )
-            .with_context(|| format!("compressing {}", fine_path.display()))?;
+            let bytes = super::compress::compress_models(&base, &fine, &opts, |_, _| {})
+                .with_context(|| format!("compressing {}", fine_path.display()))?;
             let path = out_dir.join(format!("{v}.{label}.bdelta"));
             write_atomic(&path, &bytes)?;
             let model = super::apply::apply_files(&base, &[(&path, 1.0)])?.model;
@@ -285,7 +277,7 @@ fn samples(
     };
     files.sort();
     let shape = card.batch1_shape();
-    let ty = input_type(card);
+    let ty = card.input_type();
     let base_clf = Classifier::from_onnx_bytes_as(base.bytes(), &shape, ty)?;
     let var_clf = variants
         .iter()
@@ -365,7 +357,7 @@ fn camera_trap(
     }
     frames.truncate(300.min(available));
     let shape = ev.card.batch1_shape();
-    let ty = input_type(&ev.card);
+    let ty = ev.card.input_type();
     let engine_on_base = || Engine::with_input_type(Box::new(base.map.to_vec()), &shape, ty);
     // Peak memory of one model (base + one variant built, one inference), for comparison.
     release_free_memory();

@@ -377,9 +377,8 @@ fn infer(
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<f32>> {
     let classes = card.labels.len();
-    let clf =
-        Classifier::from_onnx_bytes_as(model, &card.batch1_shape(), crate::card::input_type(card))
-            .with_context(|| format!("{}: cannot load the model in tract", what.display()))?;
+    let clf = Classifier::from_onnx_bytes_as(model, &card.batch1_shape(), card.input_type())
+        .with_context(|| format!("{}: cannot load the model in tract", what.display()))?;
     let mut logits = Vec::with_capacity(set.len() * classes);
     for i in 0..set.len() {
         let out = clf

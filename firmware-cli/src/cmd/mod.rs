@@ -1,4 +1,11 @@
-//! One module per subcommand.
+//! One module per subcommand: each parses its arguments, calls the library and prints.
+//!
+//! May depend on: the `bitdelta` library (every rule about deltas, models, cards, the store and
+//! devices lives there), the CLI's own helpers (`crate::card` for which card a command uses,
+//! `crate::files` for files and memory maps, `crate::data` for evaluation sets, `crate::synth`
+//! for generated demo models), `anyhow`, `clap`, `indicatif`, `serde`/`serde_json`, `csv` and
+//! `humantime` (for output), `std`. Nothing in the library depends on it; `checkpoint` and
+//! `classify` are helpers shared by several subcommands.
 
 pub(crate) mod apply;
 pub(crate) mod bench;

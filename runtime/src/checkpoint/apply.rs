@@ -4,55 +4,16 @@
 use super::*;
 
 /// A [`std::io::Read`] as an [`embedded_io::Read`] for the [`StreamDecoder`].
-struct IoRead<R>(R);
+type IoRead<R> = embedded_io_adapters::std::FromStd<R>;
 
-/// The delta reader's error.
-#[derive(Debug)]
-struct ReadError(io::Error);
-
-impl fmt::Display for ReadError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for ReadError {}
-
-impl embedded_io::Error for ReadError {
-    fn kind(&self) -> embedded_io::ErrorKind {
-        embedded_io::ErrorKind::Other
-    }
-}
-
-impl From<Infallible> for ReadError {
-    fn from(e: Infallible) -> Self {
-        match e {}
-    }
-}
-
-impl<R> embedded_io::ErrorType for IoRead<R> {
-    type Error = ReadError;
-}
-
-impl<R: Read> embedded_io::Read for IoRead<R> {
-    fn read(&mut self, buf: &mut [u8]) -> Result<usize, ReadError> {
-        loop {
-            match self.0.read(buf) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                r => return r.map_err(ReadError),
-            }
-        }
-    }
-}
-
-fn delta_error(e: Error<ReadError>, tensor: Option<&str>) -> CheckpointError {
+fn delta_error(e: Error<io::Error>, tensor: Option<&str>) -> CheckpointError {
     match e {
         Error::Format(error) => CheckpointError::Apply(ApplyError::Format {
             delta: 0,
             tensor: tensor.map(Into::into),
             error,
         }),
-        Error::Source(ReadError(e)) => CheckpointError::DeltaRead(e),
+        Error::Source(e) => CheckpointError::DeltaRead(e),
     }
 }
 
@@ -64,7 +25,7 @@ fn decoder_buffer<R: Read + Seek>(delta: &mut R, len: u64) -> Result<Vec<u8>, Ch
             .seek(SeekFrom::Start(0))
             .map_err(CheckpointError::DeltaRead)?;
         let mut buf = vec![0u8; size];
-        let reader = IoRead(BufReader::with_capacity(READ_BUF, &mut *delta));
+        let reader = IoRead::new(BufReader::with_capacity(READ_BUF, &mut *delta));
         let opened = StreamDecoder::new(reader, len, &mut buf).map(drop);
         match opened {
             Ok(()) => return Ok(buf),
@@ -96,7 +57,7 @@ fn rewind_with_buffer<R: Read + Seek>(delta: &mut R) -> Result<(u64, Vec<u8>), C
 /// `bitdelta verify` checks without a base), holding only its meta region in memory.
 pub fn verify_delta<R: Read + Seek>(delta: &mut R) -> Result<(), CheckpointError> {
     let (len, mut buf) = rewind_with_buffer(delta)?;
-    let reader = IoRead(BufReader::with_capacity(READ_BUF, &mut *delta));
+    let reader = IoRead::new(BufReader::with_capacity(READ_BUF, &mut *delta));
     let mut dec = StreamDecoder::new(reader, len, &mut buf).map_err(|e| delta_error(e, None))?;
     while let Some(info) = dec.peek() {
         dec.skip_tensor()
@@ -121,7 +82,7 @@ pub fn rebuild_checkpoint<R: Read + Seek>(
     mut progress: impl FnMut(u64, u64),
 ) -> Result<Fingerprint, CheckpointError> {
     let (len, mut buf) = rewind_with_buffer(delta)?;
-    let reader = IoRead(BufReader::with_capacity(READ_BUF, &mut *delta));
+    let reader = IoRead::new(BufReader::with_capacity(READ_BUF, &mut *delta));
     let mut dec = StreamDecoder::new(reader, len, &mut buf).map_err(|e| delta_error(e, None))?;
     let (expected_base, expected_result) = (
         dec.manifest().base_fingerprint,
@@ -158,7 +119,8 @@ pub fn rebuild_checkpoint<R: Read + Seek>(
         let bytes = base.data(t);
         let size = t.dtype.size();
         stored.resize(bytes.len(), 0);
-        let mut reader = bytes;
+        // A std reader too, so that its error type is the delta reader's.
+        let mut reader = IoRead::new(bytes);
         let res = dec.next_tensor(&mut reader, &mut chunk, |at, values| {
             let start = at as usize * size;
             crate::apply::store(

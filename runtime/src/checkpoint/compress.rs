@@ -32,6 +32,21 @@ fn write_zeros(out: &mut impl Write, n: u64) -> io::Result<()> {
     io::copy(&mut io::repeat(0).take(n), out).map(|_| ())
 }
 
+/// The manifest of a delta made with `opts`, before its counts and fingerprints are known
+/// (`params` and both fingerprints zero).
+pub(super) fn manifest<'a>(opts: &Options<'a>) -> Manifest<'a> {
+    Manifest {
+        name: opts.name,
+        description: opts.description,
+        labels: opts.labels,
+        tool: concat!("bitdelta ", env!("CARGO_PKG_VERSION")),
+        sequence: opts.sequence,
+        params: 0,
+        base_fingerprint: [0; 32],
+        result_fingerprint: [0; 32],
+    }
+}
+
 /// Compresses the safetensors checkpoint `fine` against `base` into `out`, one tensor at a time,
 /// with the codecs and policies of [`crate::compress`] (`opts.labels` is stored as given).
 ///
@@ -66,16 +81,7 @@ pub fn compress_checkpoint<W: Write + Seek>(
         dtype: t.dtype,
         dims,
     });
-    let manifest = Manifest {
-        name: opts.name,
-        description: opts.description,
-        labels: opts.labels,
-        tool: concat!("bitdelta ", env!("CARGO_PKG_VERSION")),
-        sequence: opts.sequence,
-        params: 0,
-        base_fingerprint: [0; 32],
-        result_fingerprint: [0; 32],
-    };
+    let manifest = manifest(opts);
     let mut writer = DeltaWriter::new(&manifest, shapes, DEFAULT_ALIGN).map_err(write_err)?;
     let payload_offset = writer.payload_offset();
 

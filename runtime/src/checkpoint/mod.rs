@@ -31,7 +31,6 @@
 //! [`crate::compose`], [`crate::compress`] (codec policy), [`crate::apply`] (stores),
 //! [`crate::fingerprint`] and [`crate::weights`].
 
-use std::convert::Infallible;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};

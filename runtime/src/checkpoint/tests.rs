@@ -10,23 +10,11 @@ use crate::compress::Policy;
 use crate::format::{write_delta, Codec, DeltaFile, TensorRecord};
 
 /// A fresh scratch folder, removed when dropped.
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-impl std::ops::Deref for TempDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-fn scratch(test: &str) -> TempDir {
-    let d = std::env::temp_dir().join(format!("bitdelta-ckpt-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    TempDir(d)
+fn scratch(test: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("bitdelta-ckpt-{test}-"))
+        .tempdir()
+        .unwrap()
 }
 
 struct Rng(u64);
@@ -191,16 +179,8 @@ fn reference(base: &Checkpoint, fine: &Checkpoint, opts: &Options<'_>) -> Vec<u8
     for t in base.weights() {
         base_fp.add(&t.name, t.dtype, &t.dims, base.data(t));
     }
-    let mut manifest = Manifest {
-        name: opts.name,
-        description: opts.description,
-        labels: opts.labels,
-        tool: concat!("bitdelta ", env!("CARGO_PKG_VERSION")),
-        sequence: opts.sequence,
-        params: 0,
-        base_fingerprint: base_fp.finish(),
-        result_fingerprint: [0; 32],
-    };
+    let mut manifest = super::compress::manifest(opts);
+    manifest.base_fingerprint = base_fp.finish();
     let draft = write_delta(&manifest, &mut records, DEFAULT_ALIGN).unwrap();
     let parsed = DeltaFile::parse(&draft).unwrap();
     let mut fp = Fingerprinter::new();
@@ -239,7 +219,7 @@ fn compress(base: &Checkpoint, fine: &Checkpoint, opts: &Options<'_>) -> (Vec<u8
 #[test]
 fn checkpoint_streaming_delta_is_byte_identical_to_write_delta() {
     let dir = scratch("identical");
-    let (base, fine) = checkpoints(&dir, &specs(), 1);
+    let (base, fine) = checkpoints(dir.path(), &specs(), 1);
     assert_eq!(
         base.weights().count(),
         8,
@@ -326,9 +306,9 @@ fn checkpoint_and_onnx_writers_give_byte_identical_deltas() {
     let specs = specs();
     let data = pair(&specs, 4);
     let (b, f): (Vec<_>, Vec<_>) = data.into_iter().unzip();
-    write_st(&dir.join("base.safetensors"), &specs, &b);
-    write_st(&dir.join("fine.safetensors"), &specs, &f);
-    let open = |n: &str| Checkpoint::open(dir.join(n)).unwrap();
+    write_st(&dir.path().join("base.safetensors"), &specs, &b);
+    write_st(&dir.path().join("fine.safetensors"), &specs, &f);
+    let open = |n: &str| Checkpoint::open(dir.path().join(n)).unwrap();
     let (base, fine) = (open("base.safetensors"), open("fine.safetensors"));
     let (base_onnx, fine_onnx) = (onnx_model(&specs, &b), onnx_model(&specs, &f));
     let base_w = crate::onnx::scan(&base_onnx).unwrap();
@@ -351,11 +331,11 @@ fn checkpoint_unaligned_data_gives_the_same_delta() {
     let specs = specs();
     let data = pair(&specs, 2);
     let (b, f): (Vec<_>, Vec<_>) = data.into_iter().unzip();
-    write_st(&dir.join("base.safetensors"), &specs, &b);
-    write_st(&dir.join("fine.safetensors"), &specs, &f);
-    write_unaligned(&dir.join("base-u.safetensors"), &specs, &b);
-    write_unaligned(&dir.join("fine-u.safetensors"), &specs, &f);
-    let open = |n: &str| Checkpoint::open(dir.join(n)).unwrap();
+    write_st(&dir.path().join("base.safetensors"), &specs, &b);
+    write_st(&dir.path().join("fine.safetensors"), &specs, &f);
+    write_unaligned(&dir.path().join("base-u.safetensors"), &specs, &b);
+    write_unaligned(&dir.path().join("fine-u.safetensors"), &specs, &f);
+    let open = |n: &str| Checkpoint::open(dir.path().join(n)).unwrap();
     let (base, fine) = (open("base.safetensors"), open("fine.safetensors"));
     let (base_u, fine_u) = (open("base-u.safetensors"), open("fine-u.safetensors"));
     assert_eq!(base_u.header_bytes().len() % 4, 2);
@@ -366,7 +346,7 @@ fn checkpoint_unaligned_data_gives_the_same_delta() {
 #[test]
 fn checkpoint_apply_rebuilds_the_reference_and_keeps_the_layout() {
     let dir = scratch("apply");
-    let (base, fine) = checkpoints(&dir, &specs(), 3);
+    let (base, fine) = checkpoints(dir.path(), &specs(), 3);
     for policy in [Policy::Seed, Policy::Auto] {
         let (delta, summary) = compress(&base, &fine, &opts(policy));
         let parsed = DeltaFile::parse(&delta).unwrap();
@@ -411,7 +391,7 @@ fn checkpoint_apply_rebuilds_the_reference_and_keeps_the_layout() {
 #[test]
 fn checkpoint_apply_refuses_another_base_and_a_corrupt_delta() {
     let dir = scratch("refuse");
-    let (base, fine) = checkpoints(&dir, &specs(), 4);
+    let (base, fine) = checkpoints(dir.path(), &specs(), 4);
     let (delta, _) = compress(&base, &fine, &opts(Policy::Seed));
     let mut out = Cursor::new(Vec::new());
     let e = apply_checkpoint(&fine, &mut Cursor::new(&delta), &mut out, |_, _| {});
@@ -454,11 +434,11 @@ fn checkpoint_pairs_must_match_and_hold_f32_or_f16() {
     let specs_a = specs();
     let data = pair(&specs_a, 5);
     let (b, f): (Vec<_>, Vec<_>) = data.into_iter().unzip();
-    write_st(&dir.join("base.safetensors"), &specs_a, &b);
-    let base = Checkpoint::open(dir.join("base.safetensors")).unwrap();
+    write_st(&dir.path().join("base.safetensors"), &specs_a, &b);
+    let base = Checkpoint::open(dir.path().join("base.safetensors")).unwrap();
     let o = opts(Policy::Auto);
     let run = |specs: &[Spec], data: &[Vec<u8>]| {
-        let path = dir.join("fine.safetensors");
+        let path = dir.path().join("fine.safetensors");
         write_st(&path, specs, data);
         let fine = Checkpoint::open(&path)?;
         compress_checkpoint(&base, &fine, &o, &mut Cursor::new(Vec::new()), |_, _| {})
@@ -512,7 +492,7 @@ fn checkpoint_pairs_must_match_and_hold_f32_or_f16() {
     for c in d[1].chunks_exact_mut(4) {
         c.copy_from_slice(&5.0e6f32.to_le_bytes());
     }
-    let path = dir.join("fine.safetensors");
+    let path = dir.path().join("fine.safetensors");
     write_st(&path, &specs(), &d);
     let fine = Checkpoint::open(&path).unwrap();
     let seed = opts(Policy::Seed);
@@ -522,8 +502,8 @@ fn checkpoint_pairs_must_match_and_hold_f32_or_f16() {
         "{e:?}"
     );
 
-    let path = dir.join("cut.safetensors");
-    let full = std::fs::read(dir.join("base.safetensors")).unwrap();
+    let path = dir.path().join("cut.safetensors");
+    let full = std::fs::read(dir.path().join("base.safetensors")).unwrap();
     std::fs::write(&path, &full[..full.len() - 1]).unwrap();
     let e = Checkpoint::open(&path).unwrap_err();
     assert!(matches!(e, CheckpointError::Invalid { .. }), "{e}");

@@ -131,13 +131,7 @@ impl RawEntry {
             });
         }
         let name_len = self.name_len;
-        if name_len > MAX_NAME_LEN {
-            return Err(FormatError::CapExceeded {
-                cap: Cap::NameLen,
-                found: name_len.into(),
-                max: MAX_NAME_LEN.into(),
-            });
-        }
+        Cap::NameLen.check(name_len.into(), MAX_NAME_LEN.into())?;
         let name_off = self.name_off as usize;
         let name = name_off
             .checked_add(name_len as usize)
@@ -154,13 +148,7 @@ impl RawEntry {
             found: self.dtype,
         })?;
         let rank = self.rank;
-        if rank > MAX_RANK {
-            return Err(FormatError::CapExceeded {
-                cap: Cap::Rank,
-                found: rank.into(),
-                max: MAX_RANK.into(),
-            });
-        }
+        Cap::Rank.check(rank.into(), MAX_RANK.into())?;
         let dims = (self.dims_start as usize)
             .checked_mul(4)
             .and_then(|s| Some((s, s.checked_add(rank as usize * 4)?)))
@@ -174,13 +162,7 @@ impl RawEntry {
             }
             numel = numel.saturating_mul(d.into());
         }
-        if numel > MAX_ELEMENTS {
-            return Err(FormatError::CapExceeded {
-                cap: Cap::Elements,
-                found: numel,
-                max: MAX_ELEMENTS,
-            });
-        }
+        Cap::Elements.check(numel, MAX_ELEMENTS)?;
         let (flags, groups, scale, len) = (self.flags, self.groups, self.scale, self.len);
         if flags & !FLAG_SCALES_F16 != 0 {
             return Err(FormatError::ReservedNotZero {
@@ -306,7 +288,7 @@ impl<'a> Scales<'a> {
 }
 
 /// One entry of the tensor table.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TensorEntry<'a> {
     /// Index in the table.
     pub index: u32,
@@ -326,9 +308,9 @@ pub struct TensorEntry<'a> {
     pub crc: u32,
     /// Absolute offset of the payload in the file.
     pub offset: u64,
+    /// Payload length in bytes, as stored in the table.
+    pub len: u64,
     dims: &'a [u8],
-    /// Payload length in bytes (equal to `payload.len()` for entries of a [`super::DeltaFile`]).
-    len: u64,
     /// Empty for entries decoded from the meta region alone.
     payload: &'a [u8],
 }
@@ -351,10 +333,6 @@ impl<'a> TensorEntry<'a> {
     /// Raw payload bytes (not yet checksummed).
     pub fn payload_bytes(&self) -> &'a [u8] {
         self.payload
-    }
-    /// Payload length in bytes, as stored in the table.
-    pub(crate) fn payload_len(&self) -> u64 {
-        self.len
     }
     /// The same entry over its payload bytes (`bytes.len()` is the entry's payload length).
     pub(crate) fn with_payload(self, bytes: &'a [u8]) -> Self {

@@ -3,8 +3,9 @@
 //! The normative description is `docs/FORMAT.md`. Parsing ([`DeltaFile::parse`]) is a pure
 //! function over a byte slice: it never allocates and never panics, whatever the input.
 //!
-//! May depend on: `core`, `crc32fast`, `half`, `postcard`/`serde` (the manifest), [`crate::pack`]
-//! (sign padding bits), and `alloc` for the writer. No I/O: callers fetch and store bytes.
+//! May depend on: `core`, `crc32fast`, `half`, `postcard`/`serde` (the manifest), [`crate::error`],
+//! [`crate::codec`] (the codec id table and each codec's payload layout), and `alloc` for the
+//! writer. No I/O: callers fetch and store bytes.
 //!
 //! One place for each rule: `entry.rs` ([`entry_field`]) holds the 44-byte entry layout and every
 //! per-entry check, `header.rs` ([`header_field`]) the 64-byte header layout; the reader, the
@@ -34,6 +35,7 @@ pub use header::field as header_field;
 pub use header::Header;
 pub use manifest::Manifest;
 pub use reader::DeltaFile;
+pub(crate) use reader::Tables;
 #[cfg(feature = "alloc")]
 pub use writer::{
     write_delta, DeltaWriter, Encoded, OwnedScales, TensorRecord, TensorShape, WriteError,

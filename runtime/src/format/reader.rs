@@ -11,11 +11,8 @@ use crate::error::{Cap, Field, FormatError};
 #[derive(Clone, Debug)]
 pub struct DeltaFile<'a> {
     bytes: &'a [u8],
-    header: Header,
     manifest: Manifest<'a>,
-    table: &'a [u8],
-    dims: &'a [u8],
-    names: &'a [u8],
+    tables: Tables<'a>,
 }
 
 const fn align_up(x: u64, a: u64) -> Option<u64> {
@@ -25,32 +22,17 @@ const fn align_up(x: u64, a: u64) -> Option<u64> {
     }
 }
 
-fn cap(cap: Cap, found: u64, max: u64) -> Result<(), FormatError> {
-    if found > max {
-        Err(FormatError::CapExceeded { cap, found, max })
-    } else {
-        Ok(())
-    }
-}
-
 impl Header {
     /// The checks on the header that need the file length but no other byte: the caps on the
     /// four counts, `file_len`, and `payload_offset` (the layout, and inside the file).
     ///
     /// Run after [`Header::parse`]; shared by [`DeltaFile::parse`] and the streaming decoder.
     pub(crate) fn check_layout(&self, file_len: u64) -> Result<(), FormatError> {
-        cap(
-            Cap::ManifestLen,
-            self.manifest_len.into(),
-            MAX_MANIFEST_LEN.into(),
-        )?;
-        cap(Cap::Tensors, self.tensor_count.into(), MAX_TENSORS.into())?;
-        cap(
-            Cap::Dims,
-            self.dims_count.into(),
-            u64::from(MAX_TENSORS) * u64::from(MAX_RANK),
-        )?;
-        cap(Cap::NamesLen, self.names_len.into(), MAX_NAMES_LEN.into())?;
+        Cap::ManifestLen.check(self.manifest_len.into(), MAX_MANIFEST_LEN.into())?;
+        Cap::Tensors.check(self.tensor_count.into(), MAX_TENSORS.into())?;
+        let max_dims = u64::from(MAX_TENSORS) * u64::from(MAX_RANK);
+        Cap::Dims.check(self.dims_count.into(), max_dims)?;
+        Cap::NamesLen.check(self.names_len.into(), MAX_NAMES_LEN.into())?;
         if self.file_len != file_len {
             return Err(FormatError::LengthMismatch {
                 field: Field::FileLen,
@@ -89,9 +71,10 @@ impl Header {
 }
 
 /// The tensor table, dims and names areas of the meta region, with what is needed to decode and
-/// check entries without the payload bytes.
+/// check entries without the payload bytes. [`DeltaFile`] and the streaming decoder both look
+/// entries up through it.
 #[derive(Clone, Copy, Debug)]
-struct Tables<'a> {
+pub(crate) struct Tables<'a> {
     header: Header,
     file_len: u64,
     table: &'a [u8],
@@ -127,8 +110,23 @@ impl<'a> Tables<'a> {
         Ok((manifest, tables, padding))
     }
 
-    fn split(header: &Header, meta: &'a [u8], file_len: u64) -> Result<Self, FormatError> {
-        Self::split_meta(header, meta, file_len).map(|(_, t, _)| t)
+    /// The header the tables were split by.
+    pub(crate) fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Number of entries.
+    pub(crate) fn len(&self) -> usize {
+        self.header.tensor_count as usize
+    }
+
+    /// Entry `i` without payload bytes, or `None` past the end. For tables that passed
+    /// [`Tables::check`], so decoding cannot fail.
+    pub(crate) fn get(&self, i: usize) -> Option<TensorEntry<'a>> {
+        let i = u32::try_from(i)
+            .ok()
+            .filter(|&i| i < self.header.tensor_count)?;
+        self.entry(i).ok()
     }
 
     /// Walks the table once: names sorted and valid, dims in bounds, codecs known, payload
@@ -163,7 +161,7 @@ impl<'a> Tables<'a> {
                 });
             }
             gap(base + cursor, base + rel)?;
-            cursor = rel + e.payload_len();
+            cursor = rel + e.len;
             params = params
                 .checked_add(e.numel())
                 .ok_or(FormatError::SizeOverflow)?;
@@ -184,7 +182,7 @@ impl<'a> Tables<'a> {
 
     /// Decodes entry `i`, checking everything that does not depend on other entries. The entry
     /// has no payload bytes; its payload is checked to lie inside `file_len`.
-    fn entry(&self, i: u32) -> Result<TensorEntry<'a>, FormatError> {
+    pub(crate) fn entry(&self, i: u32) -> Result<TensorEntry<'a>, FormatError> {
         let at = i as usize * ENTRY_LEN;
         let e = at
             .checked_add(ENTRY_LEN)
@@ -226,26 +224,24 @@ impl<'a> DeltaFile<'a> {
         })?;
         Ok(Self {
             bytes,
-            header,
             manifest,
-            table: tables.table,
-            dims: tables.dims,
-            names: tables.names,
+            tables,
         })
     }
 
     /// Checks the meta region `meta` = bytes `[HEADER_LEN, payload_offset)` of a file of
     /// `file_len` bytes whose `header` passed [`Header::parse`] and [`Header::check_layout`]:
     /// everything [`DeltaFile::parse`] checks except the padding between payloads (which needs
-    /// the payload area). Returns the manifest. Used by the streaming decoder.
+    /// the payload area). Returns the manifest and the checked tables. Used by the streaming
+    /// decoder.
     pub(crate) fn check_meta(
         header: &Header,
         meta: &'a [u8],
         file_len: u64,
-    ) -> Result<Manifest<'a>, FormatError> {
+    ) -> Result<(Manifest<'a>, Tables<'a>), FormatError> {
         let (manifest, tables) = Self::check_meta_region(header, meta, file_len)?;
         tables.check(manifest.params, |_, _| Ok(()))?;
-        Ok(manifest)
+        Ok((manifest, tables))
     }
 
     /// Meta CRC, padding after the names, manifest and variant name.
@@ -277,31 +273,9 @@ impl<'a> DeltaFile<'a> {
         Ok((manifest, tables))
     }
 
-    fn tables(&self) -> Tables<'a> {
-        Tables {
-            header: self.header,
-            file_len: self.bytes.len() as u64,
-            table: self.table,
-            dims: self.dims,
-            names: self.names,
-        }
-    }
-
-    /// Decodes entry `i` with its payload bytes.
-    fn entry_unchecked(&self, i: u32) -> Result<TensorEntry<'a>, FormatError> {
-        let e = self.tables().entry(i)?;
-        // `Tables::entry` checked that the payload lies inside the file.
-        let payload = usize::try_from(e.offset)
-            .ok()
-            .zip(usize::try_from(e.offset + e.payload_len()).ok())
-            .and_then(|(s, end)| self.bytes.get(s..end))
-            .ok_or(FormatError::SizeOverflow)?;
-        Ok(e.with_payload(payload))
-    }
-
     /// The header.
     pub fn header(&self) -> &Header {
-        &self.header
+        self.tables.header()
     }
     /// The manifest.
     pub fn manifest(&self) -> &Manifest<'a> {
@@ -313,19 +287,19 @@ impl<'a> DeltaFile<'a> {
     }
     /// Number of tensors.
     pub fn len(&self) -> usize {
-        self.header.tensor_count as usize
+        self.tables.len()
     }
     /// True when the delta has no tensor.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Entry `i`, or `None` past the end.
+    /// Entry `i` with its payload bytes, or `None` past the end.
     pub fn tensor(&self, i: usize) -> Option<TensorEntry<'a>> {
-        let i = u32::try_from(i)
-            .ok()
-            .filter(|&i| i < self.header.tensor_count)?;
-        // parse() checked every entry, so this cannot fail.
-        self.entry_unchecked(i).ok()
+        // parse() checked every entry, and that each payload lies inside the file.
+        let e = self.tables.get(i)?;
+        let start = usize::try_from(e.offset).ok()?;
+        let end = usize::try_from(e.offset + e.len).ok()?;
+        Some(e.with_payload(self.bytes.get(start..end)?))
     }
     /// All entries in table (name) order.
     pub fn tensors(&self) -> impl Iterator<Item = TensorEntry<'a>> + '_ {
@@ -355,21 +329,5 @@ impl<'a> DeltaFile<'a> {
             e.payload()?;
         }
         Ok(())
-    }
-}
-
-impl<'a> TensorEntry<'a> {
-    /// Decodes entry `i` from the meta region `[HEADER_LEN, payload_offset)` alone, with every
-    /// check [`DeltaFile::parse`] makes on one entry; the payload must lie inside `file_len` bytes.
-    ///
-    /// The returned entry has no payload bytes ([`TensorEntry::payload_bytes`] is empty): only its
-    /// metadata is meaningful. Used by the streaming decoder, after [`DeltaFile::check_meta`].
-    pub(crate) fn decode(
-        header: &Header,
-        meta: &'a [u8],
-        file_len: u64,
-        i: u32,
-    ) -> Result<Self, FormatError> {
-        Tables::split(header, meta, file_len)?.entry(i)
     }
 }

@@ -1,5 +1,9 @@
 //! Element-wise delta kernels: the contract, and the single dispatch point.
 //!
+//! May depend on: `core`, [`crate::pack`] (the sign-bit order), and `std` with the `apply`
+//! feature (the cached backend choice, run-time CPU detection, `BITDELTA_FORCE_SCALAR`). Nothing
+//! else in the crate: the format, codecs and decoders call the kernels, never the other way.
+//!
 //! # Contract
 //! Every kernel works on `f32` slices, element by element. All arithmetic is plain `f32`, one
 //! rounding per operation, in the order written below, and **never fused** (no FMA). Because of
@@ -48,6 +52,80 @@ use crate::pack::packed_len;
 
 mod scalar;
 
+/// Declares the table of an ISA module, `static $table: Kernels`: the scalar table with the
+/// listed slots overwritten. Each slot is a safe closure that `debug_assert!`s the body contract
+/// of its slot type ([`ApplySignsFn`] and the others) and calls the ISA's `unsafe` entry point,
+/// so the contract is written once for every backend.
+///
+/// Invoking it is a promise: the table must only be reachable on a CPU with every target feature
+/// the entry points enable. The ISA module says why above the invocation.
+#[cfg(all(
+    any(
+        target_arch = "x86",
+        target_arch = "x86_64",
+        all(target_arch = "aarch64", target_feature = "neon")
+    ),
+    not(bitdelta_backend = "scalar")
+))]
+macro_rules! isa_table {
+    (static $table:ident = $name:literal { $($slot:ident: $entry:ident),* $(,)? }) => {
+        #[allow(
+            clippy::needless_update,
+            reason = "a slot added later defaults to scalar"
+        )]
+        static $table: $crate::kernels::Kernels = $crate::kernels::Kernels {
+            name: $name,
+            $($slot: isa_table!(@slot $slot $entry),)*
+            ..$crate::kernels::scalar::SCALAR
+        };
+    };
+    (@slot apply_signs $entry:ident) => {
+        |out, base, bits, scale| {
+            isa_table!(@lanes out);
+            debug_assert_eq!(base.len(), out.len());
+            debug_assert_eq!(bits.len(), out.len() / 8);
+            isa_table!(@call $entry, (out, base, bits, scale))
+        }
+    };
+    (@slot add_signs $entry:ident) => {
+        |acc, bits, scale| {
+            isa_table!(@lanes acc);
+            debug_assert_eq!(bits.len(), acc.len() / 8);
+            isa_table!(@call $entry, (acc, bits, scale))
+        }
+    };
+    (@slot apply_q8 $entry:ident) => {
+        |out, base, q, scale, alpha| {
+            isa_table!(@lanes out);
+            debug_assert_eq!(base.len(), out.len());
+            debug_assert_eq!(q.len(), out.len());
+            isa_table!(@call $entry, (out, base, q, scale, alpha))
+        }
+    };
+    (@slot add_q8 $entry:ident) => {
+        |acc, q, scale, alpha| {
+            isa_table!(@lanes acc);
+            debug_assert_eq!(q.len(), acc.len());
+            isa_table!(@call $entry, (acc, q, scale, alpha))
+        }
+    };
+    (@slot add_scaled $entry:ident) => {
+        |acc, x, alpha| {
+            isa_table!(@lanes acc);
+            debug_assert_eq!(x.len(), acc.len());
+            isa_table!(@call $entry, (acc, x, alpha))
+        }
+    };
+    (@lanes $body:ident) => {
+        debug_assert_eq!($body.len() % $crate::kernels::LANES, 0, "bodies are whole lanes")
+    };
+    (@call $entry:ident, ($($arg:ident),*)) => {
+        // SAFETY: whoever invokes `isa_table!` hands the table out only on a CPU with the entry
+        // point's target features (see the macro docs).
+        unsafe { $entry($($arg),*) }
+    };
+}
+
 #[cfg(all(
     any(target_arch = "x86", target_arch = "x86_64"),
     not(bitdelta_backend = "scalar")
@@ -71,15 +149,20 @@ mod tests;
 /// of bits per step). Shorter runs go through the scalar code.
 pub const LANES: usize = 32;
 
-/// `out, base, bits, scale`; `bits` starts at the body's first element, bit 0.
+// The body contract of every slot: the first slice's length is a multiple of [`LANES`], the other
+// slices match it, and sign bits start at bit 0 of their first byte (one byte per 8 elements).
+// [`isa_table!`] debug-asserts it in every SIMD slot; elements past the last whole chunk of
+// `LANES` would be left untouched.
+
+/// `out, base, bits, scale`; `base.len() == out.len()`, `bits.len() == out.len() / 8`.
 type ApplySignsFn = fn(&mut [f32], &[f32], &[u8], f32);
-/// `acc, bits, scale`; `bits` starts at the body's first element, bit 0.
+/// `acc, bits, scale`; `bits.len() == acc.len() / 8`.
 type AddSignsFn = fn(&mut [f32], &[u8], f32);
-/// `out, base, q, scale, alpha`.
+/// `out, base, q, scale, alpha`; `base` and `q` have `out.len()` elements.
 type ApplyQ8Fn = fn(&mut [f32], &[f32], &[i8], f32, f32);
-/// `acc, q, scale, alpha`.
+/// `acc, q, scale, alpha`; `q.len() == acc.len()`.
 type AddQ8Fn = fn(&mut [f32], &[i8], f32, f32);
-/// `acc, x, alpha`.
+/// `acc, x, alpha`; `x.len() == acc.len()`.
 type AddScaledFn = fn(&mut [f32], &[f32], f32);
 
 /// A kernel backend: a table of body kernels for one instruction set.
@@ -330,58 +413,57 @@ pub fn backend_name() -> &'static str {
     Kernels::get().name()
 }
 
-/// `out[i] = base[i] + (±scale)`, the sign from bit `bit_offset + i` of `bits`, on the chosen
-/// backend.
-///
-/// ```
-/// let base = [1.0f32, 2.0, 3.0];
-/// let mut out = [0.0f32; 3];
-/// // Bits 1 and 2 of the first byte: element 0 is +, element 1 is -.
-/// bitdelta::kernels::apply_signs(&mut out[..2], &base[..2], &[0b0000_0010], 1, 0.5);
-/// assert_eq!(out, [1.5, 1.5, 0.0]);
-/// ```
-///
-/// # Panics
-/// If `out.len() != base.len()`, or if `bits` holds fewer than
-/// [`packed_len`]`(bit_offset + out.len())` bytes.
-#[track_caller]
-pub fn apply_signs(out: &mut [f32], base: &[f32], bits: &[u8], bit_offset: usize, scale: f32) {
-    Kernels::get().apply_signs(out, base, bits, bit_offset, scale);
+/// Writes the free functions: each runs the same-named [`Kernels`] method on the backend
+/// [`Kernels::get`] chose, with the same contract.
+macro_rules! on_chosen_backend {
+    ($($(#[$doc:meta])* pub fn $op:ident($($arg:ident: $ty:ty),* $(,)?);)*) => {$(
+        $(#[$doc])*
+        #[track_caller]
+        pub fn $op($($arg: $ty),*) {
+            Kernels::get().$op($($arg),*);
+        }
+    )*};
 }
 
-/// `acc[i] = acc[i] + (±scale)`, the sign from bit `bit_offset + i` of `bits`, on the chosen
-/// backend.
-///
-/// # Panics
-/// If `bits` holds fewer than [`packed_len`]`(bit_offset + acc.len())` bytes.
-#[track_caller]
-pub fn add_signs(acc: &mut [f32], bits: &[u8], bit_offset: usize, scale: f32) {
-    Kernels::get().add_signs(acc, bits, bit_offset, scale);
-}
+on_chosen_backend! {
+    /// `out[i] = base[i] + (±scale)`, the sign from bit `bit_offset + i` of `bits`, on the chosen
+    /// backend.
+    ///
+    /// ```
+    /// let base = [1.0f32, 2.0, 3.0];
+    /// let mut out = [0.0f32; 3];
+    /// // Bits 1 and 2 of the first byte: element 0 is +, element 1 is -.
+    /// bitdelta::kernels::apply_signs(&mut out[..2], &base[..2], &[0b0000_0010], 1, 0.5);
+    /// assert_eq!(out, [1.5, 1.5, 0.0]);
+    /// ```
+    ///
+    /// # Panics
+    /// If `out.len() != base.len()`, or if `bits` holds fewer than
+    /// [`packed_len`]`(bit_offset + out.len())` bytes.
+    pub fn apply_signs(out: &mut [f32], base: &[f32], bits: &[u8], bit_offset: usize, scale: f32);
 
-/// `out[i] = base[i] + alpha * (scale * f32::from(q[i]))` on the chosen backend.
-///
-/// # Panics
-/// If `base` or `q` differ in length from `out`.
-#[track_caller]
-pub fn apply_q8(out: &mut [f32], base: &[f32], q: &[i8], scale: f32, alpha: f32) {
-    Kernels::get().apply_q8(out, base, q, scale, alpha);
-}
+    /// `acc[i] = acc[i] + (±scale)`, the sign from bit `bit_offset + i` of `bits`, on the chosen
+    /// backend.
+    ///
+    /// # Panics
+    /// If `bits` holds fewer than [`packed_len`]`(bit_offset + acc.len())` bytes.
+    pub fn add_signs(acc: &mut [f32], bits: &[u8], bit_offset: usize, scale: f32);
 
-/// `acc[i] = acc[i] + alpha * (scale * f32::from(q[i]))` on the chosen backend.
-///
-/// # Panics
-/// If `q.len() != acc.len()`.
-#[track_caller]
-pub fn add_q8(acc: &mut [f32], q: &[i8], scale: f32, alpha: f32) {
-    Kernels::get().add_q8(acc, q, scale, alpha);
-}
+    /// `out[i] = base[i] + alpha * (scale * f32::from(q[i]))` on the chosen backend.
+    ///
+    /// # Panics
+    /// If `base` or `q` differ in length from `out`.
+    pub fn apply_q8(out: &mut [f32], base: &[f32], q: &[i8], scale: f32, alpha: f32);
 
-/// `acc[i] = acc[i] + alpha * x[i]` (two roundings, never fused) on the chosen backend.
-///
-/// # Panics
-/// If `x.len() != acc.len()`.
-#[track_caller]
-pub fn add_scaled(acc: &mut [f32], x: &[f32], alpha: f32) {
-    Kernels::get().add_scaled(acc, x, alpha);
+    /// `acc[i] = acc[i] + alpha * (scale * f32::from(q[i]))` on the chosen backend.
+    ///
+    /// # Panics
+    /// If `q.len() != acc.len()`.
+    pub fn add_q8(acc: &mut [f32], q: &[i8], scale: f32, alpha: f32);
+
+    /// `acc[i] = acc[i] + alpha * x[i]` (two roundings, never fused) on the chosen backend.
+    ///
+    /// # Panics
+    /// If `x.len() != acc.len()`.
+    pub fn add_scaled(acc: &mut [f32], x: &[f32], alpha: f32);
 }

@@ -1,5 +1,8 @@
 //! Signed delta envelopes (ed25519).
 //!
+//! May depend on: `std`, `ed25519-dalek` and [`crate::fingerprint`] (hex for key files and key
+//! ids). Not on the delta format: an envelope is checked before its payload is parsed.
+//!
 //! A device that installs deltas from an SD card must know who produced a file before it spends
 //! any effort on it: the delta parser is hardened, but a signature check in front of it means an
 //! attacker's bytes never reach it at all. The envelope therefore wraps the delta bytes unchanged

@@ -21,10 +21,10 @@ use std::vec;
 use std::vec::Vec;
 
 use super::{Checked, Store};
-use crate::card::{argmax, CardError, DType, Golden, ModelCard};
+use crate::card::{argmax, CardError, Golden, ModelCard};
 use crate::format::DeltaFile;
 use crate::frame::{Frame, FrameError};
-use crate::tract::{Engine, InputType, BASE};
+use crate::tract::{Engine, BASE};
 
 /// Why a candidate failed its self-test.
 #[derive(Debug)]
@@ -208,11 +208,7 @@ impl SelfTest {
     ) -> Result<(), SelfTestError> {
         let card = ModelCard::load(&self.card)?;
         card.check_model((*base).as_ref(), &self.card, &self.base)?;
-        let input_type = match card.input.dtype {
-            DType::F32 => InputType::F32,
-            DType::F16 => InputType::F16,
-        };
-        let mut engine = Engine::with_input_type(base, &card.batch1_shape(), input_type)
+        let mut engine = Engine::with_input_type(base, &card.batch1_shape(), card.input_type())
             .map_err(|e| model_error(Some(&self.base.display().to_string()), e))?;
         let name = match candidate {
             Some(c) => {

@@ -34,32 +34,31 @@ fn delta(base: &str, fine: &str, name: &str, sequence: u64) -> Vec<u8> {
 }
 
 /// A fresh folder for one test (removed on drop).
-struct Scratch(PathBuf);
+struct Scratch(tempfile::TempDir);
 
 impl Scratch {
     fn new(test: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("bitdelta-store-unit-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("bitdelta-store-unit-{test}-"))
+            .tempdir()
+            .unwrap();
         Self(dir)
+    }
+
+    /// The folder.
+    fn path(&self) -> &Path {
+        self.0.path()
     }
 
     /// Writes `bytes` as `name` in the folder (outside the store) and returns its path.
     fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
-        let p = self.0.join(name);
+        let p = self.path().join(name);
         std::fs::write(&p, bytes).unwrap();
         p
     }
 
     fn store(&self) -> PathBuf {
-        self.0.join("store")
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.path().join("store")
     }
 }
 
@@ -323,7 +322,7 @@ fn an_interrupted_install_is_recovered() {
     let s = Scratch::new("crash");
     init(&s, &[]);
     let night = s.file("night.bdelta", &delta("species-base", "night", "night", 1));
-    let pristine = s.0.join("pristine");
+    let pristine = s.path().join("pristine");
     std::fs::rename(s.store(), &pristine).unwrap();
     let copy = |to: &Path| {
         let _ = std::fs::remove_dir_all(to);
@@ -403,7 +402,7 @@ fn the_lock_refuses_a_second_writer() {
 fn staged_writes_replace_the_target_only_on_commit() {
     let s = Scratch::new("staged");
     let target = s.file("out.bin", b"old");
-    let tmp = s.0.join(".out.bin.tmp");
+    let tmp = s.path().join(".out.bin.tmp");
     let mut w = Staged::create(&target).unwrap();
     std::io::Write::write_all(w.file(), b"new bytes").unwrap();
     assert!(tmp.exists());
@@ -415,8 +414,8 @@ fn staged_writes_replace_the_target_only_on_commit() {
     assert_eq!(std::fs::read(&target).unwrap(), b"new bytes");
     assert!(!tmp.exists());
 
-    let secret = s.0.join("key");
-    std::fs::write(s.0.join(".key.tmp"), b"stale").unwrap();
+    let secret = s.path().join("key");
+    std::fs::write(s.path().join(".key.tmp"), b"stale").unwrap();
     let mut w = Staged::create_private(&secret).unwrap();
     std::io::Write::write_all(w.file(), b"seed").unwrap();
     w.commit().unwrap();

@@ -6,15 +6,16 @@
 //! [`StreamDecoder`] reads the delta once, front to back, never seeks, and rebuilds one tensor at
 //! a time in a caller-sized chunk of `f32`.
 //!
-//! May depend on: `core`, `embedded-io`, `crc32fast`, `half`, [`crate::format`] (the layout and
-//! every check) and [`crate::kernels`]. No `alloc`, no `std`.
+//! May depend on: `core`, `embedded-io`, `crc32fast`, `half`, [`crate::error`], [`crate::format`]
+//! (the layout and every check) and [`crate::codec`] (the decoders, which run the
+//! [`crate::kernels`]). No `alloc`, no `std`.
 //!
 //! # Use
 //! 1. [`StreamDecoder::new`] reads the 64-byte header and the meta region (manifest, table, dims,
 //!    names) into the caller's buffer and checks the structure.
 //! 2. For each tensor, in table (name) order: [`StreamDecoder::peek`] says which tensor comes
 //!    next; the caller positions its base reader at that tensor's data (little-endian f32 or f16,
-//!    per [`TensorInfo::dtype`]); [`StreamDecoder::next_tensor`] reads exactly
+//!    per [`TensorEntry::dtype`]); [`StreamDecoder::next_tensor`] reads exactly
 //!    [`TensorInfo::base_len`] bytes of base, reads the payload, and hands every rebuilt chunk to
 //!    `sink(element offset, values)`. [`StreamDecoder::skip_tensor`] checks a payload without
 //!    rebuilding it (e.g. to leave `unchanged` tensors alone).
@@ -118,7 +119,7 @@ use embedded_io::Read;
 use crate::codec::{Cursor, Params, Term};
 use crate::error::{Error, FormatError};
 use crate::format::{
-    Codec, DType, DeltaFile, Header, Manifest, Scales, TensorEntry, HEADER_LEN, MAX_PLANES,
+    DType, DeltaFile, Header, Manifest, Scales, Tables, TensorEntry, HEADER_LEN, MAX_PLANES,
     MAX_RANK,
 };
 
@@ -137,75 +138,32 @@ const SIGN_SEG: u64 = ((IO_BUF - 1) * 8) as u64;
 /// arithmetic reads exactly as in [`crate::compose::reconstruct`].
 const ALPHA: f32 = 1.0;
 
-/// One tensor of a streamed delta: its table entry, without payload bytes.
+/// One tensor of a streamed delta: its table entry (every field and method of [`TensorEntry`],
+/// through `Deref`), without payload bytes, and its dimensions as numbers.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TensorInfo<'m> {
-    /// Index in the table.
-    pub index: u32,
-    /// Tensor name.
-    pub name: &'m str,
-    /// Codec.
-    pub codec: Codec,
-    /// Dtype of the base tensor (and of the bytes [`StreamDecoder::next_tensor`] reads from the
-    /// base).
-    pub dtype: DType,
-    /// Entry flags (`FLAG_SCALES_F16`).
-    pub flags: u8,
-    /// Scale-group count (0 for codecs without groups).
-    pub groups: u32,
-    /// Per-tensor scale (the `sign` codec), else 0.
-    pub scale: f32,
-    /// Stored CRC32 of the payload.
-    pub crc: u32,
-    /// Absolute offset of the payload in the file.
-    pub offset: u64,
-    /// Payload length in bytes.
-    pub len: u64,
-    rank: u8,
+    entry: TensorEntry<'m>,
     dims: [u32; MAX_RANK as usize],
-    planes: u8,
+}
+
+impl<'m> core::ops::Deref for TensorInfo<'m> {
+    type Target = TensorEntry<'m>;
+    fn deref(&self) -> &TensorEntry<'m> {
+        &self.entry
+    }
 }
 
 impl<'m> TensorInfo<'m> {
-    fn new(e: &TensorEntry<'m>) -> Self {
+    fn new(entry: TensorEntry<'m>) -> Self {
         let mut dims = [0u32; MAX_RANK as usize];
-        let mut rank = 0u8;
-        for (slot, d) in dims.iter_mut().zip(e.dims()) {
+        for (slot, d) in dims.iter_mut().zip(entry.dims()) {
             *slot = d;
-            rank += 1;
         }
-        Self {
-            index: e.index,
-            name: e.name,
-            codec: e.codec,
-            dtype: e.dtype,
-            flags: e.flags,
-            groups: e.groups,
-            scale: e.scale,
-            crc: e.crc,
-            offset: e.offset,
-            len: e.payload_len(),
-            rank,
-            dims,
-            // At most MAX_PLANES.
-            planes: e.planes() as u8,
-        }
-    }
-    /// Number of sign planes: `k` for `sign-planes`, 1 for `sign` and `sign-groups`, else 0.
-    pub fn planes(&self) -> usize {
-        usize::from(self.planes)
-    }
-    /// Rank.
-    pub fn rank(&self) -> usize {
-        usize::from(self.rank)
+        Self { entry, dims }
     }
     /// Dimensions, outermost first.
     pub fn dims(&self) -> &[u32] {
         &self.dims[..self.rank()]
-    }
-    /// Number of elements (at most `2^40`, checked by [`StreamDecoder::new`]).
-    pub fn numel(&self) -> u64 {
-        self.dims().iter().fold(1u64, |a, &d| a * u64::from(d))
     }
     /// Bytes [`StreamDecoder::next_tensor`] reads from the base reader: `numel × dtype size`.
     pub fn base_len(&self) -> u64 {
@@ -220,10 +178,9 @@ impl<'m> TensorInfo<'m> {
 #[derive(Debug)]
 pub struct StreamDecoder<'m, R> {
     delta: R,
-    header: Header,
     manifest: Manifest<'m>,
-    /// Bytes `[HEADER_LEN, payload_offset)`.
-    meta: &'m [u8],
+    /// The table, dims and names areas of the meta region `[HEADER_LEN, payload_offset)`.
+    tables: Tables<'m>,
     /// The rest of the caller's buffer: the group scales of the current tensor.
     scales: &'m mut [u8],
     /// Offset in the file of the next byte the reader yields.
@@ -266,11 +223,10 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
         let (meta, scales) = buf.split_at_mut(meta_len);
         read_delta(&mut delta, &mut pos, meta)?;
         let meta: &'m [u8] = meta;
-        let manifest = DeltaFile::check_meta(&header, meta, delta_len)?;
+        let (manifest, tables) = DeltaFile::check_meta(&header, meta, delta_len)?;
         let mut most = 0u64;
         for i in 0..header.tensor_count {
-            let e = TensorEntry::decode(&header, meta, delta_len, i)?;
-            most = most.max(e.scale_bytes());
+            most = most.max(tables.entry(i)?.scale_bytes());
         }
         if most > scales.len() as u64 {
             return Err(FormatError::BufferTooSmall {
@@ -281,9 +237,8 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
         }
         Ok(Self {
             delta,
-            header,
             manifest,
-            meta,
+            tables,
             scales,
             pos,
             next: 0,
@@ -348,7 +303,7 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
             !out.is_empty(),
             "StreamDecoder: out_chunk must hold at least one element"
         );
-        if self.failed || self.next >= self.header.tensor_count {
+        if self.failed || self.next >= self.header().tensor_count {
             return Ok(None);
         }
         match self.decode_one(out, &mut fill, &mut sink, skip) {
@@ -374,9 +329,7 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
         F: FnMut(&mut [f32], &mut [u8; IO_BUF]) -> Result<(), Error<R::Error>>,
         S: FnMut(u64, &[f32]),
     {
-        let file_len = self.header.file_len;
-        let e = TensorEntry::decode(&self.header, self.meta, file_len, self.next)?;
-        let info = TensorInfo::new(&e);
+        let info = TensorInfo::new(self.tables.entry(self.next)?);
         let index = info.index;
         let Self {
             delta,
@@ -409,7 +362,7 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
         }
 
         // Group scales, held in the caller's buffer (its size was checked by `new`).
-        let scale_len = e.scale_bytes();
+        let scale_len = info.scale_bytes();
         let room = scale_buf.len() as u64;
         let sbuf = usize::try_from(scale_len)
             .ok()
@@ -480,7 +433,7 @@ pub fn buffer_len(file: &DeltaFile<'_>) -> u64 {
 impl<'m, R> StreamDecoder<'m, R> {
     /// The header.
     pub fn header(&self) -> &Header {
-        &self.header
+        self.tables.header()
     }
     /// The manifest.
     pub fn manifest(&self) -> &Manifest<'m> {
@@ -488,7 +441,7 @@ impl<'m, R> StreamDecoder<'m, R> {
     }
     /// Number of tensors.
     pub fn len(&self) -> usize {
-        self.header.tensor_count as usize
+        self.tables.len()
     }
     /// True when the delta has no tensor.
     pub fn is_empty(&self) -> bool {
@@ -496,13 +449,8 @@ impl<'m, R> StreamDecoder<'m, R> {
     }
     /// Entry `i` of the table (any `i`, read or not), or `None` past the end.
     pub fn tensor(&self, i: usize) -> Option<TensorInfo<'m>> {
-        let i = u32::try_from(i)
-            .ok()
-            .filter(|&i| i < self.header.tensor_count)?;
-        // `new` checked every entry, so this cannot fail.
-        TensorEntry::decode(&self.header, self.meta, self.header.file_len, i)
-            .ok()
-            .map(|e| TensorInfo::new(&e))
+        // `new` checked every entry.
+        self.tables.get(i).map(TensorInfo::new)
     }
     /// The tensor the next call to [`StreamDecoder::next_tensor`] or
     /// [`StreamDecoder::skip_tensor`] reads, or `None` when done (or after an error).
@@ -514,7 +462,7 @@ impl<'m, R> StreamDecoder<'m, R> {
     }
     /// True when every tensor has been read and checked without error.
     pub fn is_complete(&self) -> bool {
-        !self.failed && self.next == self.header.tensor_count
+        !self.failed && self.next == self.header().tensor_count
     }
     /// Offset in the file of the next byte to read from the delta reader.
     pub fn position(&self) -> u64 {

@@ -10,7 +10,7 @@ use half::f16;
 use super::*;
 use crate::compose::{self, Base};
 use crate::format::{
-    write_delta, Encoded, OwnedScales, TensorRecord, ENTRY_LEN, FLAG_SCALES_F16, MAX_SCALE,
+    write_delta, Codec, Encoded, OwnedScales, TensorRecord, ENTRY_LEN, FLAG_SCALES_F16, MAX_SCALE,
 };
 
 // ---------------------------------------------------------------------------------------------

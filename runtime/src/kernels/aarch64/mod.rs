@@ -10,65 +10,35 @@
 //! multiply-add anywhere (no `vfmaq`/`vmlaq`): products and sums are separate `vmulq_f32` and
 //! `vaddq_f32`, so results are bit-identical to the scalar reference.
 //!
-//! Soundness: the entry points are `unsafe` because they need NEON. The safe slot functions that
-//! wrap them are private to this module and reachable only through [`NEON`]; this module is
-//! compiled only when NEON is enabled for the whole build. All memory accesses stay inside
-//! `chunks_exact` chunks, so a broken length contract can only drop elements (caught by
-//! `debug_assert!`), never read or write out of bounds.
+//! Soundness: the entry points are `unsafe` because they need NEON. The safe slots that
+//! `isa_table!` writes around them (and that `debug_assert!` the body contract) are reachable
+//! only through [`NEON`]; this module is compiled only when NEON is enabled for the whole build.
+//! All memory accesses stay inside `chunks_exact` chunks, so a broken length contract can only
+//! drop elements, never read or write out of bounds.
+//!
+//! May depend on: `core::arch::aarch64` and the parent [`super`] (the table type, [`LANES`] and
+//! `isa_table!`). Nothing else: no `alloc`, no `std`.
 #![allow(unsafe_code)]
 
 use core::arch::aarch64::*;
 
-use super::scalar::SCALAR;
 use super::{Kernels, LANES};
 
-/// The NEON table: the scalar table with every slot overwritten.
-#[allow(
-    clippy::needless_update,
-    reason = "a slot added later defaults to scalar"
-)]
-static NEON: Kernels = Kernels {
-    name: "neon",
-    apply_signs: apply_signs_32n,
-    add_signs: add_signs_32n,
-    apply_q8: apply_q8_32n,
-    add_q8: add_q8_32n,
-    add_scaled: add_scaled_32n,
-    ..SCALAR
-};
+// This module only exists when NEON is enabled at compile time for the whole build.
+isa_table! {
+    static NEON = "neon" {
+        apply_signs: neon_apply_signs_f32_32n,
+        add_signs: neon_add_signs_f32_32n,
+        apply_q8: neon_apply_q8_f32_32n,
+        add_q8: neon_add_q8_f32_32n,
+        add_scaled: neon_add_scaled_f32_32n,
+    }
+}
 
 /// The NEON table. Always available: this module is only built with `target_feature = "neon"`.
 #[allow(clippy::unnecessary_wraps)] // Same signature as the other ISA modules' `table`.
 pub(super) fn table() -> Option<&'static Kernels> {
     Some(&NEON)
-}
-
-// Safe slots for the table. Each is sound because this module only exists when NEON is enabled
-// at compile time for the whole build (see the module docs).
-
-fn apply_signs_32n(out: &mut [f32], base: &[f32], bits: &[u8], scale: f32) {
-    // SAFETY: NEON is enabled at compile time (this module is cfg'd on it).
-    unsafe { neon_apply_signs_f32_32n(out, base, bits, scale) }
-}
-
-fn add_signs_32n(acc: &mut [f32], bits: &[u8], scale: f32) {
-    // SAFETY: NEON is enabled at compile time (this module is cfg'd on it).
-    unsafe { neon_add_signs_f32_32n(acc, bits, scale) }
-}
-
-fn apply_q8_32n(out: &mut [f32], base: &[f32], q: &[i8], scale: f32, alpha: f32) {
-    // SAFETY: NEON is enabled at compile time (this module is cfg'd on it).
-    unsafe { neon_apply_q8_f32_32n(out, base, q, scale, alpha) }
-}
-
-fn add_q8_32n(acc: &mut [f32], q: &[i8], scale: f32, alpha: f32) {
-    // SAFETY: NEON is enabled at compile time (this module is cfg'd on it).
-    unsafe { neon_add_q8_f32_32n(acc, q, scale, alpha) }
-}
-
-fn add_scaled_32n(acc: &mut [f32], x: &[f32], alpha: f32) {
-    // SAFETY: NEON is enabled at compile time (this module is cfg'd on it).
-    unsafe { neon_add_scaled_f32_32n(acc, x, alpha) }
 }
 
 /// One-bit masks: lane `k` of vector `j` tests bit `4 * j + k` of a 32-bit word.
@@ -119,16 +89,12 @@ fn dequant16(q: int8x16_t, scale: float32x4_t, alpha: float32x4_t) -> [float32x4
 
 /// `out[i] = base[i] + (±scale)`, sign `i` from bit `i % 8` of `bits[i / 8]`.
 ///
-/// Contract (debug-asserted): `out.len()` is a multiple of [`LANES`], `base.len() == out.len()`
-/// and `bits.len() == out.len() / 8`. Elements past the last whole chunk are left untouched.
+/// The body contract of [`ApplySignsFn`](super::ApplySignsFn) (debug-asserted by the slot).
 ///
 /// # Safety
 /// - The CPU must support NEON.
 #[target_feature(enable = "neon")]
 unsafe fn neon_apply_signs_f32_32n(out: &mut [f32], base: &[f32], bits: &[u8], scale: f32) {
-    debug_assert_eq!(out.len() % LANES, 0);
-    debug_assert_eq!(base.len(), out.len());
-    debug_assert_eq!(bits.len(), out.len() / 8);
     let (pos, neg) = (vdupq_n_f32(scale), vdupq_n_f32(-scale));
     let masks = bit_masks();
     let chunks = out.chunks_exact_mut(LANES).zip(base.chunks_exact(LANES));
@@ -147,15 +113,12 @@ unsafe fn neon_apply_signs_f32_32n(out: &mut [f32], base: &[f32], bits: &[u8], s
 
 /// `acc[i] = acc[i] + (±scale)`, sign `i` from bit `i % 8` of `bits[i / 8]`.
 ///
-/// Contract (debug-asserted): `acc.len()` is a multiple of [`LANES`] and
-/// `bits.len() == acc.len() / 8`.
+/// The body contract of [`AddSignsFn`](super::AddSignsFn) (debug-asserted by the slot).
 ///
 /// # Safety
 /// - The CPU must support NEON.
 #[target_feature(enable = "neon")]
 unsafe fn neon_add_signs_f32_32n(acc: &mut [f32], bits: &[u8], scale: f32) {
-    debug_assert_eq!(acc.len() % LANES, 0);
-    debug_assert_eq!(bits.len(), acc.len() / 8);
     let (pos, neg) = (vdupq_n_f32(scale), vdupq_n_f32(-scale));
     let masks = bit_masks();
     for (a, w) in acc.chunks_exact_mut(LANES).zip(bits.as_chunks::<4>().0) {
@@ -171,16 +134,12 @@ unsafe fn neon_add_signs_f32_32n(acc: &mut [f32], bits: &[u8], scale: f32) {
 
 /// `out[i] = base[i] + alpha * (scale * q[i])`.
 ///
-/// Contract (debug-asserted): `out.len()` is a multiple of [`LANES`] and `base` and `q` have the
-/// same length.
+/// The body contract of [`ApplyQ8Fn`](super::ApplyQ8Fn) (debug-asserted by the slot).
 ///
 /// # Safety
 /// - The CPU must support NEON.
 #[target_feature(enable = "neon")]
 unsafe fn neon_apply_q8_f32_32n(out: &mut [f32], base: &[f32], q: &[i8], scale: f32, alpha: f32) {
-    debug_assert_eq!(out.len() % LANES, 0);
-    debug_assert_eq!(base.len(), out.len());
-    debug_assert_eq!(q.len(), out.len());
     let (scale, alpha) = (vdupq_n_f32(scale), vdupq_n_f32(alpha));
     let chunks = out.chunks_exact_mut(16).zip(base.chunks_exact(16));
     for ((o, b), q) in chunks.zip(q.as_chunks::<16>().0) {
@@ -199,14 +158,12 @@ unsafe fn neon_apply_q8_f32_32n(out: &mut [f32], base: &[f32], q: &[i8], scale: 
 
 /// `acc[i] = acc[i] + alpha * (scale * q[i])`.
 ///
-/// Contract (debug-asserted): `acc.len()` is a multiple of [`LANES`] and `q.len() == acc.len()`.
+/// The body contract of [`AddQ8Fn`](super::AddQ8Fn) (debug-asserted by the slot).
 ///
 /// # Safety
 /// - The CPU must support NEON.
 #[target_feature(enable = "neon")]
 unsafe fn neon_add_q8_f32_32n(acc: &mut [f32], q: &[i8], scale: f32, alpha: f32) {
-    debug_assert_eq!(acc.len() % LANES, 0);
-    debug_assert_eq!(q.len(), acc.len());
     let (scale, alpha) = (vdupq_n_f32(scale), vdupq_n_f32(alpha));
     for (a, q) in acc.chunks_exact_mut(16).zip(q.as_chunks::<16>().0) {
         // SAFETY: `q` is a 16-byte array, exactly what `vld1q_s8` reads.
@@ -221,14 +178,12 @@ unsafe fn neon_add_q8_f32_32n(acc: &mut [f32], q: &[i8], scale: f32, alpha: f32)
 
 /// `acc[i] = acc[i] + alpha * x[i]`.
 ///
-/// Contract (debug-asserted): `acc.len()` is a multiple of [`LANES`] and `x.len() == acc.len()`.
+/// The body contract of [`AddScaledFn`](super::AddScaledFn) (debug-asserted by the slot).
 ///
 /// # Safety
 /// - The CPU must support NEON.
 #[target_feature(enable = "neon")]
 unsafe fn neon_add_scaled_f32_32n(acc: &mut [f32], x: &[f32], alpha: f32) {
-    debug_assert_eq!(acc.len() % LANES, 0);
-    debug_assert_eq!(x.len(), acc.len());
     let alpha = vdupq_n_f32(alpha);
     for (a, x) in acc.chunks_exact_mut(LANES).zip(x.chunks_exact(LANES)) {
         for j in 0..LANES / 4 {

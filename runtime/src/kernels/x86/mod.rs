@@ -7,11 +7,15 @@
 //! `-scale` for a clear one, exactly like the scalar negation. There is no FMA anywhere: products
 //! and sums are separate `vmulps`/`vaddps`, so results are bit-identical to the scalar reference.
 //!
-//! Soundness: the entry points are `unsafe` because they need AVX2. The safe slot functions that
-//! wrap them are private to this module and reachable only through [`AVX2`], which [`table`]
-//! hands out only after checking that the CPU has AVX2 (at run time with `std`, at compile time
-//! without). All memory accesses stay inside `chunks_exact` chunks, so a broken length contract
-//! can only drop elements (caught by `debug_assert!`), never read or write out of bounds.
+//! Soundness: the entry points are `unsafe` because they need AVX2. The safe slots that
+//! `isa_table!` writes around them (and that `debug_assert!` the body contract) are reachable
+//! only through [`AVX2`], which [`table`] hands out only after checking that the CPU has AVX2 (at
+//! run time with `std`, at compile time without). All memory accesses stay inside `chunks_exact`
+//! chunks, so a broken length contract can only drop elements, never read or write out of
+//! bounds.
+//!
+//! May depend on: `core::arch::x86`/`x86_64`, `std` for run-time feature detection (with the
+//! `apply` feature), and the parent [`super`] (the table type, [`LANES`] and `isa_table!`).
 #![allow(unsafe_code)]
 
 #[cfg(target_arch = "x86")]
@@ -19,23 +23,18 @@ use core::arch::x86::*;
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
 
-use super::scalar::SCALAR;
 use super::{Kernels, LANES};
 
-/// The AVX2 table: the scalar table with every slot overwritten.
-#[allow(
-    clippy::needless_update,
-    reason = "a slot added later defaults to scalar"
-)]
-static AVX2: Kernels = Kernels {
-    name: "avx2",
-    apply_signs: apply_signs_32n,
-    add_signs: add_signs_32n,
-    apply_q8: apply_q8_32n,
-    add_q8: add_q8_32n,
-    add_scaled: add_scaled_32n,
-    ..SCALAR
-};
+// `table` hands `AVX2` out only when `is_available()` (see the module docs).
+isa_table! {
+    static AVX2 = "avx2" {
+        apply_signs: avx2_apply_signs_f32_32n,
+        add_signs: avx2_add_signs_f32_32n,
+        apply_q8: avx2_apply_q8_f32_32n,
+        add_q8: avx2_add_q8_f32_32n,
+        add_scaled: avx2_add_scaled_f32_32n,
+    }
+}
 
 /// The AVX2 table, if this CPU supports AVX2.
 pub(super) fn table() -> Option<&'static Kernels> {
@@ -52,34 +51,6 @@ fn is_available() -> bool {
     {
         cfg!(target_feature = "avx2")
     }
-}
-
-// Safe slots for the table. Each is sound because it is reachable only through `AVX2`, which
-// `table` returns only when `is_available()` (see the module docs).
-
-fn apply_signs_32n(out: &mut [f32], base: &[f32], bits: &[u8], scale: f32) {
-    // SAFETY: only reachable through `AVX2`, handed out by `table` after the AVX2 check.
-    unsafe { avx2_apply_signs_f32_32n(out, base, bits, scale) }
-}
-
-fn add_signs_32n(acc: &mut [f32], bits: &[u8], scale: f32) {
-    // SAFETY: only reachable through `AVX2`, handed out by `table` after the AVX2 check.
-    unsafe { avx2_add_signs_f32_32n(acc, bits, scale) }
-}
-
-fn apply_q8_32n(out: &mut [f32], base: &[f32], q: &[i8], scale: f32, alpha: f32) {
-    // SAFETY: only reachable through `AVX2`, handed out by `table` after the AVX2 check.
-    unsafe { avx2_apply_q8_f32_32n(out, base, q, scale, alpha) }
-}
-
-fn add_q8_32n(acc: &mut [f32], q: &[i8], scale: f32, alpha: f32) {
-    // SAFETY: only reachable through `AVX2`, handed out by `table` after the AVX2 check.
-    unsafe { avx2_add_q8_f32_32n(acc, q, scale, alpha) }
-}
-
-fn add_scaled_32n(acc: &mut [f32], x: &[f32], alpha: f32) {
-    // SAFETY: only reachable through `AVX2`, handed out by `table` after the AVX2 check.
-    unsafe { avx2_add_scaled_f32_32n(acc, x, alpha) }
 }
 
 /// Per-lane shift counts that move bit `8 * j + k` of a 32-bit word to bit 31 in lane `k` of
@@ -122,16 +93,12 @@ fn dequant8(q: &[i8; 8], scale: __m256, alpha: __m256) -> __m256 {
 
 /// `out[i] = base[i] + (±scale)`, sign `i` from bit `i % 8` of `bits[i / 8]`.
 ///
-/// Contract (debug-asserted): `out.len()` is a multiple of [`LANES`], `base.len() == out.len()`
-/// and `bits.len() == out.len() / 8`. Elements past the last whole chunk are left untouched.
+/// The body contract of [`ApplySignsFn`](super::ApplySignsFn) (debug-asserted by the slot).
 ///
 /// # Safety
 /// - The CPU must support AVX2.
 #[target_feature(enable = "avx2")]
 unsafe fn avx2_apply_signs_f32_32n(out: &mut [f32], base: &[f32], bits: &[u8], scale: f32) {
-    debug_assert_eq!(out.len() % LANES, 0);
-    debug_assert_eq!(base.len(), out.len());
-    debug_assert_eq!(bits.len(), out.len() / 8);
     let neg_scale = _mm256_set1_ps(-scale);
     let shifts = sign_shifts();
     let chunks = out.chunks_exact_mut(LANES).zip(base.chunks_exact(LANES));
@@ -150,15 +117,12 @@ unsafe fn avx2_apply_signs_f32_32n(out: &mut [f32], base: &[f32], bits: &[u8], s
 
 /// `acc[i] = acc[i] + (±scale)`, sign `i` from bit `i % 8` of `bits[i / 8]`.
 ///
-/// Contract (debug-asserted): `acc.len()` is a multiple of [`LANES`] and
-/// `bits.len() == acc.len() / 8`.
+/// The body contract of [`AddSignsFn`](super::AddSignsFn) (debug-asserted by the slot).
 ///
 /// # Safety
 /// - The CPU must support AVX2.
 #[target_feature(enable = "avx2")]
 unsafe fn avx2_add_signs_f32_32n(acc: &mut [f32], bits: &[u8], scale: f32) {
-    debug_assert_eq!(acc.len() % LANES, 0);
-    debug_assert_eq!(bits.len(), acc.len() / 8);
     let neg_scale = _mm256_set1_ps(-scale);
     let shifts = sign_shifts();
     for (a, w) in acc.chunks_exact_mut(LANES).zip(bits.as_chunks::<4>().0) {
@@ -175,16 +139,12 @@ unsafe fn avx2_add_signs_f32_32n(acc: &mut [f32], bits: &[u8], scale: f32) {
 
 /// `out[i] = base[i] + alpha * (scale * q[i])`.
 ///
-/// Contract (debug-asserted): `out.len()` is a multiple of [`LANES`] and `base` and `q` have the
-/// same length.
+/// The body contract of [`ApplyQ8Fn`](super::ApplyQ8Fn) (debug-asserted by the slot).
 ///
 /// # Safety
 /// - The CPU must support AVX2.
 #[target_feature(enable = "avx2")]
 unsafe fn avx2_apply_q8_f32_32n(out: &mut [f32], base: &[f32], q: &[i8], scale: f32, alpha: f32) {
-    debug_assert_eq!(out.len() % LANES, 0);
-    debug_assert_eq!(base.len(), out.len());
-    debug_assert_eq!(q.len(), out.len());
     let (scale, alpha) = (_mm256_set1_ps(scale), _mm256_set1_ps(alpha));
     let chunks = out.chunks_exact_mut(LANES).zip(base.chunks_exact(LANES));
     for ((o, b), q) in chunks.zip(q.as_chunks::<LANES>().0) {
@@ -200,14 +160,12 @@ unsafe fn avx2_apply_q8_f32_32n(out: &mut [f32], base: &[f32], q: &[i8], scale: 
 
 /// `acc[i] = acc[i] + alpha * (scale * q[i])`.
 ///
-/// Contract (debug-asserted): `acc.len()` is a multiple of [`LANES`] and `q.len() == acc.len()`.
+/// The body contract of [`AddQ8Fn`](super::AddQ8Fn) (debug-asserted by the slot).
 ///
 /// # Safety
 /// - The CPU must support AVX2.
 #[target_feature(enable = "avx2")]
 unsafe fn avx2_add_q8_f32_32n(acc: &mut [f32], q: &[i8], scale: f32, alpha: f32) {
-    debug_assert_eq!(acc.len() % LANES, 0);
-    debug_assert_eq!(q.len(), acc.len());
     let (scale, alpha) = (_mm256_set1_ps(scale), _mm256_set1_ps(alpha));
     for (a, q) in acc.chunks_exact_mut(LANES).zip(q.as_chunks::<LANES>().0) {
         for (j, q) in q.as_chunks::<8>().0.iter().enumerate() {
@@ -221,14 +179,12 @@ unsafe fn avx2_add_q8_f32_32n(acc: &mut [f32], q: &[i8], scale: f32, alpha: f32)
 
 /// `acc[i] = acc[i] + alpha * x[i]`.
 ///
-/// Contract (debug-asserted): `acc.len()` is a multiple of [`LANES`] and `x.len() == acc.len()`.
+/// The body contract of [`AddScaledFn`](super::AddScaledFn) (debug-asserted by the slot).
 ///
 /// # Safety
 /// - The CPU must support AVX2.
 #[target_feature(enable = "avx2")]
 unsafe fn avx2_add_scaled_f32_32n(acc: &mut [f32], x: &[f32], alpha: f32) {
-    debug_assert_eq!(acc.len() % LANES, 0);
-    debug_assert_eq!(x.len(), acc.len());
     let alpha = _mm256_set1_ps(alpha);
     for (a, x) in acc.chunks_exact_mut(LANES).zip(x.chunks_exact(LANES)) {
         for j in 0..LANES / 8 {
