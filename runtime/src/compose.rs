@@ -35,7 +35,11 @@ impl Base<'_> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    fn read(&self, start: usize, out: &mut [f32]) {
+    /// Reads elements `start..start + out.len()` as f32 into `out`.
+    ///
+    /// # Panics
+    /// When that range runs past the end.
+    pub fn read(&self, start: usize, out: &mut [f32]) {
         match self {
             Self::F32(v) => out.copy_from_slice(&v[start..start + out.len()]),
             Self::F32Le(b) => {

@@ -267,22 +267,13 @@ fn preprocessing(field: &std::path::Path, base: &[u8]) -> Result<(f64, f64)> {
 }
 
 fn synthetic_fine_tune(base: &[u8]) -> Result<Vec<u8>> {
-    use bitdelta::format::DType;
     let weights = OnnxWeights::scan(base)?;
     let mut out = base.to_vec();
     let mut x = 0x853c_49e6_748f_ea9bu64;
     for init in &weights.initializers {
         let data = &mut out[init.data.clone()];
-        let mut w: Vec<f32> = match init.dtype {
-            DType::F32 => data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            DType::F16 => data
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        };
+        let mut w = vec![0f32; init.numel() as usize];
+        bitdelta::apply::base_view(base, init).read(0, &mut w);
         let step = 0.05 * w.iter().map(|v| v.abs() as f64).sum::<f64>() / w.len() as f64;
         for v in &mut w {
             x ^= x << 13;

@@ -488,15 +488,7 @@ impl Engine {
                 Some(fp) => fp,
                 None => {
                     let fp = rebuilt_fingerprint(base, weights, &to)?;
-                    if let [(f, a)] = to.as_slice() {
-                        let expected = f.manifest().result_fingerprint;
-                        ensure!(
-                            *a != 1.0 || expected == fp,
-                            "rebuilt weights do not match the delta: expected fingerprint {}, found {}",
-                            crate::fingerprint::short_hex(&expected, 8),
-                            crate::fingerprint::short_hex(&fp, 8)
-                        );
-                    }
+                    check_result(&to, fp)?;
                     fp
                 }
             },
@@ -582,16 +574,7 @@ impl Engine {
             (Some(v), None) => v.result.expect("hashed when not known"),
             (Some(_), Some(fp)) => {
                 let fp = fp?;
-                // A single delta at alpha 1 carries the fingerprint of its result.
-                if let [(f, a)] = files.as_slice() {
-                    let expected = f.manifest().result_fingerprint;
-                    ensure!(
-                        *a != 1.0 || expected == fp,
-                        "rebuilt weights do not match the delta: expected fingerprint {}, found {}",
-                        crate::fingerprint::short_hex(&expected, 8),
-                        crate::fingerprint::short_hex(&fp, 8)
-                    );
-                }
+                check_result(&files, fp)?;
                 fp
             }
         };
@@ -740,6 +723,21 @@ enum Built {
 }
 
 pub use crate::card::{argmax, softmax};
+
+/// A single delta at alpha 1 carries the fingerprint of its result: the rebuilt weights' `fp`
+/// must be it.
+fn check_result(files: &[(DeltaFile<'_>, f32)], fp: Fingerprint) -> TractResult<()> {
+    if let [(f, a)] = files {
+        let expected = f.manifest().result_fingerprint;
+        ensure!(
+            *a != 1.0 || expected == fp,
+            "rebuilt weights do not match the delta: expected fingerprint {}, found {}",
+            crate::fingerprint::short_hex(&expected, 8),
+            crate::fingerprint::short_hex(&fp, 8)
+        );
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests;
