@@ -20,11 +20,8 @@ use super::classify::{variant_name_of, Csv, Session};
 ///          bitdelta run --store /var/lib/bitdelta night-0001.png
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// The base model (or use --store).
-    #[arg(long, conflicts_with = "store")]
-    base: Option<PathBuf>,
     #[command(flatten)]
-    store: super::store::StoreDir,
+    model: super::store::BaseOrStore,
     /// Delta(s) to apply, each DELTA[@ALPHA]; none = the base model.
     #[arg(long, value_name = "DELTA[@ALPHA]")]
     variant: Vec<String>,
@@ -46,14 +43,14 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(a: Args) -> Result<ExitCode> {
-    let mut s = match &a.base {
+    let mut s = match &a.model.base {
         Some(base) => Session::open(base, a.card.as_deref())?,
         None => {
             anyhow::ensure!(
                 a.variant.is_empty(),
                 "--variant: not with a store (the store's active variant runs; see `bitdelta activate`)"
             );
-            let store = a.store.open()?;
+            let store = a.model.store.open()?;
             super::store::open_session(&store, a.card.as_deref())?.0
         }
     };
@@ -69,7 +66,7 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
     if !a.variant.is_empty() {
         s.add_variant(&name, &a.variant)?;
         s.engine.switch(&name)?;
-    } else if a.base.is_some() {
+    } else if a.model.base.is_some() {
         s.engine.switch(&name)?;
     }
     let mut csv = a.csv.as_deref().map(Csv::open).transpose()?;

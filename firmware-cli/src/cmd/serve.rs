@@ -30,11 +30,8 @@ use super::classify::{Csv, Session};
 ///          bitdelta serve --store /var/lib/bitdelta
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// The base model (or use --store).
-    #[arg(long, conflicts_with = "store")]
-    base: Option<PathBuf>,
     #[command(flatten)]
-    store: super::store::StoreDir,
+    model: super::store::BaseOrStore,
     /// A variant NAME=DELTA[@ALPHA][+DELTA[@ALPHA]...] (a '+' list is a soup).
     #[arg(long, value_name = "NAME=DELTA")]
     variant: Vec<String>,
@@ -131,14 +128,14 @@ impl Rule {
 
 pub(crate) fn run(a: Args) -> Result<ExitCode> {
     let mut watch = None;
-    let mut s = match &a.base {
+    let mut s = match &a.model.base {
         Some(base) => Session::open(base, a.card.as_deref())?,
         None => {
             anyhow::ensure!(
                 a.variant.is_empty(),
                 "--variant: not with a store (installed variants are served by name)"
             );
-            let (s, w) = StoreWatch::open(&a.store, a.card.as_deref())?;
+            let (s, w) = StoreWatch::open(&a.model.store, a.card.as_deref())?;
             watch = Some(w);
             s
         }

@@ -13,6 +13,16 @@ use serde_json::{json, Value};
 
 use super::classify::Session;
 
+/// Where the model comes from, for commands that run one: `--base FILE`, or a store.
+#[derive(clap::Args, Clone)]
+pub(crate) struct BaseOrStore {
+    /// The base model (or use --store).
+    #[arg(long, conflicts_with = "store")]
+    pub(crate) base: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) store: StoreDir,
+}
+
 /// The store folder: `--store DIR`, else the `BITDELTA_STORE` environment variable.
 #[derive(clap::Args, Clone)]
 pub(crate) struct StoreDir {
