@@ -188,15 +188,23 @@ pub fn rebuild(
     sink: impl FnMut(&Initializer, &[u8]),
 ) -> Result<Fingerprint, ApplyError> {
     let found = rebuild_unchecked(base, weights, deltas, sink)?;
+    check_result(deltas, found)?;
+    Ok(found)
+}
+
+/// A single delta at alpha 1 carries the fingerprint of its result: the rebuilt weights'
+/// fingerprint `found` must be it. Soups and other alphas have no expected result.
+pub fn check_result<'d, D: core::borrow::Borrow<DeltaFile<'d>>>(
+    deltas: &[(D, f32)],
+    found: Fingerprint,
+) -> Result<(), ApplyError> {
     if let [(d, alpha)] = deltas {
-        if *alpha == 1.0 && d.manifest().result_fingerprint != found {
-            return Err(ApplyError::ResultMismatch {
-                expected: d.manifest().result_fingerprint,
-                found,
-            });
+        let expected = d.borrow().manifest().result_fingerprint;
+        if *alpha == 1.0 && expected != found {
+            return Err(ApplyError::ResultMismatch { expected, found });
         }
     }
-    Ok(found)
+    Ok(())
 }
 
 /// [`rebuild`] without comparing the result to the manifest's result fingerprint (used while

@@ -724,19 +724,9 @@ enum Built {
 
 pub use crate::card::{argmax, softmax};
 
-/// A single delta at alpha 1 carries the fingerprint of its result: the rebuilt weights' `fp`
-/// must be it.
+/// [`crate::apply::check_result`] as a tract error.
 fn check_result(files: &[(DeltaFile<'_>, f32)], fp: Fingerprint) -> TractResult<()> {
-    if let [(f, a)] = files {
-        let expected = f.manifest().result_fingerprint;
-        ensure!(
-            *a != 1.0 || expected == fp,
-            "rebuilt weights do not match the delta: expected fingerprint {}, found {}",
-            crate::fingerprint::short_hex(&expected, 8),
-            crate::fingerprint::short_hex(&fp, 8)
-        );
-    }
-    Ok(())
+    crate::apply::check_result(files, fp).map_err(|e| format_err!("{e}"))
 }
 
 #[cfg(test)]
