@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use crate::quality::accuracy;
-use crate::reference::{bitdelta, compress_models, model, ok, p, scratch, species};
+use crate::reference::{bitdelta, model, ok, p, scratch, species};
 
 /// Compresses `variant` with `--calib` at `max_bits`; returns (bits/param of the file, accuracy,
 /// fine-tune accuracy) and the compressor's report.
@@ -16,11 +16,32 @@ fn calibrated(variant: &str, max_bits: &str, dir: &Path) -> (f64, f64, f64, Stri
     let delta = dir.join(format!("{variant}.bdelta"));
     let rebuilt = dir.join(format!("{variant}.onnx"));
     let calib = species().join("calib").join(variant);
-    let report = compress_models(
-        &base,
-        &model(variant),
-        &delta,
-        &["--calib", p(&calib), "--max-bits", max_bits, "--verbose"],
+    let fine = model(variant);
+    let (code, report, err) = bitdelta(&[
+        "compress",
+        "--base",
+        p(&base),
+        "--fine",
+        p(&fine),
+        "-o",
+        p(&delta),
+        "--calib",
+        p(&calib),
+        "--max-bits",
+        max_bits,
+        "--verbose",
+    ]);
+    assert_eq!(code, 0, "compress --calib failed: {err}");
+    // stderr is a pipe here: one progress line as each stage starts, in order.
+    let stages: Vec<&str> = err
+        .lines()
+        .filter_map(|l| l.strip_prefix("calibrate: "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    assert_eq!(
+        stages,
+        ["inputs", "reference", "sensitivity", "refine", "confirm"],
+        "progress lines in a pipe: {err}"
     );
     ok(&["verify", p(&delta), "--base", p(&base)]);
     ok(&["apply", "--base", p(&base), p(&delta), "-o", p(&rebuilt)]);

@@ -262,10 +262,16 @@ fn calibrated(
         ..Settings::default()
     };
     let started = std::time::Instant::now();
+    // On a terminal a bar with its ETA; in a pipe or a log (where the bar is hidden) one line as
+    // each stage starts, so a long job is never silent.
+    let piped = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut stage_now = None;
     let bar = indicatif::ProgressBar::new(1);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("calibrate {msg:<12} {bar:40} {pos}/{len}")
-            .expect("static template"),
+        indicatif::ProgressStyle::with_template(
+            "calibrate {msg:<12} {bar:40} {pos}/{len} {elapsed} (ETA {eta})",
+        )
+        .expect("static template"),
     );
     let plan = calibrate::plan(
         base.bytes(),
@@ -275,7 +281,19 @@ fn calibrated(
         &images,
         &settings,
         |stage: Stage, done, total| {
-            bar.set_message(stage.name());
+            if piped && stage_now != Some(stage) {
+                stage_now = Some(stage);
+                eprintln!(
+                    "calibrate: {} ({total} step{}), {:.1} s in",
+                    stage.name(),
+                    if total == 1 { "" } else { "s" },
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            if bar.message() != stage.name() {
+                bar.set_message(stage.name());
+                bar.reset_eta();
+            }
             bar.set_length(total as u64);
             bar.set_position(done as u64);
         },

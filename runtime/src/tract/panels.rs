@@ -43,10 +43,13 @@ pub(super) fn packed_layouts() -> impl Iterator<Item = Layout> {
 /// tract's f32 panel layout of one packed operand.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Panels {
+    /// Rows per panel (the kernel's `mr` or `nr`).
     pub(super) r: usize,
     /// Elements per panel (`k * r`, padded and aligned).
     pub(super) panel: usize,
+    /// Rows of the `(mn, k)` operand.
     pub(super) mn: usize,
+    /// Its columns, the reduction length.
     pub(super) k: usize,
 }
 
@@ -170,10 +173,10 @@ impl Panels {
 /// `dst + stride`, ... in a packed buffer.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Run {
-    pub(super) dst: usize,
-    pub(super) src: usize,
-    pub(super) len: usize,
-    pub(super) stride: usize,
+    dst: usize,
+    src: usize,
+    len: usize,
+    stride: usize,
 }
 
 impl Run {
