@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use bitdelta::format::{Codec, FLAG_SCALES_F16};
 use bitdelta::sign;
 use serde_json::json;
 
@@ -50,17 +49,7 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
         let len = e.payload_bytes().len() as u64;
         let c = by_codec.entry(e.codec.name()).or_default();
         *c = (c.0 + 1, c.1 + n, c.2 + len);
-        let scales = match e.codec {
-            Codec::SignGroups | Codec::Q8Groups | Codec::SignPlanes => {
-                if e.flags & FLAG_SCALES_F16 != 0 {
-                    "f16"
-                } else {
-                    "f32"
-                }
-            }
-            Codec::Sign => "f32",
-            _ => "none",
-        };
+        let scales = e.codec.scale_type(e.flags).unwrap_or("none");
         tensors.push(json!({
             "name": e.name, "codec": e.codec.name(), "dtype": e.dtype.name(),
             "dims": e.dims().collect::<Vec<_>>(), "params": n, "groups": e.groups,

@@ -112,6 +112,23 @@ impl Codec {
         matches!(self, Self::SignGroups | Self::Q8Groups | Self::SignPlanes)
     }
 
+    /// The type of the scales a tensor of this codec stores, given its entry `flags`: `"f32"` or
+    /// `"f16"`, `None` for a codec without scales.
+    pub const fn scale_type(self, flags: u8) -> Option<&'static str> {
+        if self.has_group_scales() {
+            Some(if flags & crate::format::FLAG_SCALES_F16 != 0 {
+                "f16"
+            } else {
+                "f32"
+            })
+        } else if matches!(self, Self::Sign) {
+            // The seed recipe's one scale is the entry's f32 `scale` field.
+            Some("f32")
+        } else {
+            None
+        }
+    }
+
     /// The codec's layout: its rules on the entry fields and the payload length they imply.
     fn layout(self) -> &'static Layout {
         match self {

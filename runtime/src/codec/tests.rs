@@ -443,3 +443,20 @@ proptest! {
         prop_assert!(scale_values(scales).iter().all(|x| x.is_finite() && *x >= 0.0));
     }
 }
+
+#[test]
+fn scale_type_follows_the_codec_and_the_f16_flag() {
+    use crate::format::FLAG_SCALES_F16;
+    for (codec, plain, f16) in [
+        (Codec::Unchanged, None, None),
+        (Codec::RawF32, None, None),
+        (Codec::RawF16, None, None),
+        (Codec::Sign, Some("f32"), Some("f32")),
+        (Codec::SignGroups, Some("f32"), Some("f16")),
+        (Codec::Q8Groups, Some("f32"), Some("f16")),
+        (Codec::SignPlanes, Some("f32"), Some("f16")),
+    ] {
+        assert_eq!(codec.scale_type(0), plain, "{}", codec.name());
+        assert_eq!(codec.scale_type(FLAG_SCALES_F16), f16, "{}", codec.name());
+    }
+}
