@@ -7,7 +7,14 @@
 use std::path::Path;
 
 use crate::quality::accuracy;
-use crate::reference::{bitdelta, model, ok, p, scratch, species};
+use crate::reference::{bitdelta, compress_args, model, ok, p, scratch, species};
+
+/// `compress --base BASE --fine FINE -o OUT --calib CALIB`.
+fn calib_args<'a>(base: &'a Path, fine: &'a Path, out: &'a Path, calib: &'a Path) -> Vec<&'a str> {
+    let mut args = compress_args(base, fine, out);
+    args.extend(["--calib", p(calib)]);
+    args
+}
 
 /// Compresses `variant` with `--calib` at `max_bits`; returns (bits/param of the file, accuracy,
 /// fine-tune accuracy) and the compressor's report.
@@ -17,20 +24,9 @@ fn calibrated(variant: &str, max_bits: &str, dir: &Path) -> (f64, f64, f64, Stri
     let rebuilt = dir.join(format!("{variant}.onnx"));
     let calib = species().join("calib").join(variant);
     let fine = model(variant);
-    let (code, report, err) = bitdelta(&[
-        "compress",
-        "--base",
-        p(&base),
-        "--fine",
-        p(&fine),
-        "-o",
-        p(&delta),
-        "--calib",
-        p(&calib),
-        "--max-bits",
-        max_bits,
-        "--verbose",
-    ]);
+    let mut args = calib_args(&base, &fine, &delta, &calib);
+    args.extend(["--max-bits", max_bits, "--verbose"]);
+    let (code, report, err) = bitdelta(&args);
     assert_eq!(code, 0, "compress --calib failed: {err}");
     // stderr is a pipe here: one progress line as each stage starts, in order.
     let stages: Vec<&str> = err
@@ -137,17 +133,7 @@ fn bad_calibration_folders_exit_2_naming_the_path() {
         (&text, text.join("notes.txt")),
         (&corrupt, corrupt.join("night-1.png")),
     ] {
-        let (code, _, err) = bitdelta(&[
-            "compress",
-            "--base",
-            p(&base),
-            "--fine",
-            p(&fine),
-            "-o",
-            p(&out),
-            "--calib",
-            p(folder),
-        ]);
+        let (code, _, err) = bitdelta(&calib_args(&base, &fine, &out, folder));
         assert_eq!(code, 2, "{}: {err}", folder.display());
         assert!(
             err.contains(p(&named)),

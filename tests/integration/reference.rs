@@ -86,7 +86,14 @@ pub(crate) fn compress(variant: &str, out: &Path, codec: &str) {
 
 /// `bitdelta compress --base BASE --fine FINE -o OUT EXTRA...`, which must succeed; its stdout.
 pub(crate) fn compress_models(base: &Path, fine: &Path, out: &Path, extra: &[&str]) -> String {
-    let mut args = vec![
+    let mut args = compress_args(base, fine, out);
+    args.extend(extra);
+    ok(&args)
+}
+
+/// `compress --base BASE --fine FINE -o OUT`, as arguments.
+pub(crate) fn compress_args<'a>(base: &'a Path, fine: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    vec![
         "compress",
         "--base",
         p(base),
@@ -94,9 +101,7 @@ pub(crate) fn compress_models(base: &Path, fine: &Path, out: &Path, extra: &[&st
         p(fine),
         "-o",
         p(out),
-    ];
-    args.extend(extra);
-    ok(&args)
+    ]
 }
 
 /// Float initializers decoded by prost (tract-onnx's ModelProto), independent of bitdelta's
