@@ -363,17 +363,9 @@ pub(crate) fn write_node(
 ) -> TractResult<()> {
     match site {
         Site::Plain { transposed, .. } => {
-            let mut held = node
-                .op_as::<Const>()
-                .ok_or_else(|| format_err!("node {} is not a constant", node.name))?
-                .val()
-                .clone();
-            // The node's op and its output fact hold the tensor too: once both let go, the
-            // tensor is ours alone and is written where it is (no new pages to fault in). If
-            // anything else still holds it, a new tensor of its size takes its place.
-            node.op = Box::new(Identity);
-            node.outputs[0].fact.konst = None;
-            node.outputs[0].fact.uniform = None;
+            // Written where it is (no new pages to fault in) when nothing else holds it, else a
+            // new tensor of its size takes its place.
+            let mut held = take_const(node)?;
             if Arc::get_mut(&mut held).is_none() {
                 held = Arc::new(Tensor::zero::<f32>(held.shape())?);
             }
@@ -461,10 +453,7 @@ pub(crate) fn write_node(
 fn take_packed(
     node: &mut TypedNode,
 ) -> TractResult<(TVec<usize>, DatumType, Vec<EagerPackedInput>)> {
-    let old = node
-        .op_as::<Const>()
-        .ok_or_else(|| format_err!("node {} is not a constant", node.name))?;
-    let t = old.val();
+    let t = take_const(node)?;
     let storage = t.try_storage_as::<PackedMatrixStorage>()?;
     let values = storage
         .values()
@@ -475,10 +464,22 @@ fn take_packed(
                 .ok_or_else(|| format_err!("constant {} holds an unknown packing", node.name))
         })
         .collect::<TractResult<Vec<_>>>()?;
-    let taken = (storage.batch_shape().into(), t.datum_type(), values);
+    Ok((storage.batch_shape().into(), t.datum_type(), values))
+}
+
+/// Takes a constant's tensor out of `node`: its op becomes an identity and its output fact lets
+/// go of the value, so the tensor is held by nobody else unless something outside the node
+/// shares it. The caller puts a constant back.
+fn take_const(node: &mut TypedNode) -> TractResult<Arc<Tensor>> {
+    let held = node
+        .op_as::<Const>()
+        .ok_or_else(|| format_err!("node {} is not a constant", node.name))?
+        .val()
+        .clone();
     node.op = Box::new(Identity);
     node.outputs[0].fact.konst = None;
-    Ok(taken)
+    node.outputs[0].fact.uniform = None;
+    Ok(held)
 }
 
 /// Puts matrices taken by [`take_packed`] back into `node` as its constant.

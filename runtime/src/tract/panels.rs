@@ -226,9 +226,11 @@ pub(super) fn scatter(
     // chunks: each panel is then written block by block in cache ([`Panels::write_panels`]),
     // where row by row every element of a wide panel would land on a line of its own.
     let block = p.r * p.k;
-    let step = match layout {
-        Layout::MnK if block > 0 && block <= 4 * CHUNK => (CHUNK / block).max(1) * block,
-        _ => CHUNK,
+    let in_panels = layout == Layout::MnK && block > 0 && block <= 4 * CHUNK;
+    let step = if in_panels {
+        (CHUNK / block).max(1) * block
+    } else {
+        CHUNK
     };
     let mut buf = Vec::new();
     let mut at = 0;
@@ -236,7 +238,7 @@ pub(super) fn scatter(
         let len = step.min(n - at);
         buf.resize(len, 0.0);
         fill(at, &mut buf)?;
-        if step != CHUNK {
+        if in_panels {
             p.write_panels(at / p.k, &buf, dst);
         } else {
             p.runs(layout, at, len, |run| run.write(dst, &buf));
