@@ -281,16 +281,16 @@ fn calibrated(
         &images,
         &settings,
         |stage: Stage, done, total| {
-            if piped && stage_now != Some(stage) {
+            if stage_now != Some(stage) {
                 stage_now = Some(stage);
-                eprintln!(
-                    "calibrate: {} ({total} step{}), {:.1} s in",
-                    stage.name(),
-                    if total == 1 { "" } else { "s" },
-                    started.elapsed().as_secs_f64()
-                );
-            }
-            if bar.message() != stage.name() {
+                if piped {
+                    eprintln!(
+                        "calibrate: {} ({total} step{}), {:.1} s in",
+                        stage.name(),
+                        if total == 1 { "" } else { "s" },
+                        started.elapsed().as_secs_f64()
+                    );
+                }
                 bar.set_message(stage.name());
                 bar.reset_eta();
             }
