@@ -63,6 +63,9 @@ pub(crate) struct Args {
     /// With --calib: model card for the preprocessing (default: model-card.json next to the base).
     #[arg(long, requires = "calib")]
     pub(super) card: Option<PathBuf>,
+    /// With --calib: threads to use (default: every core). The delta does not depend on it.
+    #[arg(long, value_name = "N", requires = "calib")]
+    pub(super) threads: Option<std::num::NonZeroUsize>,
     /// With --calib: print the codec chosen for every tensor.
     #[arg(short, long)]
     pub(super) verbose: bool,
@@ -259,6 +262,7 @@ fn calibrated(
     let settings = Settings {
         max_bits: a.max_bits,
         target_retention: a.target_retention,
+        threads: a.threads.map_or(Settings::default().threads, |n| n.get()),
         ..Settings::default()
     };
     let started = std::time::Instant::now();

@@ -2,21 +2,30 @@
 //! divergence from the fine-tune's and the top-1 agreement, and the reconstruction a device
 //! computes for one encoding.
 
+use std::sync::Arc;
 use std::vec;
 use std::vec::Vec;
 
-use super::plan::Tensor;
 use super::{CalibError, Images};
-use crate::apply;
 use crate::compose::{self, Base};
 use crate::format::{DType, Encoded};
 use crate::metrics::Top1;
-use crate::tract::Classifier;
+use crate::onnx::OnnxWeights;
+use crate::tract::{InputType, Tunable};
 
-/// Runs the fine-tuned model with some tensors replaced.
+/// Input values per model run: the evaluation batch is this over the image size.
+const EVAL_VALUES: usize = 1 << 20;
+
+/// Largest evaluation batch.
+const EVAL_BATCH: usize = 64;
+
+/// The fine-tuned model with some tensors replaced, on one worker per thread: every worker
+/// holds the same weights ([`Tunable`], rewritten in place between evaluations) and runs its
+/// share of the images.
 pub(super) struct Evaluator {
-    pub(super) model: Vec<u8>,
-    pub(super) images: Images,
+    workers: Vec<Tunable>,
+    images: Images,
+    /// Images used while searching (the first ones).
     pub(super) search: usize,
     pub(super) reference_search: Vec<Vec<f64>>,
     pub(super) reference_all: Vec<Vec<f64>>,
@@ -34,35 +43,124 @@ fn argmax(v: &[f64]) -> usize {
     (0..v.len()).fold(0, |b, k| if v[k] > v[b] { k } else { b })
 }
 
+fn model_error(e: impl std::fmt::Display) -> CalibError {
+    CalibError::Model(format!("{e:#}"))
+}
+
 impl Evaluator {
-    pub(super) fn logits(&mut self, n: usize) -> Result<Vec<Vec<f64>>, CalibError> {
-        self.evaluations += 1;
-        let clf = Classifier::from_onnx_bytes(&self.model, &self.images.batch_shape(n))
-            .map_err(|e| CalibError::Model(format!("{e:#}")))?;
-        let out = clf
-            .run(&self.images.data[..n * self.images.image_len()])
-            .map_err(|e| CalibError::Model(format!("{e:#}")))?;
-        if out.is_empty() || out.len() % n != 0 {
-            return Err(CalibError::Model(format!(
-                "expected {n} output rows, found {} values",
-                out.len()
-            )));
-        }
-        Ok(out.chunks(out.len() / n).map(log_softmax).collect())
+    /// Builds the fine-tuned model `fine` (weights `weights` with values `values`) on `threads`
+    /// workers, for batches of at most half the `search` images.
+    pub(super) fn new(
+        fine: &[u8],
+        weights: Arc<OnnxWeights>,
+        values: Vec<Vec<f32>>,
+        images: &Images,
+        search: usize,
+        threads: usize,
+    ) -> Result<Self, CalibError> {
+        let threads = threads.clamp(1, images.count.max(1));
+        // Half the search images in as few runs as the batch limit allows, as even as can be.
+        // The batch does not depend on `threads`, so neither do the outputs.
+        let half = search.div_ceil(2);
+        let most = (EVAL_VALUES / images.image_len().max(1)).clamp(1, EVAL_BATCH);
+        let batch = half.div_ceil(half.div_ceil(most));
+        let first = Tunable::new(
+            fine,
+            weights,
+            values,
+            &images.batch_shape(batch),
+            InputType::F32,
+        )
+        .map_err(model_error)?;
+        let others = std::thread::scope(|s| {
+            let handles: Vec<_> = (1..threads)
+                .map(|_| s.spawn(|| first.with_input_shape(first.input_shape())))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(tract_onnx::prelude::TractError::msg("panicked")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(model_error)?;
+        let mut workers = vec![first];
+        workers.extend(others);
+        Ok(Self {
+            workers,
+            images: images.clone(),
+            search,
+            reference_search: Vec::new(),
+            reference_all: Vec::new(),
+            evaluations: 0,
+        })
     }
 
-    /// (mean KL(reference || model), top-1 agreement) with `tensors[i]` stored as `bytes(i)`.
-    pub(super) fn measure<'b>(
+    /// The current values of weight `i`.
+    pub(super) fn values(&self, i: usize) -> &[f32] {
+        self.workers[0].values(i)
+    }
+
+    /// Sets weights in every worker (until the next `set`).
+    pub(super) fn set(&mut self, changes: &[(usize, &[f32])]) -> Result<(), CalibError> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .workers
+                .iter_mut()
+                .map(|w| s.spawn(move || w.set(changes)))
+                .collect();
+            for h in handles {
+                h.join()
+                    .unwrap_or_else(|_| Err(tract_onnx::prelude::TractError::msg("panicked")))
+                    .map_err(model_error)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Log-softmax outputs of the first `n` images with the current weights.
+    pub(super) fn logits(&mut self, n: usize) -> Result<Vec<Vec<f64>>, CalibError> {
+        self.evaluations += 1;
+        let image = self.images.image_len();
+        let share = n.div_ceil(self.workers.len());
+        let data = &self.images.data[..n * image];
+        let rows = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .workers
+                .iter()
+                .zip(data.chunks(share.max(1) * image))
+                .map(|(w, part)| s.spawn(move || run_share(w, part, image)))
+                .collect();
+            let mut rows = Vec::with_capacity(n);
+            for h in handles {
+                rows.extend(
+                    h.join()
+                        .unwrap_or_else(|_| Err(CalibError::Model("a worker panicked".into())))?,
+                );
+            }
+            Ok::<_, CalibError>(rows)
+        })?;
+        Ok(rows)
+    }
+
+    /// (mean KL(reference || model), top-1 agreement) on the search images (`all`: on every
+    /// image) with the weights `changes` set for this evaluation only.
+    pub(super) fn measure(
         &mut self,
-        tensors: &[Tensor],
-        bytes: impl Fn(usize) -> &'b [u8],
+        changes: &[(usize, &[f32])],
         all: bool,
     ) -> Result<(f64, f64), CalibError> {
-        for (i, t) in tensors.iter().enumerate() {
-            self.model[t.range.clone()].copy_from_slice(bytes(i));
-        }
+        let saved: Vec<(usize, Vec<f32>)> = changes
+            .iter()
+            .map(|&(i, _)| (i, self.values(i).to_vec()))
+            .collect();
+        self.set(changes)?;
         let n = if all { self.images.count } else { self.search };
-        let got = self.logits(n)?;
+        let got = self.logits(n);
+        let back: Vec<(usize, &[f32])> = saved.iter().map(|(i, v)| (*i, &v[..])).collect();
+        self.set(&back)?;
+        let got = got?;
         let reference = if all {
             &self.reference_all
         } else {
@@ -83,6 +181,34 @@ impl Evaluator {
     }
 }
 
+/// Runs `part` (whole images) through `w` batch by batch; the last batch is padded with zeros
+/// and only its real rows are kept.
+fn run_share(w: &Tunable, part: &[f32], image: usize) -> Result<Vec<Vec<f64>>, CalibError> {
+    let batch = w.input_shape()[0];
+    let mut rows = Vec::with_capacity(part.len() / image);
+    let mut padded = Vec::new();
+    for chunk in part.chunks(batch * image) {
+        let n = chunk.len() / image;
+        let input = if n == batch {
+            chunk
+        } else {
+            padded.clear();
+            padded.extend_from_slice(chunk);
+            padded.resize(batch * image, 0.0);
+            &padded[..]
+        };
+        let out = w.run(input).map_err(model_error)?;
+        if out.is_empty() || out.len() % batch != 0 {
+            return Err(CalibError::Model(format!(
+                "expected {batch} output rows, found {} values",
+                out.len()
+            )));
+        }
+        rows.extend(out.chunks(out.len() / batch).take(n).map(log_softmax));
+    }
+    Ok(rows)
+}
+
 /// The reconstruction of `enc` applied to `base` (the path a device uses), as f32 values.
 pub fn reconstruct_encoded(base: &[f32], enc: &Encoded) -> Vec<f32> {
     let mut out = vec![0f32; base.len()];
@@ -95,8 +221,11 @@ pub fn reconstruct_encoded(base: &[f32], enc: &Encoded) -> Vec<f32> {
     out
 }
 
-pub(super) fn stored(dtype: DType, values: &[f32]) -> Vec<u8> {
-    let mut out = vec![0u8; values.len() * dtype.size()];
-    apply::store(dtype, values, &mut out);
-    out
+/// `values` as a tensor of `dtype` holds them (f16: rounded to nearest).
+pub(super) fn round_to(dtype: DType, values: &mut [f32]) {
+    if dtype == DType::F16 {
+        for v in values {
+            *v = half::f16::from_f32(*v).to_f32();
+        }
+    }
 }

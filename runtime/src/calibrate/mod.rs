@@ -64,9 +64,6 @@ pub const SIGN_MULTIPLIERS: [f64; 3] = [1.0, 1.25, 1.5];
 /// Plane counts tried with the `sign-planes` codec (2 and 3 bits per element).
 pub const SIGN_PLANES: [usize; 2] = [2, 3];
 
-/// A divergence this small counts as lossless: costlier candidates of the tensor are not run.
-const LOSSLESS: f64 = 1e-7;
-
 /// Smallest channel (elements per output channel) that gets its own sign scale.
 pub const MIN_SIGN_CHANNEL: u64 = 8;
 
@@ -99,10 +96,16 @@ pub struct Settings {
     /// Stop spending bits once the planned model agrees with the fine-tune (top-1) on this
     /// fraction of the calibration images; `None` spends the whole budget.
     pub target_retention: Option<f64>,
-    /// Images used while searching (the first ones; all are used to confirm).
-    pub search_images: usize,
+    /// Images used while searching (the first ones; all are used to confirm). `None`: 64, fewer
+    /// for large images (at least 16), so that an evaluation costs about the same on every model.
+    pub search_images: Option<usize>,
     /// Passes of in-context refinement.
     pub refine_rounds: usize,
+    /// Tensors revisited in context per pass (those with the largest expected divergence).
+    pub refine_tensors: usize,
+    /// Threads (at least 1): layers' statistics and candidates are shared out among them, and
+    /// every model evaluation runs its images on all of them. The plan does not depend on it.
+    pub threads: usize,
 }
 
 impl Default for Settings {
@@ -110,8 +113,10 @@ impl Default for Settings {
         Self {
             max_bits: 1.5,
             target_retention: None,
-            search_images: 64,
+            search_images: None,
             refine_rounds: 1,
+            refine_tensors: 24,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }

@@ -1,14 +1,16 @@
 //! The search: candidate encodings per tensor, their isolated divergences, the knapsack within
 //! the budget, the refinement in context and the confirmation on every image.
 
+use std::collections::BTreeMap;
 use std::string::{String, ToString};
+use std::sync::Arc;
 use std::vec::Vec;
 
-use super::evaluation::{reconstruct_encoded, stored, Evaluator};
-use super::statistics::output_roundings;
+use super::evaluation::{reconstruct_encoded, round_to, Evaluator};
+use super::statistics::{layer_inputs, LayerInputs};
 use super::{
-    CalibError, Choice, Images, Plan, Settings, Stage, LOSSLESS, MIN_SIGN_CHANNEL,
-    SIGN_MULTIPLIERS, SIGN_PLANES,
+    CalibError, Choice, Images, Plan, Settings, Stage, MIN_SIGN_CHANNEL, SIGN_MULTIPLIERS,
+    SIGN_PLANES,
 };
 use crate::codec;
 use crate::compress::{for_each_pair, CompressError};
@@ -21,9 +23,11 @@ pub(super) struct Candidate {
     pub(super) encoded: Encoded,
     /// Payload bytes rounded up to the payload alignment (what the file grows by).
     pub(super) cost: u64,
-    /// The reconstruction, stored in the tensor's dtype.
-    pub(super) stored: Vec<u8>,
-    /// Isolated divergence.
+    /// Error of the tensor's layer: the summed squared output error of the layer the tensor
+    /// multiplies when its inputs were measured, else the squared error of the weights.
+    pub(super) error: f64,
+    /// Divergence of the model with only this tensor so encoded: measured, or predicted from
+    /// the layer error and the tensor's measured importance.
     pub(super) divergence: f64,
 }
 
@@ -32,12 +36,92 @@ pub(super) struct Tensor {
     pub(super) dtype: DType,
     pub(super) dims: Vec<u32>,
     pub(super) params: u64,
-    /// Range of the tensor's bytes in the fine-tuned ONNX file.
-    pub(super) range: std::ops::Range<usize>,
-    pub(super) fine: Vec<u8>,
+    /// Index among the models' float initializers.
+    pub(super) index: usize,
+    pub(super) base: Vec<f32>,
+    pub(super) fine: Vec<f32>,
     pub(super) candidates: Vec<Candidate>,
     /// Indices into `candidates` on the lower convex hull of (cost, divergence), cheapest first.
     pub(super) hull: Vec<usize>,
+    /// For a layer's weight whose bias is a tensor of its own: that tensor's position and the
+    /// mean input vector of each group. The bias then corrects the mean output error of the
+    /// weight's encoding (its encoding follows the weight's).
+    pub(super) bias: Option<(usize, Vec<Vec<f64>>)>,
+    /// For such a bias: the position of its weight.
+    pub(super) corrects: Option<usize>,
+}
+
+impl Tensor {
+    /// The values the tensor holds with candidate `c` (rounded to the tensor's dtype).
+    fn values(&self, c: usize) -> Vec<f32> {
+        let mut v = reconstruct_encoded(&self.base, &self.candidates[c].encoded);
+        round_to(self.dtype, &mut v);
+        v
+    }
+}
+
+/// The bias of tensor `i` (a layer's weight holding the values `w`) that corrects the mean
+/// output error of `w`: `b = b_fine - E μ` per output channel, with `E = w - w_fine` and `μ`
+/// the mean input of the channel's group, as an 8-bit delta (one f16 scale). Its position, the
+/// encoding and the values it holds.
+pub(super) fn corrected_bias(
+    tensors: &[Tensor],
+    i: usize,
+    w: &[f32],
+) -> Option<(usize, Encoded, Vec<f32>)> {
+    let t = &tensors[i];
+    let (j, mean) = t.bias.as_ref()?;
+    let b = &tensors[*j];
+    let (groups, cols) = (mean.len(), mean.first()?.len());
+    let rows = b.fine.len();
+    if cols == 0 || rows * cols != w.len() || !rows.is_multiple_of(groups) {
+        return None;
+    }
+    let per = rows / groups;
+    let target: Vec<f32> = (0..rows)
+        .map(|r| {
+            let shift: f64 = w[r * cols..(r + 1) * cols]
+                .iter()
+                .zip(&t.fine[r * cols..(r + 1) * cols])
+                .zip(&mean[r / per])
+                .map(|((&a, &f), &m)| (f64::from(a) - f64::from(f)) * m)
+                .sum();
+            (f64::from(b.fine[r]) - shift) as f32
+        })
+        .collect();
+    let enc = if target
+        .iter()
+        .zip(&b.base)
+        .all(|(x, y)| x.to_bits() == y.to_bits())
+    {
+        Encoded::Unchanged
+    } else {
+        codec::q8_groups(&b.base, &target, 1, true)
+    };
+    let mut v = reconstruct_encoded(&b.base, &enc);
+    round_to(b.dtype, &mut v);
+    Some((*j, enc, v))
+}
+
+/// The weights a model holds with tensor `i` at candidate `c` (index among the models' tensors,
+/// values): the tensor, and its corrected bias.
+fn changes(tensors: &[Tensor], i: usize, c: usize) -> Vec<(usize, Vec<f32>)> {
+    at_values(tensors, i, tensors[i].values(c))
+}
+
+/// [`changes`] for tensor `i` holding `w`.
+fn at_values(tensors: &[Tensor], i: usize, w: Vec<f32>) -> Vec<(usize, Vec<f32>)> {
+    let bias = corrected_bias(tensors, i, &w);
+    let mut out = vec![(tensors[i].index, w)];
+    if let Some((j, _, v)) = bias {
+        out.push((tensors[j].index, v));
+    }
+    out
+}
+
+/// `changes` as [`Evaluator`] takes them.
+fn borrowed(changes: &[(usize, Vec<f32>)]) -> Vec<(usize, &[f32])> {
+    changes.iter().map(|(i, v)| (*i, &v[..])).collect()
 }
 
 fn align(len: u64) -> u64 {
@@ -185,11 +269,107 @@ fn plan_cost(tensors: &[Tensor], chosen: &[usize]) -> u64 {
         .sum()
 }
 
+/// The candidates of one tensor scored by their layer error, keeping per encoding family (the
+/// same codec and groups) only the scale multiplier with the least error.
+fn scored(
+    dims: &[u64],
+    dtype: DType,
+    base: &[f32],
+    fine: &[f32],
+    inputs: Option<&LayerInputs>,
+) -> Vec<Candidate> {
+    let rounding = inputs.and_then(LayerInputs::rounding);
+    let mut best: BTreeMap<String, Candidate> = BTreeMap::new();
+    let mut order = Vec::new();
+    for (label, encoded) in candidates(dims, base, fine, rounding.as_ref()) {
+        let mut v = reconstruct_encoded(base, &encoded);
+        round_to(dtype, &mut v);
+        let e: Vec<f64> = v
+            .iter()
+            .zip(fine)
+            .map(|(&a, &b)| f64::from(a) - f64::from(b))
+            .collect();
+        let error = inputs
+            .and_then(|i| i.output_error(&e))
+            .unwrap_or_else(|| e.iter().map(|x| x * x).sum());
+        // The family: the label without its multiplier.
+        let family: String = label
+            .split(' ')
+            .filter(|w| !w.starts_with('x'))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let c = Candidate {
+            label,
+            cost: align(encoded.payload_len() as u64),
+            encoded,
+            error,
+            divergence: 0.0,
+        };
+        match best.get_mut(&family) {
+            Some(b) if b.error <= c.error => {}
+            Some(b) => *b = c,
+            None => {
+                order.push(family.clone());
+                best.insert(family, c);
+            }
+        }
+    }
+    order.into_iter().filter_map(|f| best.remove(&f)).collect()
+}
+
+/// Runs `f(i)` for `i` in `0..n` on `threads` threads (each taking the next index), calls
+/// `done(count)` on this thread as results come in, and returns the results in index order.
+fn parallel<T: Send>(
+    n: usize,
+    threads: usize,
+    f: impl Fn(usize) -> T + Sync,
+    mut done: impl FnMut(usize),
+) -> Vec<T> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        for _ in 0..threads.clamp(1, n.max(1)) {
+            let tx = tx.clone();
+            let (next, f) = (&next, &f);
+            s.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n || tx.send((i, f(i))).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+        for (k, (i, t)) in rx.iter().enumerate() {
+            out[i] = Some(t);
+            done(k + 1);
+        }
+        out.into_iter()
+            .map(|t| t.expect("every index ran"))
+            .collect()
+    })
+}
+
+/// The candidate whose whole-model divergence is measured to learn how much the tensor's layer
+/// error costs: the changed encoding closest to one bit per parameter.
+fn probe_candidate(t: &Tensor) -> Option<usize> {
+    let target = t.params.div_ceil(8) as f64;
+    (0..t.candidates.len())
+        .filter(|&c| {
+            t.candidates[c].error > 0.0 && !matches!(t.candidates[c].encoded, Encoded::Unchanged)
+        })
+        .min_by(|&a, &b| {
+            let d = |c: usize| (t.candidates[c].cost as f64 - target).abs();
+            d(a).total_cmp(&d(b))
+        })
+}
+
 /// Plans one encoding per tensor of `fine` against `base` (both ONNX files with the same float
 /// initializers) so that the whole delta file stays within `settings.max_bits` bits per
 /// parameter, with the least divergence from the fine-tune on `images`.
 ///
-/// `progress(stage, done, total)` reports each model evaluation.
+/// `progress(stage, done, total)` reports the steps of each stage.
 pub fn plan(
     base: &[u8],
     base_w: &OnnxWeights,
@@ -209,33 +389,26 @@ pub fn plan(
             found: images.data.len(),
         });
     }
-    // Output-aware rounding: the second moments of every layer's inputs in the fine-tuned model.
-    progress(Stage::Inputs, 0, 1);
-    let roundings = output_roundings(fine, fine_w, images);
-    progress(Stage::Inputs, 1, 1);
+    let threads = settings.threads.max(1);
+    // 0. The inputs of every layer in the fine-tuned model.
+    let inputs = layer_inputs(fine, fine_w, images, threads, |done, total| {
+        progress(Stage::Inputs, done, total)
+    });
 
     let mut tensors = Vec::with_capacity(base_w.initializers.len());
-    for_each_pair(base, base_w, fine, fine_w, |_, p| {
-        let (b, bv, fv) = (p.base, &p.base_values, &p.fine_values);
-        let candidates = candidates(&b.dims, bv, fv, roundings.get(&b.name))
-            .into_iter()
-            .map(|(label, encoded)| Candidate {
-                label,
-                cost: align(encoded.payload_len() as u64),
-                stored: stored(b.dtype, &reconstruct_encoded(bv, &encoded)),
-                encoded,
-                divergence: 0.0,
-            })
-            .collect();
+    for_each_pair(base, base_w, fine, fine_w, |k, p| {
         tensors.push(Tensor {
-            name: b.name.clone(),
-            dtype: b.dtype,
+            name: p.base.name.clone(),
+            dtype: p.base.dtype,
             dims: p.dims,
-            params: b.numel(),
-            range: p.fine.data.clone(),
-            fine: fine[p.fine.data.clone()].to_vec(),
-            candidates,
+            params: p.base.numel(),
+            index: k,
+            base: p.base_values,
+            fine: p.fine_values,
+            candidates: Vec::new(),
             hull: Vec::new(),
+            bias: None,
+            corrects: None,
         });
     })
     .map_err(|e| match e {
@@ -244,10 +417,27 @@ pub fn plan(
         other => CalibError::Model(other.to_string()),
     })?;
     let params: u64 = tensors.iter().map(|t| t.params).sum();
-    let output_rounded = tensors
+
+    // Bias correction: link each measured layer's weight to its bias.
+    let position: BTreeMap<String, usize> = tensors
         .iter()
-        .filter(|t| roundings.contains_key(&t.name))
-        .count();
+        .enumerate()
+        .map(|(k, t)| (t.name.clone(), k))
+        .collect();
+    for (name, li) in &inputs {
+        let (Some(&i), Some(&j)) = (
+            position.get(name),
+            li.bias.as_ref().and_then(|b| position.get(b)),
+        ) else {
+            continue;
+        };
+        if tensors[j].params as usize * li.cols == tensors[i].params as usize
+            && tensors[j].corrects.is_none()
+        {
+            tensors[i].bias = Some((j, li.mean.clone()));
+            tensors[j].corrects = Some(i);
+        }
+    }
 
     // Bytes before the payloads do not depend on the codecs.
     let meta_bytes = {
@@ -283,62 +473,101 @@ pub fn plan(
     };
 
     // 1. Reference outputs.
-    let search = settings.search_images.clamp(1, images.count);
-    let mut ev = Evaluator {
-        model: fine.to_vec(),
-        images: images.clone(),
-        search,
-        reference_search: Vec::new(),
-        reference_all: Vec::new(),
-        evaluations: 0,
-    };
+    let search = settings
+        .search_images
+        .unwrap_or_else(|| default_search_images(images))
+        .clamp(1, images.count);
     progress(Stage::Reference, 0, 1);
+    let values: Vec<Vec<f32>> = tensors.iter().map(|t| t.fine.clone()).collect();
+    let mut ev = Evaluator::new(
+        fine,
+        Arc::new(fine_w.clone()),
+        values,
+        images,
+        search,
+        threads,
+    )?;
     ev.reference_all = ev.logits(images.count)?;
     ev.reference_search = ev.reference_all[..search].to_vec();
     progress(Stage::Reference, 1, 1);
 
-    // 2. Isolated sensitivity of every candidate.
-    let total: usize = tensors
+    // 2. Sensitivity: every candidate's layer error (on every core), then per tensor the
+    //    model's divergence with the tensor at one candidate and at the base, which sets how
+    //    much a unit of its layer error costs.
+    let measured: usize = 2 * tensors
         .iter()
-        .map(|t| t.candidates.len().saturating_sub(1))
-        .sum();
-    let mut done = 0;
-    for i in 0..tensors.len() {
-        // Candidates come cheapest first within each family; once one is (nearly) lossless, a
-        // costlier one cannot improve on it and is not run.
-        let mut lossless_at: Option<u64> = None;
-        for c in 0..tensors[i].candidates.len() {
-            let exact = tensors[i].candidates[c].stored == tensors[i].fine;
-            let cost = tensors[i].candidates[c].cost;
-            let d = if exact {
-                0.0
-            } else if lossless_at.is_some_and(|at| cost >= at) {
-                LOSSLESS
-            } else {
-                let (kl, _) = ev.measure(
-                    &tensors,
-                    |k| {
-                        if k == i {
-                            &tensors[i].candidates[c].stored
-                        } else {
-                            &tensors[k].fine
-                        }
-                    },
-                    false,
-                )?;
-                kl
-            };
-            tensors[i].candidates[c].divergence = d;
-            if d <= LOSSLESS {
-                lossless_at = Some(lossless_at.map_or(cost, |at| at.min(cost)));
+        .filter(|t| t.fine != t.base && t.corrects.is_none())
+        .count();
+    let steps = tensors.len() + measured;
+    progress(Stage::Sensitivity, 0, steps);
+    let scored_all = parallel(
+        tensors.len(),
+        threads,
+        |i| {
+            let t = &tensors[i];
+            if t.corrects.is_some() {
+                // Encoded from its weight's choice; its cost is that of an 8-bit delta.
+                let encoded = codec::q8_groups(&t.base, &t.fine, 1, true);
+                return vec![Candidate {
+                    label: "q8-groups (G=1) bias-corrected".to_string(),
+                    cost: align(encoded.payload_len() as u64),
+                    encoded,
+                    error: 0.0,
+                    divergence: 0.0,
+                }];
             }
-            if c > 0 {
-                done += 1;
-                progress(Stage::Sensitivity, done, total);
-            }
-        }
-        tensors[i].hull = lower_hull(&tensors[i].candidates);
+            let dims: Vec<u64> = t.dims.iter().map(|&d| u64::from(d)).collect();
+            let layer = inputs.get(&t.name);
+            let centered = layer
+                .filter(|_| t.bias.is_some())
+                .map(LayerInputs::centered);
+            scored(
+                &dims,
+                t.dtype,
+                &t.base,
+                &t.fine,
+                centered.as_ref().or(layer),
+            )
+        },
+        |d| progress(Stage::Sensitivity, d, steps),
+    );
+    for (t, c) in tensors.iter_mut().zip(scored_all) {
+        t.candidates = c;
     }
+    let output_rounded = tensors
+        .iter()
+        .filter(|t| t.candidates.iter().any(|c| c.label.ends_with(" GPTQ")))
+        .count();
+    drop(inputs);
+    let mut done = tensors.len();
+    for i in 0..tensors.len() {
+        if tensors[i].fine == tensors[i].base || tensors[i].corrects.is_some() {
+            continue;
+        }
+        let mut importance = 0.0;
+        if let Some(c) = probe_candidate(&tensors[i]) {
+            let (kl, _) = ev.measure(&borrowed(&changes(&tensors, i, c)), false)?;
+            importance = kl / tensors[i].candidates[c].error;
+            tensors[i].candidates[c].divergence = kl;
+        }
+        done += 1;
+        progress(Stage::Sensitivity, done, steps);
+        let at_base = at_values(&tensors, i, tensors[i].base.clone());
+        let (kl_base, _) = ev.measure(&borrowed(&at_base), false)?;
+        done += 1;
+        progress(Stage::Sensitivity, done, steps);
+        for c in &mut tensors[i].candidates {
+            c.divergence = match c.encoded {
+                Encoded::Unchanged => kl_base,
+                // Never predict more than leaving the tensor at the base costs.
+                _ => (importance * c.error).min(kl_base.max(c.divergence)),
+            };
+        }
+    }
+    for t in tensors.iter_mut() {
+        t.hull = lower_hull(&t.candidates);
+    }
+    progress(Stage::Sensitivity, steps, steps);
 
     // 3. Greedy plan within the budget (or the smallest budget reaching the target).
     let floor: u64 = tensors.iter().map(|t| t.candidates[t.hull[0]].cost).sum();
@@ -360,8 +589,7 @@ pub fn plan(
             }
             let mid = lo + (hi - lo) / 2;
             let (chosen, _) = greedy(&tensors, mid);
-            let (_, agree) =
-                ev.measure(&tensors, |k| &tensors[k].candidates[chosen[k]].stored, true)?;
+            let (_, agree) = ev.measure(&borrowed(&plan_changes(&tensors, &chosen)), true)?;
             if agree >= target {
                 hi = mid;
             } else {
@@ -373,25 +601,25 @@ pub fn plan(
     }
     let (mut chosen, lambda) = greedy(&tensors, budget);
 
-    // 4. Refine in context: revisit each tensor with the others at their planned encoding.
+    // 4. Refine in context: the model holds the plan; the tensors with the largest predicted
+    //    divergence try their neighbours on the hull.
+    ev.set(&borrowed(&plan_changes(&tensors, &chosen)))?;
     let mut order: Vec<usize> = (0..tensors.len())
-        .filter(|&i| tensors[i].candidates.len() > 1)
+        .filter(|&i| tensors[i].hull.len() > 1)
         .collect();
     order.sort_by(|&a, &b| {
         let da = tensors[a].candidates[chosen[a]].divergence;
         let db = tensors[b].candidates[chosen[b]].divergence;
         db.total_cmp(&da)
     });
+    order.truncate(settings.refine_tensors);
     let lambda = lambda.max(0.0);
     let rounds = settings.refine_rounds;
-    let per_round: usize = order.len() * 3;
+    let per_round: usize = order.len() * 2;
     let mut done = 0;
+    progress(Stage::Refine, 0, per_round * rounds);
     for _ in 0..rounds {
-        let (mut current, _) = ev.measure(
-            &tensors,
-            |k| &tensors[k].candidates[chosen[k]].stored,
-            false,
-        )?;
+        let (mut current, _) = ev.measure(&[], false)?;
         for &i in &order {
             let used = plan_cost(&tensors, &chosen);
             let now = chosen[i];
@@ -402,16 +630,16 @@ pub fn plan(
             );
             let hull = &tensors[i].hull;
             let pos = hull.iter().position(|&h| h == now);
-            for c in 0..tensors[i].candidates.len() {
-                // The neighbours on the hull, and the other scale multipliers of the same codec.
-                let neighbour =
-                    pos.is_some_and(|p| (p > 0 && hull[p - 1] == c) || hull.get(p + 1) == Some(&c));
-                let sibling = tensors[i].candidates[c].cost == tensors[i].candidates[now].cost
-                    && tensors[i].candidates[c].encoded.codec()
-                        == tensors[i].candidates[now].encoded.codec();
-                if c == now || !(neighbour || sibling) {
-                    continue;
-                }
+            let neighbours: Vec<usize> = pos
+                .map(|p| {
+                    [p.checked_sub(1), Some(p + 1)]
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|q| hull.get(q).copied())
+                        .collect()
+                })
+                .unwrap_or_default();
+            for c in neighbours {
                 done += 1;
                 progress(
                     Stage::Refine,
@@ -422,18 +650,14 @@ pub fn plan(
                 if used - tensors[i].candidates[now].cost + cost > budget {
                     continue;
                 }
-                let (kl, _) = ev.measure(
-                    &tensors,
-                    |k| {
-                        let c = if k == i { c } else { chosen[k] };
-                        &tensors[k].candidates[c].stored
-                    },
-                    false,
-                )?;
+                let (kl, _) = ev.measure(&borrowed(&changes(&tensors, i, c)), false)?;
                 let j = kl + lambda * cost as f64;
                 if j < best.0 {
                     best = (j, c, kl);
                 }
+            }
+            if best.1 != now {
+                ev.set(&borrowed(&changes(&tensors, i, best.1)))?;
             }
             chosen[i] = best.1;
             current = best.2;
@@ -443,10 +667,21 @@ pub fn plan(
 
     // 5. Confirm on every image.
     progress(Stage::Confirm, 0, 1);
-    let (divergence, agreement) =
-        ev.measure(&tensors, |k| &tensors[k].candidates[chosen[k]].stored, true)?;
+    let (divergence, agreement) = ev.measure(&[], true)?;
     progress(Stage::Confirm, 1, 1);
 
+    // Corrected biases, from their weights' final encodings.
+    for i in 0..tensors.len() {
+        if tensors[i].bias.is_some() {
+            let w = tensors[i].values(chosen[i]);
+            if let Some((j, enc, _)) = corrected_bias(&tensors, i, &w) {
+                let cost = align(enc.payload_len() as u64);
+                let c = &mut tensors[j].candidates[chosen[j]];
+                c.encoded = enc;
+                c.cost = cost;
+            }
+        }
+    }
     let payload_bytes = plan_cost(&tensors, &chosen);
     let mut encodings = Vec::with_capacity(tensors.len());
     let mut choices = Vec::with_capacity(tensors.len());
@@ -474,4 +709,23 @@ pub fn plan(
         evaluations: ev.evaluations,
         output_rounded,
     })
+}
+
+/// The weights of the plan `chosen` (index among the models' tensors, values), biases corrected.
+fn plan_changes(tensors: &[Tensor], chosen: &[usize]) -> Vec<(usize, Vec<f32>)> {
+    let mut out: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
+    for (i, (t, &c)) in tensors.iter().zip(chosen).enumerate() {
+        if t.corrects.is_none() {
+            out.extend(changes(tensors, i, c));
+        } else {
+            out.entry(t.index).or_insert_with(|| t.values(c));
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Search images when the settings do not say: 64, fewer for large images (at least 16), so
+/// that a whole-model evaluation costs about the same on every model size.
+fn default_search_images(images: &Images) -> usize {
+    ((1usize << 21) / images.image_len().max(1)).clamp(16, 64)
 }

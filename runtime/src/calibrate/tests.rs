@@ -1,8 +1,10 @@
 //! Unit tests of the calibration search.
 
 use super::evaluation::reconstruct_encoded;
-use super::plan::{greedy, lower_hull, Candidate, Tensor};
-use super::statistics::{add_patches, mirror, output_roundings, weight_uses, ConvShape};
+use super::plan::{corrected_bias, greedy, lower_hull, Candidate, Tensor};
+use super::statistics::{
+    add_patches, add_patches_fast, layer_inputs, mirror, weight_uses, ConvShape, LayerInputs, Sums,
+};
 use super::*;
 use crate::codec;
 use crate::format::DType;
@@ -13,7 +15,7 @@ fn cand(cost: u64, divergence: f64) -> Candidate {
         label: String::new(),
         encoded: Encoded::Unchanged,
         cost,
-        stored: Vec::new(),
+        error: 0.0,
         divergence,
     }
 }
@@ -41,10 +43,13 @@ fn tensor(points: &[(u64, f64)]) -> Tensor {
         dtype: DType::F32,
         dims: Vec::new(),
         params: 0,
-        range: 0..0,
+        index: 0,
+        base: Vec::new(),
         fine: Vec::new(),
         candidates,
         hull,
+        bias: None,
+        corrects: None,
     }
 }
 
@@ -177,12 +182,22 @@ fn every_weight_of_the_species_model_gets_its_inputs() {
         count: 3,
         shape: [3, 32, 32],
     };
-    let r = output_roundings(&bytes, &w, &images);
+    let mut steps = Vec::new();
+    let r = layer_inputs(&bytes, &w, &images, 2, |done, total| {
+        steps.push((done, total))
+    });
     assert_eq!(r.len(), want.len());
-    for (name, r) in &r {
+    assert_eq!(steps.first(), Some(&(0, 1)));
+    assert_eq!(steps.last(), Some(&(1, 1)));
+    for (name, li) in &r {
         let dims = &w.get(name).unwrap().dims;
         let n: u64 = dims.iter().product();
-        assert_eq!(n % r.cols() as u64, 0, "{name}");
+        assert_eq!(n % li.cols as u64, 0, "{name}");
+        let r = li.rounding().unwrap();
+        assert_eq!(r.cols(), li.cols, "{name}");
+        // Every convolution and the classifier add a bias of their own.
+        let bias = li.bias.as_deref().unwrap();
+        assert_eq!(w.get(bias).unwrap().dims, [dims[0]], "{name}");
     }
 }
 
@@ -198,4 +213,147 @@ fn multiplier_one_is_the_plain_encoder() {
         codec::sign_groups_scaled(&base, &fine, 8, true, 1.0),
         codec::sign_groups(&base, &fine, 8, true)
     );
+}
+
+#[test]
+fn gathered_patches_give_the_sums_of_the_reference() {
+    // The matrix-product path against `add_patches` (f64, patch by patch), on a grouped
+    // convolution with stride, dilation and asymmetric pads, with more patches than one product
+    // gathers.
+    let s = ConvShape {
+        group: 2,
+        cig: 3,
+        kernel: [3, 3],
+        stride: [1, 2],
+        dilation: [2, 1],
+        pads: [2, 1, 0, 2],
+    };
+    let shape = [3usize, 6, 48, 40];
+    let len: usize = shape.iter().product();
+    let a: Vec<f32> = (0..len)
+        .map(|i| ((i as f64 * 0.731).sin() * 2.0) as f32)
+        .collect();
+    let k = s.cols();
+    let mut want = vec![vec![0f64; k * k]; s.group];
+    add_patches(&s, &a, &shape, &mut want);
+    want.iter_mut().for_each(|m| mirror(m, k));
+    let mut got = Sums::new(s.group, k);
+    add_patches_fast(&s, &a, &shape, &mut got);
+    for (g, (w, h)) in want.iter().zip(&got.h).enumerate() {
+        let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
+        for (x, y) in w.iter().zip(h) {
+            assert!((x - y).abs() <= 1e-5 * scale, "group {g}: {x} vs {y}");
+        }
+    }
+    // The sums of the patches: the first column of each group is tap (0, 0) of its first input
+    // channel, i.e. the input at (oy * 1 + 0 - 2, ox * 2 + 0 - 1) where that is inside.
+    let (oh, ow) = ((48 + 2 - 5) + 1, (40 + 3 - 3) / 2 + 1);
+    for g in 0..s.group {
+        let mut sum = 0f64;
+        for img in 0..shape[0] {
+            for y in 0..oh {
+                for x in 0..ow {
+                    let (py, px) = (y as i64 - 2, 2 * x as i64 - 1);
+                    if py >= 0 && px >= 0 && py < 48 && px < 40 {
+                        let at = ((img * 6 + g * 3) * 48 + py as usize) * 40 + px as usize;
+                        sum += f64::from(a[at]);
+                    }
+                }
+            }
+        }
+        assert!((got.sum[g][0] - sum).abs() <= 1e-6 * sum.abs().max(1.0));
+    }
+    assert_eq!(got.vectors, (shape[0] * oh * ow) as f64);
+}
+
+#[test]
+fn output_error_is_the_quadratic_form_and_centering_removes_the_mean() {
+    // Two groups of two rows over three inputs: `Σ_r e_r H_g e_rᵀ`, written out.
+    let h = vec![
+        vec![4.0, 1.0, 0.5, 1.0, 3.0, 0.2, 0.5, 0.2, 2.0],
+        vec![1.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0],
+    ];
+    let li = LayerInputs {
+        cols: 3,
+        h: h.clone(),
+        mean: vec![vec![0.5, -0.25, 1.0], vec![0.0, 1.0, 0.5]],
+        vectors: 4.0,
+        bias: None,
+    };
+    let e = [1.0, -1.0, 0.5, 0.0, 2.0, 1.0, -0.5, 0.5, 0.0, 1.0, 1.0, 1.0];
+    let quad = |h: &[f64], r: &[f64]| -> f64 {
+        (0..3)
+            .flat_map(|p| (0..3).map(move |q| (p, q)))
+            .map(|(p, q)| r[p] * h[p * 3 + q] * r[q])
+            .sum()
+    };
+    let want: f64 = e
+        .chunks(3)
+        .enumerate()
+        .map(|(r, row)| quad(&h[r / 2], row))
+        .sum();
+    assert!((li.output_error(&e).unwrap() - want).abs() < 1e-12);
+    assert_eq!(li.output_error(&e[..9]), None);
+    // Centred: H - N μ μᵀ, so the error of a row drops by N (e·μ)².
+    let c = li.centered();
+    for (r, row) in e.chunks(3).enumerate() {
+        let g = r / 2;
+        let dot: f64 = row.iter().zip(&li.mean[g]).map(|(a, b)| a * b).sum();
+        let got = quad(&c.h[g], row);
+        assert!((got - (quad(&h[g], row) - 4.0 * dot * dot)).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn corrected_bias_cancels_the_mean_output_error() {
+    // A 4 x 3 weight in two groups and its bias: with the weight at `w`, the corrected bias
+    // minus the fine-tune's must equal -E μ per output channel, up to its 8-bit step.
+    let mean = vec![vec![0.5, -0.25, 1.0], vec![0.0, 1.0, 0.5]];
+    let wt = |fine: Vec<f32>, base: Vec<f32>| Tensor {
+        params: fine.len() as u64,
+        base,
+        fine,
+        ..tensor(&[(0, 0.0)])
+    };
+    let mut weight = wt(
+        (0..12).map(|i| i as f32 * 0.1).collect(),
+        (0..12).map(|i| i as f32 * 0.05).collect(),
+    );
+    weight.bias = Some((1, mean.clone()));
+    let mut bias = wt(vec![0.3, -0.2, 0.1, 0.4], vec![0.2, -0.1, 0.0, 0.5]);
+    bias.corrects = Some(0);
+    bias.index = 7;
+    let tensors = [weight, bias];
+    let w: Vec<f32> = (0..12)
+        .map(|i| i as f32 * 0.1 + [0.2, -0.1, 0.05][i % 3])
+        .collect();
+    let (j, enc, values) = corrected_bias(&tensors, 0, &w).unwrap();
+    assert_eq!(j, 1);
+    assert_eq!(enc.codec(), Codec::Q8Groups);
+    let e: Vec<f64> = w
+        .iter()
+        .zip(&tensors[0].fine)
+        .map(|(&a, &b)| f64::from(a) - f64::from(b))
+        .collect();
+    let deltas: Vec<f64> = (0..4)
+        .map(|r| {
+            let shift: f64 = (0..3).map(|k| e[r * 3 + k] * mean[r / 2][k]).sum();
+            f64::from(tensors[1].fine[r]) - shift - f64::from(tensors[1].base[r])
+        })
+        .collect();
+    let step = deltas.iter().fold(0f64, |m, d| m.max(d.abs())) / 127.0;
+    for (r, (v, d)) in values.iter().zip(&deltas).enumerate() {
+        let got = f64::from(*v) - f64::from(tensors[1].base[r]);
+        assert!((got - d).abs() <= step, "channel {r}: {got} vs {d}");
+    }
+    // No weight error, same bias as the base: nothing to store.
+    let same = [
+        Tensor {
+            bias: Some((1, mean)),
+            ..wt(tensors[0].fine.clone(), tensors[0].base.clone())
+        },
+        wt(vec![0.2, -0.1, 0.0, 0.5], vec![0.2, -0.1, 0.0, 0.5]),
+    ];
+    let (_, enc, _) = corrected_bias(&same, 0, &same[0].fine).unwrap();
+    assert_eq!(enc, Encoded::Unchanged);
 }

@@ -27,9 +27,10 @@ pub const OUTPUT_ROUNDING_DAMP: f64 = 0.01;
 #[derive(Clone, Debug)]
 pub struct OutputRounding {
     cols: usize,
-    /// Per block: the unit lower-triangular `L` of `H⁻¹ = L D Lᵀ`, `cols × cols` row-major.
-    /// Column `i` of `L` below the diagonal is how the error at column `i` spreads to the columns
-    /// after it (the upper Cholesky factor's row `i` over its diagonal: the `D` cancels).
+    /// Per block: the unit lower-triangular `L` of `H⁻¹ = L D Lᵀ`, transposed (`Lᵀ`, `cols ×
+    /// cols` row-major). Row `i` of `Lᵀ` right of the diagonal (column `i` of `L` below it) is
+    /// how the error at column `i` spreads to the columns after it (the upper Cholesky factor's
+    /// row `i` over its diagonal: the `D` cancels); held as a row so that it is read in order.
     factors: Vec<Vec<f64>>,
 }
 
@@ -59,7 +60,12 @@ impl OutputRounding {
             for i in 0..cols {
                 h[i * cols + i] += damp;
             }
-            factors.push(ldl_unit_lower(&invert(&h, cols)?, cols)?);
+            let l = ldl_unit_lower(&invert(&h, cols)?, cols)?;
+            factors.push(
+                (0..cols * cols)
+                    .map(|k| l[(k % cols) * cols + k / cols])
+                    .collect(),
+            );
         }
         Some(Self { cols, factors })
     }
@@ -194,7 +200,7 @@ pub fn round_signs_to_outputs(
     bits.fill(0);
     let mut w = vec![0f64; cols];
     for row in 0..rows {
-        let l = &r.factors[row / per_block];
+        let lt = &r.factors[row / per_block];
         let lv = &levels[row * cols / gsize];
         for (o, d) in w.iter_mut().zip(deltas(
             &base[row * cols..][..cols],
@@ -212,8 +218,11 @@ pub fn round_signs_to_outputs(
                 lv[hi]
             };
             let e = x - q;
-            for (j, wj) in w.iter_mut().enumerate().skip(i + 1) {
-                *wj -= e * l[j * cols + i];
+            for (wj, &lji) in w[i + 1..]
+                .iter_mut()
+                .zip(&lt[i * cols + i + 1..(i + 1) * cols])
+            {
+                *wj -= e * lji;
             }
             let at = row * cols + i;
             // One plane (`sign`, `sign-groups`) is plain packing: plane_byte(1, i, 0) = i / 8.

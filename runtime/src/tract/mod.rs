@@ -46,6 +46,7 @@
 mod inplace;
 mod panels;
 mod rebuild;
+mod tunable;
 mod widen;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -723,6 +724,7 @@ enum Built {
 }
 
 pub use crate::card::{argmax, softmax};
+pub use tunable::Tunable;
 
 /// [`crate::apply::check_result`] as a tract error.
 fn check_result(files: &[(DeltaFile<'_>, f32)], fp: Fingerprint) -> TractResult<()> {

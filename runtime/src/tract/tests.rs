@@ -383,3 +383,55 @@ fn a_constant_stored_transposed_is_located_and_rewritten_in_its_order() {
         held
     );
 }
+
+/// The values of every float initializer of `onnx`, as f32.
+fn values_of(onnx: &[u8], w: &OnnxWeights) -> Vec<Vec<f32>> {
+    w.initializers
+        .iter()
+        .map(|i| bytemuck::pod_collect_to_vec(&onnx[i.data.clone()]))
+        .collect()
+}
+
+#[test]
+fn a_tunable_model_answers_as_tract_on_the_model_with_those_weights() {
+    // Night's weights, then tensors set one by one and together to other values (the base's,
+    // zeros for a bias, a weight scaled): every answer is tract's on an ONNX file holding those
+    // values, bit for bit, and none needs a rebuild.
+    let (base, night) = (model("species-base"), model("night"));
+    let w = Arc::new(OnnxWeights::scan(&night).unwrap());
+    let (bv, nv) = (values_of(&base, &w), values_of(&night, &w));
+    let shape = [3, 3, 32, 32];
+    let mut t = Tunable::new(&night, w.clone(), nv.clone(), &shape, InputType::F32).unwrap();
+    let x: Vec<f32> = inputs().concat();
+    let mut bytes = night.clone();
+    let check = |t: &Tunable, bytes: &[u8]| {
+        let want = Classifier::from_onnx_bytes(bytes, &shape)
+            .unwrap()
+            .run(&x)
+            .unwrap();
+        assert_eq!(t.run(&x).unwrap(), want);
+    };
+    check(&t, &bytes);
+    let n = w.initializers.len();
+    let scaled: Vec<f32> = nv[n - 1].iter().map(|v| v * 1.5).collect();
+    let zeros = vec![0f32; nv[0].len()];
+    let steps: [Vec<(usize, &[f32])>; 4] = [
+        vec![(0, &bv[0])],
+        vec![(n / 2, &bv[n / 2]), (n - 1, &scaled)],
+        vec![(0, &zeros)],
+        vec![(0, &nv[0]), (n / 2, &nv[n / 2]), (n - 1, &nv[n - 1])],
+    ];
+    for changes in steps {
+        t.set(&changes).unwrap();
+        for &(i, v) in &changes {
+            bytes[w.initializers[i].data.clone()].copy_from_slice(bytemuck::cast_slice(v));
+        }
+        check(&t, &bytes);
+    }
+    assert_eq!(t.rebuilds(), 0);
+    assert_eq!(bytes, night);
+    // Values that do not fit the weight are refused, and the model keeps its weights.
+    let short = vec![0f32; nv[0].len() - 1];
+    assert!(t.set(&[(0, &short)]).is_err());
+    check(&t, &bytes);
+}

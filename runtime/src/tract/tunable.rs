@@ -1,0 +1,298 @@
+//! A model whose weights can be set to any values between runs, through the in-place machinery
+//! of a switch: calibration's whole-model evaluations ([`crate::calibrate`]) change one or a few
+//! tensors at a time and run again, without a rebuild per evaluation.
+//!
+//! The model is built once like a switching build ([`super::Engine`]): tract reads the weights
+//! from memory through a data resolver, weights whose values are all equal are given as
+//! [`decoy`]s so that tract keeps a place for them, every weight is located, and the true values
+//! are written over the decoys. [`Tunable::set`] then writes new values into the located sites
+//! and re-makes the execution plan around the same optimized model. A weight without a site
+//! (none on the families and zoo models this was measured on) makes `set` build the model
+//! again from the current values.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::vec::Vec;
+
+use prost::Message;
+use tract_onnx::pb::ModelProto;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::{ensure, format_err};
+
+use super::inplace::{self, Sites};
+use super::rebuild::decoy;
+use super::{input_fact, widen, Classifier, InputType};
+use crate::apply;
+use crate::format::DType;
+use crate::onnx::OnnxWeights;
+
+/// An optimized model of a fixed input shape whose float initializers can be rewritten.
+pub struct Tunable {
+    weights: Arc<OnnxWeights>,
+    /// The model without its weights' data ([`crate::onnx::without_weights`]).
+    stripped: Arc<[u8]>,
+    /// The current values of every weight (f16 weights as their f32 values).
+    values: Arc<Vec<Vec<f32>>>,
+    input_shape: Vec<usize>,
+    input_type: InputType,
+    classifier: Option<Classifier>,
+    sites: Sites,
+    rebuilds: usize,
+}
+
+/// Every weight from memory; the decoys' values instead of theirs.
+struct Values {
+    values: Arc<Vec<Vec<f32>>>,
+    decoys: BTreeSet<usize>,
+}
+
+impl tract_onnx::data_resolver::ModelDataResolver for Values {
+    fn read_bytes_from_path(
+        &self,
+        buf: &mut Vec<u8>,
+        _path: &std::path::Path,
+        offset: usize,
+        length: Option<usize>,
+    ) -> TractResult<()> {
+        let v = self
+            .values
+            .get(offset)
+            .ok_or_else(|| format_err!("no weight {offset}"))?;
+        ensure!(
+            length.is_none_or(|l| l == v.len() * 4),
+            "weight {offset}: asked for {length:?} bytes"
+        );
+        buf.clear();
+        buf.resize(v.len() * 4, 0);
+        if self.decoys.contains(&offset) {
+            let mut d = vec![0f32; v.len()];
+            decoy(offset, 0, &mut d);
+            apply::store(DType::F32, &d, buf);
+        } else {
+            apply::store(DType::F32, v, buf);
+        }
+        Ok(())
+    }
+}
+
+impl Tunable {
+    /// Builds `onnx` (whose float initializers are `weights`, with the values `values` in the
+    /// same order) for `input_shape`.
+    pub fn new(
+        onnx: &[u8],
+        weights: Arc<OnnxWeights>,
+        values: Vec<Vec<f32>>,
+        input_shape: &[usize],
+        input_type: InputType,
+    ) -> TractResult<Self> {
+        ensure!(
+            values.len() == weights.initializers.len()
+                && values
+                    .iter()
+                    .zip(&weights.initializers)
+                    .all(|(v, w)| v.len() as u64 == w.numel()),
+            "weight values do not match the model's initializers"
+        );
+        let stripped = crate::onnx::without_weights(onnx, &weights)?;
+        let mut t = Self {
+            weights,
+            stripped: Arc::from(stripped),
+            values: Arc::new(values),
+            input_shape: input_shape.to_vec(),
+            input_type,
+            classifier: None,
+            sites: Sites::default(),
+            rebuilds: 0,
+        };
+        t.build()?;
+        Ok(t)
+    }
+
+    /// Another model of the same weights for `input_shape` (e.g. another batch size), built
+    /// from this one's current values.
+    pub fn with_input_shape(&self, input_shape: &[usize]) -> TractResult<Self> {
+        let mut t = Self {
+            weights: self.weights.clone(),
+            stripped: self.stripped.clone(),
+            values: Arc::new((*self.values).clone()),
+            input_shape: input_shape.to_vec(),
+            input_type: self.input_type,
+            classifier: None,
+            sites: Sites::default(),
+            rebuilds: 0,
+        };
+        t.build()?;
+        Ok(t)
+    }
+
+    /// The input shape the model was built for.
+    pub fn input_shape(&self) -> &[usize] {
+        &self.input_shape
+    }
+
+    /// How many times [`Tunable::set`] had to build the model again (a weight without a site).
+    pub fn rebuilds(&self) -> usize {
+        self.rebuilds
+    }
+
+    /// The current values of weight `i`.
+    pub fn values(&self, i: usize) -> &[f32] {
+        &self.values[i]
+    }
+
+    /// Builds the model from the current values, around decoys for uniform weights, and
+    /// locates every weight; without decoys when one of them is then not located.
+    fn build(&mut self) -> TractResult<()> {
+        self.classifier = None;
+        let (clf, sites) = match self.make(true)? {
+            Some(built) => built,
+            None => self.make(false)?.expect("built without decoys"),
+        };
+        self.classifier = Some(clf);
+        self.sites = sites;
+        Ok(())
+    }
+
+    /// The model from the current values and its weights' sites; `None` when a decoy was not
+    /// located (it would run with its decoy values).
+    fn make(&self, with_decoys: bool) -> TractResult<Option<(Classifier, Sites)>> {
+        let values = &self.values;
+        let decoys: BTreeSet<usize> = values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| with_decoys && v.iter().all(|x| x.to_bits() == v[0].to_bits()))
+            .map(|(i, _)| i)
+            .collect();
+        let mut proto = ModelProto::decode(&self.stripped[..])?;
+        let widened = widen::widen_f16(&mut proto);
+        let mut onnx = tract_onnx::onnx();
+        onnx.provider = Arc::new(Values {
+            values: values.clone(),
+            decoys: decoys.clone(),
+        });
+        let parsed = onnx.parse(&proto, Some("/"))?;
+        drop(onnx);
+        ensure!(
+            parsed.unresolved_inputs.is_empty(),
+            "could not resolve inputs at top level: {:?}",
+            parsed.unresolved_inputs
+        );
+        let mut model = parsed
+            .model
+            .with_input_fact(0, input_fact(&self.input_shape).into())?
+            .into_optimized()?;
+        let shapes: Vec<Option<(usize, usize)>> = self
+            .weights
+            .initializers
+            .iter()
+            .map(|w| {
+                let rows = w.dims.first().copied().unwrap_or(1) as usize;
+                Some((w.numel() as usize, rows))
+            })
+            .collect();
+        let sites = Sites::find(
+            &model,
+            &shapes,
+            |i| decoys.contains(&i),
+            |i, first, out| {
+                if decoys.contains(&i) {
+                    decoy(i, first, out);
+                } else {
+                    out.copy_from_slice(&values[i][first..first + out.len()]);
+                }
+                Ok(())
+            },
+        )?;
+        for &i in &decoys {
+            let Some(at) = sites.get(i) else {
+                return Ok(None);
+            };
+            for &site in at {
+                inplace::write(&mut model, site, values[i].len(), |first, out| {
+                    out.copy_from_slice(&values[i][first..first + out.len()]);
+                    Ok(())
+                })?;
+            }
+        }
+        let clf = Classifier::from_model(
+            Arc::new(model),
+            self.input_shape.clone(),
+            self.input_type,
+            widened.is_some_and(|w| w.output),
+        )?;
+        Ok(Some((clf, sites)))
+    }
+
+    /// Sets weights `changes[k].0` to the values `changes[k].1` (f16 weights are rounded to
+    /// f16) and makes the model run with them.
+    pub fn set(&mut self, changes: &[(usize, &[f32])]) -> TractResult<()> {
+        let values = Arc::make_mut(&mut self.values);
+        let mut set = BTreeSet::new();
+        for &(i, v) in changes {
+            let w = self
+                .weights
+                .initializers
+                .get(i)
+                .ok_or_else(|| format_err!("no weight {i}"))?;
+            ensure!(
+                v.len() as u64 == w.numel(),
+                "weight {:?}: expected {} values, found {}",
+                w.name,
+                w.numel(),
+                v.len()
+            );
+            values[i].copy_from_slice(v);
+            if w.dtype == DType::F16 {
+                widen::round_f16_slice(&mut values[i]);
+            }
+            set.insert(i);
+        }
+        if set.is_empty() {
+            return Ok(());
+        }
+        if set.iter().any(|&i| self.sites.get(i).is_none()) {
+            self.rebuilds += 1;
+            return self.build();
+        }
+        let Some(Classifier {
+            plan,
+            mut model,
+            input_shape,
+            input_type,
+            round_output,
+        }) = self.classifier.take()
+        else {
+            self.rebuilds += 1;
+            return self.build();
+        };
+        drop(plan);
+        let values = &self.values;
+        let written = match Arc::get_mut(&mut model) {
+            Some(m) => inplace::rewrite(m, &self.weights, &self.sites, &set, |i, first, out| {
+                out.copy_from_slice(&values[i][first..first + out.len()]);
+                Ok(())
+            })
+            .is_ok(),
+            None => false,
+        };
+        if !written {
+            self.rebuilds += 1;
+            return self.build();
+        }
+        self.classifier = Some(Classifier::from_model(
+            model,
+            input_shape,
+            input_type,
+            round_output,
+        )?);
+        Ok(())
+    }
+
+    /// Runs one input of the model's input shape; the flat output as f32.
+    pub fn run(&self, input: &[f32]) -> TractResult<Vec<f32>> {
+        self.classifier
+            .as_ref()
+            .ok_or_else(|| format_err!("the model was not built"))?
+            .run(input)
+    }
+}
