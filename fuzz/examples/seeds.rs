@@ -48,6 +48,24 @@ impl Rng {
         }
         b
     }
+    /// `sparse-signs` entries of `n` elements, `m` per block of 64: distinct indices in
+    /// increasing order (fewer than `m` only where the block is shorter, which the caller
+    /// avoids), random level and sign bits.
+    fn sparse(&mut self, n: usize, m: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for start in (0..n).step_by(64) {
+            let len = 64.min(n - start);
+            let mut idx: Vec<u8> = (0..len as u8).collect();
+            for k in 0..m.min(len) {
+                let j = k + (self.next() % (len - k) as u64) as usize;
+                idx.swap(k, j);
+            }
+            idx.truncate(m.min(len));
+            idx.sort_unstable();
+            out.extend(idx.iter().map(|&i| i | (self.next() as u8 & 0xc0)));
+        }
+        out
+    }
     /// `n` 8-bit deltas in -127..=127.
     fn q8(&mut self, n: usize) -> Vec<i8> {
         (0..n)
@@ -76,8 +94,10 @@ fn record(name: &str, dtype: DType, dims: &[u32], encoded: Encoded) -> TensorRec
 }
 
 /// One tensor of each codec (both scale types for the group codecs), a scalar and a non-ASCII
-/// name, all of `dtype`.
+/// name, all of `dtype`. The `sparse-signs` tensors draw from their own generator, so that
+/// adding them left the other tensors' bytes as they were.
 fn every_codec(rng: &mut Rng, dtype: DType) -> Vec<TensorRecord> {
+    let mut sparse = Rng(rng.0 ^ 0x5a55);
     vec![
         record("a.unchanged", dtype, &[3, 5], Encoded::Unchanged),
         record(
@@ -158,6 +178,26 @@ fn every_codec(rng: &mut Rng, dtype: DType) -> Vec<TensorRecord> {
                 bits: rng.planes(11, 3),
             },
         ),
+        // 90 elements: a block of 64 and one of 26; 4 entries per block, groups of 30.
+        record(
+            "l.sparse_signs_f16",
+            dtype,
+            &[3, 30],
+            Encoded::SparseSigns {
+                scales: sparse.scales(3, true),
+                entries: sparse.sparse(90, 4),
+            },
+        ),
+        // One short block, every element listed.
+        record(
+            "m.sparse_signs_f32",
+            dtype,
+            &[5],
+            Encoded::SparseSigns {
+                scales: sparse.scales(1, false),
+                entries: sparse.sparse(5, 5),
+            },
+        ),
         record(
             "z.\u{fc}n\u{ef}code",
             dtype,
@@ -173,6 +213,7 @@ fn every_codec(rng: &mut Rng, dtype: DType) -> Vec<TensorRecord> {
 /// Tensors longer than the stream decoder's I/O buffer (256 bytes) and sign segment (2032
 /// elements), with groups that start inside a chunk.
 fn long(rng: &mut Rng) -> Vec<TensorRecord> {
+    let mut sparse = Rng(rng.0 ^ 0x5a55);
     vec![
         record(
             "conv.sign",
@@ -210,6 +251,26 @@ fn long(rng: &mut Rng) -> Vec<TensorRecord> {
                 planes: 8,
                 scales: rng.scales(16, false),
                 bits: rng.planes(666, 8),
+            },
+        ),
+        // 47 blocks of 32 entries: 1504 bytes, several I/O buffers.
+        record(
+            "conv.sparse_signs",
+            DType::F32,
+            &[3, 1000],
+            Encoded::SparseSigns {
+                scales: sparse.scales(3, true),
+                entries: sparse.sparse(3000, 32),
+            },
+        ),
+        // One entry per block, a last block of 8 elements.
+        record(
+            "conv.sparse_signs_1",
+            DType::F16,
+            &[2, 100],
+            Encoded::SparseSigns {
+                scales: sparse.scales(2, false),
+                entries: sparse.sparse(200, 1),
             },
         ),
         record(

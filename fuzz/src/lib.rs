@@ -17,9 +17,7 @@
 //! Any panic, overflow (the targets build with overflow checks), disagreement or hang is a bug.
 
 use bitdelta::compose::{self, Base};
-use bitdelta::format::{
-    write_delta, DType, Encoded, OwnedScales, Payload, Scales, TensorEntry, TensorRecord,
-};
+use bitdelta::format::{write_delta, DType, Encoded, Payload, TensorEntry, TensorRecord};
 use bitdelta::stream::StreamDecoder;
 use bitdelta::{DeltaFile, Error, FormatError};
 
@@ -170,46 +168,7 @@ pub fn check_parse(data: &[u8]) {
 
 /// The payload as a record for [`write_delta`].
 fn encoded(p: Payload<'_>) -> Encoded {
-    let f32s = |b: &[u8]| -> Vec<f32> {
-        b.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    };
-    let f16s = |b: &[u8]| -> Vec<half::f16> {
-        b.chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-            .collect()
-    };
-    let owned = |s: Scales<'_>| match s {
-        Scales::F16(b) => OwnedScales::F16(f16s(b)),
-        Scales::F32(b) => OwnedScales::F32(f32s(b)),
-    };
-    match p {
-        Payload::Unchanged => Encoded::Unchanged,
-        Payload::RawF32(b) => Encoded::RawF32(f32s(b)),
-        Payload::RawF16(b) => Encoded::RawF16(f16s(b)),
-        Payload::Sign { scale, bits } => Encoded::Sign {
-            scale,
-            bits: bits.to_vec(),
-        },
-        Payload::SignGroups { scales, bits } => Encoded::SignGroups {
-            scales: owned(scales),
-            bits: bits.to_vec(),
-        },
-        Payload::Q8Groups { scales, q } => Encoded::Q8Groups {
-            scales: owned(scales),
-            q: q.iter().map(|&b| b as i8).collect(),
-        },
-        Payload::SignPlanes {
-            planes,
-            scales,
-            bits,
-        } => Encoded::SignPlanes {
-            planes,
-            scales: owned(scales),
-            bits: bits.to_vec(),
-        },
-    }
+    p.to_encoded()
 }
 
 /// A valid delta, written again from what was parsed, parses to the same manifest, alignment,

@@ -353,7 +353,121 @@ mod tests {
         assert!(reconstruct(Base::F32(&base), &[(p, 1.0)], &mut out).is_ok());
     }
 
+    /// `docs/FORMAT.md` §9 for `sparse-signs` deltas `(scales, m, entries, alpha)`, in list
+    /// order, written independently of the decoder (f64, rounded to f32 after every operation).
+    fn sparse_reference(base: &[f32], deltas: &[(Vec<f32>, usize, Vec<u8>, f32)]) -> Vec<f32> {
+        let f = |x: f64| f64::from(x as f32);
+        let n = base.len();
+        (0..n)
+            .map(|i| {
+                let mut acc = f64::from(base[i]);
+                for (scales, m, entries, alpha) in deltas {
+                    let block = &entries[(i / 64) * m..][..*m];
+                    let Some(&e) = block.iter().find(|&&e| usize::from(e & 63) == i % 64) else {
+                        continue;
+                    };
+                    let s = f64::from(scales[i / (n / scales.len())]);
+                    let level = if e & 0x40 != 0 { 2.0 } else { 1.0 };
+                    let v = f(f64::from(*alpha) * f(level * s));
+                    acc = f(acc + if e & 0x80 != 0 { -v } else { v });
+                }
+                acc as f32
+            })
+            .collect()
+    }
+
+    /// Random `sparse-signs` deltas `(groups, m, alpha)` on a random base of `n` elements,
+    /// composed, whole and from several starts (mid-block and mid-chunk), against the reference.
+    fn check_sparse(n: usize, specs: &[(usize, usize, f32)], seed: u64) {
+        let mut s = seed | 1;
+        let mut next = || xorshift(&mut s);
+        let base: Vec<f32> = (0..n)
+            .map(|_| (next() % 20001) as f32 / 5000.0 - 2.0)
+            .collect();
+        let deltas: Vec<(Vec<f32>, usize, Vec<u8>, f32)> = specs
+            .iter()
+            .map(|&(groups, m, alpha)| {
+                let scales = (0..groups)
+                    .map(|_| (next() % 1001) as f32 / 2000.0)
+                    .collect();
+                (
+                    scales,
+                    m,
+                    crate::codec::random_entries(&mut next, n, m),
+                    alpha,
+                )
+            })
+            .collect();
+        let scale_bytes: Vec<Vec<u8>> = deltas
+            .iter()
+            .map(|d| d.0.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let payloads: Vec<(Payload<'_>, f32)> = deltas
+            .iter()
+            .zip(&scale_bytes)
+            .map(|((_, m, entries, alpha), sb)| {
+                let p = Payload::SparseSigns {
+                    per_block: *m,
+                    scales: Scales::F32(sb),
+                    entries,
+                };
+                (p, *alpha)
+            })
+            .collect();
+        let want = sparse_reference(&base, &deltas);
+        let mut out = vec![0f32; n];
+        reconstruct(Base::F32(&base), &payloads, &mut out).unwrap();
+        for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "element {i} of {n}, {specs:?}");
+        }
+        for first in [1, 63, 64, 65, n / 3, n / 2 + 5, 4095, 4097] {
+            if first >= n {
+                continue;
+            }
+            for len in [1, 70, n - first] {
+                let len = len.min(n - first);
+                let mut part = vec![0f32; len];
+                reconstruct_at(Base::F32(&base), &payloads, first, &mut part).unwrap();
+                for (i, (g, w)) in part.iter().zip(&want[first..]).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "element {} from {first}",
+                        first + i
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sparse_signs_match_the_reference() {
+        // Across chunk boundaries (CHUNK = 4096, 64 blocks), short last blocks, groups that
+        // start inside a block, composed with another delta and alphas.
+        for (n, groups) in [(1, 1), (70, 7), (4097, 17), (9000, 9), (12288, 3)] {
+            let most = crate::codec::max_entries(n as u64);
+            for m in [1, 2.min(most), most / 2 + 1, most] {
+                check_sparse(n, &[(groups, m, 1.0)], (n * m) as u64);
+            }
+            check_sparse(n, &[(groups, most, 0.5), (1, 1, -1.25)], n as u64);
+        }
+    }
+
     proptest! {
+        #[test]
+        fn random_sparse_signs_match_the_reference(
+            n in 1usize..9000,
+            m_pick in any::<usize>(),
+            groups_pick in any::<usize>(),
+            alpha in prop::sample::select(vec![1.0f32, 0.5, -0.75, 3.0]),
+            seed in any::<u64>(),
+        ) {
+            let divisors: Vec<usize> = (1..=n).filter(|g| n % g == 0).collect();
+            let groups = divisors[groups_pick % divisors.len()];
+            let m = 1 + m_pick % crate::codec::max_entries(n as u64);
+            check_sparse(n, &[(groups, m, alpha)], seed);
+        }
+
         #[test]
         fn random_sign_planes_match_the_reference(
             n in 1usize..9000,

@@ -231,6 +231,13 @@ pub enum FormatError {
         /// Tensor index.
         index: u32,
     },
+    /// A `sparse-signs` block lists an index twice, out of order, or past the block's end.
+    BadSparseIndex {
+        /// Tensor index.
+        index: u32,
+        /// Block index (elements `64 * block ..`).
+        block: u64,
+    },
     /// The delta reader ended before the length the caller gave ([`crate::stream`]).
     UnexpectedEof {
         /// Byte offset in the file of the first missing byte.
@@ -338,6 +345,10 @@ impl fmt::Display for FormatError {
             Q8OutOfRange { index } => {
                 write!(f, "tensor {index}: 8-bit delta of -128 (allowed: -127..=127)")
             }
+            BadSparseIndex { index, block } => write!(
+                f,
+                "tensor {index}: sparse block {block}: indices not strictly increasing or past the block's end"
+            ),
             UnexpectedEof { offset } => {
                 write!(f, "delta stream ended early: byte {offset} is missing")
             }
@@ -348,6 +359,47 @@ impl fmt::Display for FormatError {
             BaseTruncated { index } => {
                 write!(f, "tensor {index}: base data ended early")
             }
+        }
+    }
+}
+
+impl FormatError {
+    /// The tensor-table index the error names, if it names one (callers with the table map it
+    /// to a name).
+    pub const fn tensor_index(&self) -> Option<u32> {
+        use FormatError::*;
+        match *self {
+            BadTensorName { index }
+            | NamesNotSorted { index }
+            | UnknownCodec { index, .. }
+            | UnknownDType { index, .. }
+            | DimsOutOfBounds { index }
+            | ZeroDim { index }
+            | BadGroups { index, .. }
+            | BadScale { index, .. }
+            | FieldNotZero { index }
+            | PayloadLength { index, .. }
+            | PayloadOffset { index, .. }
+            | PayloadChecksum { index, .. }
+            | SignPaddingNotZero { index }
+            | Q8OutOfRange { index }
+            | BadSparseIndex { index, .. }
+            | BaseTruncated { index } => Some(index),
+            HeaderTruncated { .. }
+            | BadMagic
+            | UnsupportedVersion { .. }
+            | ReservedNotZero { .. }
+            | BadAlignment { .. }
+            | CapExceeded { .. }
+            | SizeOverflow
+            | LengthMismatch { .. }
+            | HeaderChecksum { .. }
+            | MetaChecksum { .. }
+            | ManifestInvalid
+            | BadVariantName
+            | PaddingNotZero { .. }
+            | UnexpectedEof { .. }
+            | BufferTooSmall { .. } => None,
         }
     }
 }

@@ -2,7 +2,7 @@
 //! the parser.
 //!
 //! The mutants start from `bitdelta compress` of the night variant (with two tensors re-encoded
-//! as `sign-planes`, so that every codec the compressor writes is there): truncations, bit flips,
+//! as `sign-planes` and two as `sparse-signs`, so that every codec is there): truncations, bit flips,
 //! header and table fields set to boundary values, edited dims, names, payloads and manifests,
 //! appended bytes, garbage, and a delta made against another base. Every mutant is checked
 //! in-process with the calls `bitdelta verify --base` makes (parse, payload checks, binding and
@@ -37,9 +37,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bitdelta::apply::rebuild;
-use bitdelta::format::{
-    write_delta, Codec, Encoded, Manifest, OwnedScales, Payload, Scales, TensorRecord,
-};
+use bitdelta::format::{write_delta, Codec, Encoded, Manifest, Payload, TensorRecord};
 use bitdelta::onnx::OnnxWeights;
 use bitdelta::stream::StreamDecoder;
 use bitdelta::{DeltaFile, FormatError};
@@ -263,7 +261,7 @@ impl Layout {
     /// Indices of a few entries, one per codec present plus the first and the last.
     fn sample_entries(&self) -> Vec<usize> {
         let mut v = vec![0, self.entries.len() - 1];
-        for codec in 0..=6 {
+        for codec in 0..=7 {
             v.extend(self.entries.iter().position(|e| e.codec == codec));
         }
         v.sort_unstable();
@@ -488,7 +486,7 @@ fn entry_extras(f: &str, e: &Entry, l: &Layout, orig: u64) -> Vec<u64> {
             (l.len - e.payload.start) as u64,
         ],
         "name_len" => vec![4096, 4097],
-        "codec" => vec![3, 4, 5, 6, 7, 0x80],
+        "codec" => vec![3, 4, 5, 6, 7, 8, 0x80],
         "dtype" => vec![3, 0x80],
         "rank" => vec![8, 9],
         "flags" => vec![0x80],
@@ -735,14 +733,15 @@ fn mutants(good: &[u8], l: &Layout, other_base: &[u8], onnx: &[u8]) -> Vec<Mutan
 
     // Payload values (sealed, payload CRC included): q8 deltas of -128 and +1, group scales
     // NaN/±inf/-1/-0.0/absurd, sign padding bits set (in every plane's last byte for
-    // sign-planes), a flipped sign bit.
+    // sign-planes), a flipped sign bit; sparse entries duplicated, out of order, past the short
+    // last block, with a flipped sign or level bit.
     for (i, e) in l.entries.iter().enumerate() {
         let f16 = e.flags & 1 != 0;
         let ss = if f16 { 2 } else { 4 };
         let planes = e.planes();
         let scales_end = e.payload.start + planes.max(1) * e.groups * ss;
         let mut edits: Vec<(String, usize, Vec<u8>)> = Vec::new();
-        if e.codec == 4 || e.codec == 5 || e.codec == 6 {
+        if (4..=7).contains(&e.codec) {
             let bad: &[(&str, u32)] = if f16 {
                 &[
                     ("NaN", 0x7e00),
@@ -780,6 +779,43 @@ fn mutants(good: &[u8], l: &Layout, other_base: &[u8], onnx: &[u8]) -> Vec<Mutan
             // The first plane's last byte starts the last row.
             let at = e.payload.end - planes;
             edits.push(("plane 0 padding bit set".into(), at, vec![good[at] | 0x80]));
+        }
+        if e.codec == 7 {
+            // Entries per block, from the body length (`docs/FORMAT.md` §8).
+            let blocks = e.numel.div_ceil(64) as usize;
+            let m = (e.payload.end - scales_end) / blocks;
+            let (first, last) = (scales_end, e.payload.end - m);
+            let entry = |k: usize| good[first + k];
+            edits.push((
+                "sparse sign bit flipped".into(),
+                first,
+                vec![entry(0) ^ 0x80],
+            ));
+            edits.push((
+                "sparse level bit flipped".into(),
+                first,
+                vec![entry(0) ^ 0x40],
+            ));
+            if m >= 2 {
+                edits.push((
+                    "sparse index repeated".into(),
+                    first + 1,
+                    vec![entry(0) ^ 0xc0],
+                ));
+                edits.push((
+                    "sparse indices swapped".into(),
+                    first,
+                    vec![entry(1), entry(0)],
+                ));
+                edits.push((
+                    "sparse index to 0 in the last block".into(),
+                    e.payload.end - 1,
+                    vec![0],
+                ));
+            }
+            if e.numel % 64 != 0 {
+                edits.push(("sparse index past the last block".into(), last, vec![0x3f]));
+            }
         }
         if e.codec == 3 || e.codec == 4 || e.codec == 6 {
             let bits_start = if e.codec == 3 {
@@ -1079,7 +1115,7 @@ fn verify_refuses_every_mutant_cleanly() {
     let dir = scratch("badinput_mutants");
     let night = dir.join("night.bdelta");
     compress("night", &night, "auto");
-    let good = with_sign_planes(&std::fs::read(&night).unwrap());
+    let good = with_library_codecs(&std::fs::read(&night).unwrap());
     std::fs::write(&night, &good).unwrap();
     let fog = dir.join("fog-on-night.bdelta");
     let (b, f) = (model("night"), model("fog"));
@@ -1284,12 +1320,15 @@ fn verify_refuses_every_mutant_cleanly() {
     );
 }
 
-/// `auto` writes no `sign-planes` entry (only `compress --calib` chooses it), so the valid delta
-/// the mutants start from is the `auto` one rewritten through the library with two tensors as
-/// `sign-planes`: `fc.weight` with 2 planes and one f16 scale per output channel, and `fc.bias`
-/// (10 elements, so padding bits) with 3 planes and f32 scales; the manifest is kept and the
-/// result fingerprint is recomputed, as `compress` does.
-fn with_sign_planes(auto: &[u8]) -> Vec<u8> {
+/// `auto` writes no `sign-planes` entry (only `compress --calib` chooses it) and no policy
+/// writes `sparse-signs`, so the valid delta the mutants start from is the `auto` one rewritten
+/// through the library: `fc.weight` as `sign-planes` with 2 planes and one f16 scale per output
+/// channel, `fc.bias` (10 elements, so padding bits) with 3 planes and f32 scales; the first
+/// other weight (rank 2 or more) of at least 256 elements as `sparse-signs` with 8 entries per
+/// block and one f16 scale per output channel, and the first other changed tensor whose length
+/// is not a multiple of 64 (a short last block) with as many entries as its last block allows,
+/// up to 3, and one f32 scale. The manifest is kept and the result fingerprint is recomputed, as `compress` does.
+fn with_library_codecs(auto: &[u8]) -> Vec<u8> {
     use bitdelta::compress::{compress_onnx_with, encode, Options, Policy};
     let file = DeltaFile::parse(auto).unwrap();
     let m = file.manifest();
@@ -1306,6 +1345,7 @@ fn with_sign_planes(auto: &[u8]) -> Vec<u8> {
         sequence: m.sequence,
         policy: Policy::Auto,
     };
+    let (mut sparse_big, mut sparse_short) = (false, false);
     let out = compress_onnx_with(
         &base,
         &bw,
@@ -1315,6 +1355,15 @@ fn with_sign_planes(auto: &[u8]) -> Vec<u8> {
         |_, init, b, f| match init.name.as_str() {
             "fc.weight" => bitdelta::codec::sign_planes(b, f, init.dims[0] as usize, 2, true),
             "fc.bias" => bitdelta::codec::sign_planes(b, f, 1, 3, false),
+            _ if !sparse_big && b.len() >= 256 && init.dims.len() >= 2 => {
+                sparse_big = true;
+                bitdelta::codec::sparse_signs(b, f, init.dims[0] as usize, 8, true)
+            }
+            _ if !sparse_short && b.len() % 64 != 0 && b != f => {
+                sparse_short = true;
+                let m = bitdelta::codec::max_entries(b.len() as u64).min(3);
+                bitdelta::codec::sparse_signs(b, f, 1, m, false)
+            }
             _ => encode(Policy::Auto, &init.dims, b, f),
         },
         |_, _| {},
@@ -1327,6 +1376,10 @@ fn with_sign_planes(auto: &[u8]) -> Vec<u8> {
         .collect();
     assert_eq!(
         codecs.iter().filter(|&&c| c == Codec::SignPlanes).count(),
+        2
+    );
+    assert_eq!(
+        codecs.iter().filter(|&&c| c == Codec::SparseSigns).count(),
         2
     );
     out
@@ -1358,52 +1411,7 @@ fn fuzz_files() -> Vec<PathBuf> {
 
 /// The payload as a record for [`write_delta`].
 fn encoded(p: Payload<'_>) -> Encoded {
-    let owned = |s: Scales<'_>| match s {
-        Scales::F16(b) => OwnedScales::F16(
-            b.chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-                .collect(),
-        ),
-        Scales::F32(b) => OwnedScales::F32(
-            b.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ),
-    };
-    match p {
-        Payload::Unchanged => Encoded::Unchanged,
-        Payload::RawF32(b) => Encoded::RawF32(
-            b.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ),
-        Payload::RawF16(b) => Encoded::RawF16(
-            b.chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-                .collect(),
-        ),
-        Payload::Sign { scale, bits } => Encoded::Sign {
-            scale,
-            bits: bits.to_vec(),
-        },
-        Payload::SignGroups { scales, bits } => Encoded::SignGroups {
-            scales: owned(scales),
-            bits: bits.to_vec(),
-        },
-        Payload::Q8Groups { scales, q } => Encoded::Q8Groups {
-            scales: owned(scales),
-            q: q.iter().map(|&b| b as i8).collect(),
-        },
-        Payload::SignPlanes {
-            planes,
-            scales,
-            bits,
-        } => Encoded::SignPlanes {
-            planes,
-            scales: owned(scales),
-            bits: bits.to_vec(),
-        },
-    }
+    p.to_encoded()
 }
 
 /// An unchanged tensor reads no payload, so its element count is not bounded by the file; the

@@ -31,24 +31,7 @@ use bitdelta::{DeltaFile, FormatError};
 
 /// A format error with tensor indices replaced by names where the table is readable.
 pub(crate) fn describe(err: &FormatError, file: Option<&DeltaFile<'_>>) -> String {
-    let index = match *err {
-        FormatError::BadTensorName { index }
-        | FormatError::NamesNotSorted { index }
-        | FormatError::UnknownCodec { index, .. }
-        | FormatError::UnknownDType { index, .. }
-        | FormatError::DimsOutOfBounds { index }
-        | FormatError::ZeroDim { index }
-        | FormatError::BadGroups { index, .. }
-        | FormatError::BadScale { index, .. }
-        | FormatError::FieldNotZero { index }
-        | FormatError::PayloadLength { index, .. }
-        | FormatError::PayloadOffset { index, .. }
-        | FormatError::PayloadChecksum { index, .. }
-        | FormatError::SignPaddingNotZero { index }
-        | FormatError::Q8OutOfRange { index }
-        | FormatError::BaseTruncated { index } => Some(index),
-        _ => None,
-    };
+    let index = err.tensor_index();
     match (index, file) {
         (Some(i), Some(f)) => match f.tensor(i as usize) {
             Some(e) => format!("{err} (tensor {:?})", e.name),

@@ -2,10 +2,11 @@
 //! and its encoder.
 //!
 //! Each codec file ([`raw`] for `raw-f32` and `raw-f16`, `sign`, `sign_groups`, `q8_groups`,
-//! `sign_planes`) holds, in this order: the payload layout (the entry fields it uses, the payload
-//! length they imply, the split of a payload and the value checks on it, `docs/FORMAT.md` §8),
-//! ONE decoder over a payload [`Cursor`] (`docs/FORMAT.md` §9), and the encoder (needs `alloc`).
-//! `rounding` chooses the bits of the sign codecs by their effect on a layer's outputs.
+//! `sign_planes`, `sparse_signs`) holds, in this order: the payload layout (the entry fields it
+//! uses, the payload length they imply, the split of a payload and the value checks on it,
+//! `docs/FORMAT.md` §8), ONE decoder over a payload [`Cursor`] (`docs/FORMAT.md` §9), and the
+//! encoder (needs `alloc`). `rounding` chooses the bits of the sign codecs by their effect on a
+//! layer's outputs.
 //!
 //! This file is the codec id table: [`Codec`] (ids and names), the per-codec payload enums
 //! [`Payload`] (borrowed, what a decoder reads) and `Encoded` (owned, what an encoder writes), and
@@ -42,6 +43,7 @@ mod rounding;
 mod sign;
 mod sign_groups;
 mod sign_planes;
+mod sparse_signs;
 
 #[cfg(feature = "alloc")]
 pub use q8_groups::q8_groups;
@@ -55,6 +57,11 @@ pub use sign::{sign_tensor, sign_tensor_scaled};
 pub use sign_groups::{sign_groups, sign_groups_scaled};
 #[cfg(feature = "alloc")]
 pub use sign_planes::{sign_planes, sign_planes_scaled, PLANE_FIT_ROUNDS};
+#[cfg(test)]
+pub(crate) use sparse_signs::random_entries;
+pub use sparse_signs::{max_entries, MAX_SPARSE_ENTRIES, SPARSE_BLOCK};
+#[cfg(feature = "alloc")]
+pub use sparse_signs::{sparse_signs, SPARSE_FIT_ROUNDS};
 
 /// How one tensor is stored. The reconstruction rules are in `docs/FORMAT.md`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +83,11 @@ pub enum Codec {
     /// `sum_j (±scale_{j,g})`. `k` is `payload length / plane length`, in
     /// [`MIN_PLANES`](crate::format::MIN_PLANES)`..=`[`MAX_PLANES`](crate::format::MAX_PLANES).
     SignPlanes = 6,
+    /// Per block of [`SPARSE_BLOCK`] elements, its `m` largest changes (index, level 1 or 2,
+    /// sign; one byte each), one scale per group: the delta of a listed element is
+    /// `±level·scale_g`, of the others 0. `m` is `body length / blocks`, in
+    /// `1..=`[`max_entries`]`(n)`.
+    SparseSigns = 7,
 }
 
 impl Codec {
@@ -89,6 +101,7 @@ impl Codec {
             4 => Self::SignGroups,
             5 => Self::Q8Groups,
             6 => Self::SignPlanes,
+            7 => Self::SparseSigns,
             _ => return None,
         })
     }
@@ -103,13 +116,17 @@ impl Codec {
             Self::SignGroups => "sign-groups",
             Self::Q8Groups => "q8-groups",
             Self::SignPlanes => "sign-planes",
+            Self::SparseSigns => "sparse-signs",
         }
     }
 
     /// True when the codec stores group scales in its payload (the entry's `groups` counts them
     /// and `FLAG_SCALES_F16` chooses their type).
     pub const fn has_group_scales(self) -> bool {
-        matches!(self, Self::SignGroups | Self::Q8Groups | Self::SignPlanes)
+        matches!(
+            self,
+            Self::SignGroups | Self::Q8Groups | Self::SignPlanes | Self::SparseSigns
+        )
     }
 
     /// The type of the scales a tensor of this codec stores, given its entry `flags`: `"f32"` or
@@ -139,13 +156,15 @@ impl Codec {
             Self::SignGroups => &sign_groups::LAYOUT,
             Self::Q8Groups => &q8_groups::LAYOUT,
             Self::SignPlanes => &sign_planes::LAYOUT,
+            Self::SparseSigns => &sparse_signs::LAYOUT,
         }
     }
 
     /// Checks the entry fields this codec gives a meaning to (groups, flags, scale) and returns
     /// the payload length they imply (`docs/FORMAT.md` §5 and §8). For `sign-planes` the plane
-    /// count comes from the stored length: the result is `f.len` when it is a whole number of
-    /// planes, else the nearest valid length.
+    /// count, for `sparse-signs` the entries per block, comes from the stored length: the
+    /// result is `f.len` when it is a whole number of planes (of blocks times a valid count),
+    /// else the nearest valid length.
     pub(crate) fn expected_len(self, f: &Fields) -> Result<u64, FormatError> {
         (self.layout().expected_len)(f)
     }
@@ -153,6 +172,27 @@ impl Codec {
     /// Number of sign-bit planes (0 for codecs without sign bits).
     pub(crate) fn planes(self, f: &Fields) -> usize {
         (self.layout().planes)(f)
+    }
+
+    /// Entries per block (`sparse-signs`; 0 for the other codecs).
+    pub(crate) fn per_block(self, f: &Fields) -> usize {
+        match self {
+            Self::SparseSigns => sparse_signs::entries(f),
+            _ => 0,
+        }
+    }
+
+    /// What the decoder of an entry with fields `f` needs besides the body, `scales` its group
+    /// scales.
+    pub(crate) fn params<'s>(self, f: &Fields, scales: Scales<'s>) -> Params<'s> {
+        Params {
+            index: f.index,
+            n: f.numel,
+            scale: f.scale,
+            planes: self.planes(f),
+            per_block: self.per_block(f),
+            scales,
+        }
     }
 
     /// Bytes of group scales at the start of the payload.
@@ -199,6 +239,17 @@ impl Codec {
                     bits: body,
                 }
             }
+            Self::SparseSigns => {
+                let per_block = self.per_block(f);
+                if !sparse_signs::fits(f.numel, per_block, body.len()) {
+                    return Err(bad);
+                }
+                Payload::SparseSigns {
+                    per_block,
+                    scales,
+                    entries: body,
+                }
+            }
         })
     }
 
@@ -227,11 +278,13 @@ impl Codec {
             Self::SignGroups => sign_groups::decode(span, cur),
             Self::Q8Groups => q8_groups::decode(span, cur),
             Self::SignPlanes => sign_planes::decode(span, cur),
+            Self::SparseSigns => sparse_signs::decode(span, cur),
         }
     }
 
     /// The value checks on the body bytes `bytes`, which start at byte `at` of the body: sign
-    /// padding bits (where `bytes` hold the last row), no `-128`.
+    /// padding bits (where `bytes` hold the last row), no `-128`, sparse indices (`bytes` are
+    /// whole blocks).
     pub(crate) fn check_body(
         self,
         p: &Params<'_>,
@@ -242,6 +295,7 @@ impl Codec {
             Self::Unchanged | Self::RawF32 | Self::RawF16 => Ok(()),
             Self::Sign | Self::SignGroups | Self::SignPlanes => sign::check_rows(p, at, bytes),
             Self::Q8Groups => q8_groups::check(p, bytes),
+            Self::SparseSigns => sparse_signs::check(p, at / p.per_block.max(1) as u64, bytes),
         }
     }
 
@@ -349,6 +403,16 @@ pub enum Payload<'a> {
         /// elements `8r .. 8r + 8` in plane `j` (see [`plane_byte`]).
         bits: &'a [u8],
     },
+    /// The largest changes of each block of [`SPARSE_BLOCK`] elements, one scale per group.
+    SparseSigns {
+        /// Entries per block `m`, in `1..=`[`max_entries`]`(n)`.
+        per_block: usize,
+        /// One scale per group.
+        scales: Scales<'a>,
+        /// `ceil(n/64) * m` entry bytes, block after block: bits 0-5 the index in the block
+        /// (strictly increasing), bit 6 level 2 (else 1), bit 7 negative.
+        entries: &'a [u8],
+    },
 }
 
 impl<'a> Payload<'a> {
@@ -356,6 +420,7 @@ impl<'a> Payload<'a> {
     /// group scales) of an `n`-element tensor.
     pub(crate) fn parts(&self, index: u32, n: u64) -> (Codec, Params<'a>, &'a [u8]) {
         let none = Scales::F32(&[]);
+        let mut per_block = 0;
         let (codec, scale, planes, scales, body) = match *self {
             Self::Unchanged => (Codec::Unchanged, 0.0, 0, none, &[][..]),
             Self::RawF32(b) => (Codec::RawF32, 0.0, 0, none, b),
@@ -368,19 +433,28 @@ impl<'a> Payload<'a> {
                 scales,
                 bits,
             } => (Codec::SignPlanes, 0.0, planes, scales, bits),
+            Self::SparseSigns {
+                per_block: m,
+                scales,
+                entries,
+            } => {
+                per_block = m;
+                (Codec::SparseSigns, 0.0, 0, scales, entries)
+            }
         };
         let p = Params {
             index,
             n,
             scale,
             planes,
+            per_block,
             scales,
         };
         (codec, p, body)
     }
 
     /// The element count of the payload for an `n`-element tensor, or `None` when its sign bits
-    /// are not `ceil(n/8)` bytes per plane.
+    /// are not `ceil(n/8)` bytes per plane (its sparse entries not a valid count per block).
     pub(crate) fn elems(&self, n: usize) -> Option<usize> {
         let (codec, p, body) = self.parts(0, n as u64);
         Some(match codec {
@@ -390,6 +464,12 @@ impl<'a> Payload<'a> {
             Codec::Q8Groups => body.len(),
             Codec::Sign | Codec::SignGroups | Codec::SignPlanes => {
                 if p.planes == 0 || Some(body.len()) != n.div_ceil(8).checked_mul(p.planes) {
+                    return None;
+                }
+                n
+            }
+            Codec::SparseSigns => {
+                if !sparse_signs::fits(n as u64, p.per_block, body.len()) {
                     return None;
                 }
                 n
@@ -411,8 +491,60 @@ impl<'a> Payload<'a> {
         }
     }
 
+    /// The same payload, owned: what [`write_delta`](crate::format::write_delta) takes to write
+    /// these bytes again (needs `alloc`).
+    #[cfg(feature = "alloc")]
+    pub fn to_encoded(&self) -> Encoded {
+        let f32s = |b: &[u8]| -> Vec<f32> {
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        let f16s = |b: &[u8]| -> Vec<f16> {
+            b.chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect()
+        };
+        let owned = |s: Scales<'_>| match s {
+            Scales::F16(b) => OwnedScales::F16(f16s(b)),
+            Scales::F32(b) => OwnedScales::F32(f32s(b)),
+        };
+        match *self {
+            Self::Unchanged => Encoded::Unchanged,
+            Self::RawF32(b) => Encoded::RawF32(f32s(b)),
+            Self::RawF16(b) => Encoded::RawF16(f16s(b)),
+            Self::Sign { scale, bits } => Encoded::Sign {
+                scale,
+                bits: bits.to_vec(),
+            },
+            Self::SignGroups { scales, bits } => Encoded::SignGroups {
+                scales: owned(scales),
+                bits: bits.to_vec(),
+            },
+            Self::Q8Groups { scales, q } => Encoded::Q8Groups {
+                scales: owned(scales),
+                q: q.iter().map(|&b| b as i8).collect(),
+            },
+            Self::SignPlanes {
+                planes,
+                scales,
+                bits,
+            } => Encoded::SignPlanes {
+                planes,
+                scales: owned(scales),
+                bits: bits.to_vec(),
+            },
+            Self::SparseSigns {
+                scales, entries, ..
+            } => Encoded::SparseSigns {
+                scales: owned(scales),
+                entries: entries.to_vec(),
+            },
+        }
+    }
+
     /// The value checks of `docs/FORMAT.md` §8 on the payload of entry `index` of `n` elements:
-    /// the scales, then the body (sign padding bits, no `-128`).
+    /// the scales, then the body (sign padding bits, no `-128`, sparse indices).
     pub(crate) fn check(&self, index: u32, n: u64) -> Result<(), FormatError> {
         let (codec, p, body) = self.parts(index, n);
         p.check_scales()?;
@@ -437,6 +569,8 @@ pub(crate) struct Params<'a> {
     pub(crate) scale: f32,
     /// Sign-bit planes (0 for codecs without sign bits).
     pub(crate) planes: usize,
+    /// Entries per block (`sparse-signs`), else 0.
+    pub(crate) per_block: usize,
     /// Group scales (empty for codecs without them).
     pub(crate) scales: Scales<'a>,
 }
@@ -471,9 +605,9 @@ pub(crate) struct Term<'t> {
 /// Payload bytes, read by a decoder in order.
 ///
 /// A decoder reads the body from its start (byte 0 after the group scales) to its end, in
-/// increasing order; a read may start again at most [`MAX_PLANES`](crate::format::MAX_PLANES)
-/// bytes before the end of the previous one (the sign bits a segment boundary inside a byte
-/// shares) and is at most [`Cursor::WINDOW`] bytes long. A slice cursor accepts any read.
+/// increasing order; a read may start again at most [`MAX_REREAD`] bytes before the end of the
+/// previous one (the row a span boundary shares: the sign bits of a byte, the entries of a
+/// sparse block) and is at most [`Cursor::WINDOW`] bytes long. A slice cursor accepts any read.
 pub(crate) trait Cursor {
     /// A failed read.
     type Error;
@@ -484,6 +618,15 @@ pub(crate) trait Cursor {
     /// Reports a value error in the bytes read (the first one counts).
     fn flag(&mut self, e: FormatError);
 }
+
+/// The most bytes a decoder reads again ([`Cursor`]): one row of the codec with the longest, a
+/// row of [`MAX_PLANES`](crate::format::MAX_PLANES) interleaved sign bytes or a block of
+/// [`MAX_SPARSE_ENTRIES`] sparse entries.
+pub(crate) const MAX_REREAD: usize = if crate::format::MAX_PLANES > MAX_SPARSE_ENTRIES {
+    crate::format::MAX_PLANES
+} else {
+    MAX_SPARSE_ENTRIES
+};
 
 /// A cursor over a payload body in memory (value errors are dropped: the caller checked or
 /// does not need them).
@@ -606,6 +749,14 @@ pub enum Encoded {
         /// `k * ceil(n/8)` bytes of sign bits, interleaved by byte ([`plane_byte`]).
         bits: Vec<u8>,
     },
+    /// The largest changes of each block with group scales (layout of
+    /// [`Payload::SparseSigns`]; the entries per block are `entries.len() / ceil(n/64)`).
+    SparseSigns {
+        /// One scale per group.
+        scales: OwnedScales,
+        /// `ceil(n/64) * m` entry bytes, block after block.
+        entries: Vec<u8>,
+    },
 }
 
 #[cfg(feature = "alloc")]
@@ -620,6 +771,7 @@ impl Encoded {
             Self::SignGroups { .. } => Codec::SignGroups,
             Self::Q8Groups { .. } => Codec::Q8Groups,
             Self::SignPlanes { .. } => Codec::SignPlanes,
+            Self::SparseSigns { .. } => Codec::SparseSigns,
         }
     }
 
@@ -638,6 +790,7 @@ impl Encoded {
                 scales,
                 bits,
             } => (Some(scales), *planes, 0.0, bits.len()),
+            Self::SparseSigns { scales, entries } => (Some(scales), 0, 0.0, entries.len()),
         }
     }
 
@@ -689,6 +842,7 @@ impl Encoded {
                 out.extend_from_slice(bits);
             }
             Self::SignPlanes { bits, .. } => out.extend_from_slice(bits),
+            Self::SparseSigns { entries, .. } => out.extend_from_slice(entries),
             Self::Q8Groups { q, .. } => out.extend_from_slice(bytemuck::cast_slice(q)),
         }
     }

@@ -455,8 +455,331 @@ fn scale_type_follows_the_codec_and_the_f16_flag() {
         (Codec::SignGroups, Some("f32"), Some("f16")),
         (Codec::Q8Groups, Some("f32"), Some("f16")),
         (Codec::SignPlanes, Some("f32"), Some("f16")),
+        (Codec::SparseSigns, Some("f32"), Some("f16")),
     ] {
         assert_eq!(codec.scale_type(0), plain, "{}", codec.name());
         assert_eq!(codec.scale_type(FLAG_SCALES_F16), f16, "{}", codec.name());
+    }
+}
+
+// -----------------------------------------------------------------------------------------
+// sparse-signs
+
+/// `docs/FORMAT.md` §9 for one `sparse-signs` delta, written independently of the decoder: f64
+/// arithmetic rounded to f32 after every operation, element by element.
+fn sparse_reference(
+    base: &[f32],
+    scales: &[f32],
+    entries: &[u8],
+    per_block: usize,
+    alpha: f32,
+) -> Vec<f32> {
+    let f = |x: f64| f64::from(x as f32);
+    let n = base.len();
+    let mut out: Vec<f64> = base.iter().map(|&b| f64::from(b)).collect();
+    for (b, block) in entries.chunks(per_block).enumerate() {
+        for &e in block {
+            let i = b * 64 + usize::from(e & 63);
+            let s = f64::from(scales[i / (n / scales.len())]);
+            let level = if e & 0x40 != 0 { 2.0 } else { 1.0 };
+            let v = f(f64::from(alpha) * f(level * s));
+            out[i] = f(out[i] + if e & 0x80 != 0 { -v } else { v });
+        }
+    }
+    out.into_iter().map(|x| x as f32).collect()
+}
+
+fn sparse_parts(enc: &Encoded) -> (Vec<f32>, &[u8]) {
+    let Encoded::SparseSigns { scales, entries } = enc else {
+        panic!("not sparse-signs: {enc:?}")
+    };
+    (scale_values(scales), entries)
+}
+
+/// The indices `0..len` of a block of deltas `d` that rank among its `m` largest `|d|` (a tie to
+/// the lower index), by counting who beats each element.
+fn top_m(d: &[f64], m: usize) -> Vec<usize> {
+    (0..d.len())
+        .filter(|&i| {
+            let beaten_by = (0..d.len())
+                .filter(|&j| d[j].abs() > d[i].abs() || (d[j].abs() == d[i].abs() && j < i))
+                .count();
+            beaten_by < m
+        })
+        .collect()
+}
+
+#[test]
+fn sparse_keeps_the_m_largest_of_each_block() {
+    for n in [1, 5, 63, 64, 65, 127, 130, 1000, 4160] {
+        for m in [1, 2, 5, 17, 32] {
+            let m = m.min(max_entries(n as u64));
+            let (mut base, mut fine) = pair(n, (n * 31 + m) as u64);
+            // Some exact ties: equal |d| of both signs.
+            for i in (0..n).step_by(7) {
+                base[i] = 0.5;
+                fine[i] = if i % 2 == 0 { 0.53125 } else { 0.46875 };
+            }
+            let groups = if n % 5 == 0 { 5 } else { 1 };
+            let enc = sparse_signs(&base, &fine, groups, m, false);
+            let (scales, entries) = sparse_parts(&enc);
+            assert_eq!(entries.len(), n.div_ceil(64) * m, "n {n} m {m}");
+            assert_eq!(scales.len(), groups);
+            for (b, block) in entries.chunks(m).enumerate() {
+                let lo = b * 64;
+                let hi = (lo + 64).min(n);
+                let d: Vec<f64> = (lo..hi)
+                    .map(|i| f64::from(fine[i]) - f64::from(base[i]))
+                    .collect();
+                let idx: Vec<usize> = block.iter().map(|&e| usize::from(e & 63)).collect();
+                assert_eq!(idx, top_m(&d, m), "n {n} m {m} block {b}");
+                for &e in block {
+                    let x = d[usize::from(e & 63)];
+                    assert_eq!(e & 0x80 != 0, x < 0.0, "sign of {x}");
+                }
+            }
+            // Rebuilt through the device path: the reference's values, bit for bit.
+            let want = sparse_reference(&base, &scales, entries, m, 1.0);
+            let got = rebuild(&base, &enc);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), w.to_bits(), "n {n} m {m} element {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn sparse_scale_is_least_squares_for_its_levels() {
+    for (n, groups, m) in [
+        (640, 1, 8),
+        (640, 10, 3),
+        (1000, 8, 32),
+        (70, 7, 6),
+        (65, 5, 1),
+    ] {
+        let (base, fine) = pair(n, (n + groups * m) as u64);
+        let enc = sparse_signs(&base, &fine, groups, m, false);
+        let (scales, entries) = sparse_parts(&enc);
+        let g = n / groups;
+        // Per group: the error of the kept entries at the stored scale, and moved either way.
+        let mut err = vec![[0f64; 3]; groups];
+        let moves = [1.0, 1.0 - 1e-4, 1.0 + 1e-4];
+        for (b, block) in entries.chunks(m).enumerate() {
+            for &e in block {
+                let i = b * 64 + usize::from(e & 63);
+                let a = (f64::from(fine[i]) - f64::from(base[i])).abs();
+                let level = if e & 0x40 != 0 { 2.0 } else { 1.0 };
+                for (k, mv) in moves.iter().enumerate() {
+                    err[i / g][k] += (a - level * f64::from(scales[i / g]) * mv).powi(2);
+                }
+            }
+        }
+        for (k, e) in err.iter().enumerate() {
+            assert!(e[0] <= e[1] && e[0] <= e[2], "n {n} group {k}: {e:?}");
+        }
+        // The levels are the nearest ones for the scale (up to the rounding to f32).
+        for (b, block) in entries.chunks(m).enumerate() {
+            for &e in block {
+                let i = b * 64 + usize::from(e & 63);
+                let a = (f64::from(fine[i]) - f64::from(base[i])).abs();
+                let s = f64::from(scales[i / g]);
+                if (a - 1.5 * s).abs() > 1e-6 * s {
+                    assert_eq!(e & 0x40 != 0, a > 1.5 * s, "element {i}: {a} vs {s}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sparse_edge_cases() {
+    // m = every element of a short tensor; m = 32 of whole blocks; a zero delta.
+    let (base, fine) = pair(10, 4);
+    let enc = sparse_signs(&base, &fine, 2, 10, true);
+    let (_, entries) = sparse_parts(&enc);
+    let idx: Vec<u8> = entries.iter().map(|e| e & 63).collect();
+    assert_eq!(idx, (0..10).collect::<Vec<u8>>());
+    let zero = sparse_signs(&base, &base, 1, 3, true);
+    assert_eq!(
+        zero,
+        Encoded::SparseSigns {
+            scales: OwnedScales::F16(vec![f16::ZERO]),
+            entries: vec![0, 1, 2],
+        }
+    );
+    assert_eq!(rebuild(&base, &zero), base);
+    // n = 65: the last block has one element, so one entry per block.
+    assert_eq!(max_entries(65), 1);
+    assert_eq!(max_entries(64), 32);
+    assert_eq!(max_entries(96), 32);
+    assert_eq!(max_entries(70), 6);
+    assert_eq!(max_entries(1), 1);
+    let (base, fine) = pair(65, 5);
+    let enc = sparse_signs(&base, &fine, 13, 1, false);
+    assert_eq!(enc.payload_len(), 13 * 4 + 2);
+    assert_eq!(enc.groups(), 13);
+    assert_eq!(enc.codec(), Codec::SparseSigns);
+    // f16 scales out of range fall back to f32 for the whole tensor.
+    let big: Vec<f32> = base.iter().map(|b| b + 1e5).collect();
+    assert!(matches!(
+        sparse_signs(&base, &big, 1, 1, true),
+        Encoded::SparseSigns {
+            scales: OwnedScales::F32(_),
+            ..
+        }
+    ));
+}
+
+#[test]
+fn sparse_encoder_panics_on_bad_arguments() {
+    let (base, fine) = pair(70, 6);
+    for (groups, m) in [(1, 0), (1, 7), (1, 33), (0, 1), (3, 1)] {
+        let r = std::panic::catch_unwind(|| sparse_signs(&base, &fine, groups, m, false));
+        assert!(r.is_err(), "groups {groups} m {m}");
+    }
+}
+
+#[test]
+fn sparse_format_md_example() {
+    // docs/FORMAT.md §8, "Sparse signs": n = 70 (blocks of 64 and 6), m = 2, G = 1.
+    let base = [0f32; 70];
+    let mut fine = [0f32; 70];
+    (fine[3], fine[10], fine[65], fine[69]) = (-0.5, 1.0, 0.5, -0.5);
+    let enc = sparse_signs(&base, &fine, 1, 2, true);
+    assert_eq!(
+        enc,
+        Encoded::SparseSigns {
+            scales: OwnedScales::F16(vec![f16::from_f32(0.5)]),
+            entries: vec![0x83, 0x4a, 0x01, 0x85],
+        }
+    );
+    let mut bytes = Vec::new();
+    enc.write(&mut bytes);
+    assert_eq!(bytes, [0x00, 0x38, 0x83, 0x4a, 0x01, 0x85]);
+    assert_eq!(rebuild(&base, &enc), fine);
+}
+
+#[test]
+fn sparse_value_checks() {
+    let scales = 1f32.to_le_bytes();
+    let check = |n: u64, m: usize, entries: &[u8]| {
+        Payload::SparseSigns {
+            per_block: m,
+            scales: Scales::F32(&scales),
+            entries,
+        }
+        .check(4, n)
+    };
+    let bad = |block| Err(FormatError::BadSparseIndex { index: 4, block });
+    assert_eq!(check(70, 2, &[0x83, 0x4a, 0x01, 0x85]), Ok(()));
+    assert_eq!(check(70, 2, &[0x0a, 0x03, 0x01, 0x05]), bad(0)); // unsorted
+    assert_eq!(check(70, 2, &[0x03, 0xc3, 0x01, 0x05]), bad(0)); // duplicate (other flags)
+    assert_eq!(check(70, 2, &[0x03, 0x04, 0x01, 0x06]), bad(1)); // past the short last block
+    assert_eq!(check(70, 2, &[0x03, 0x04, 0x05, 0x3f]), bad(1));
+    assert_eq!(check(128, 2, &[0x3e, 0x3f, 0x05, 0x05]), bad(1));
+    // The scales, as for the other group codecs.
+    for s in [f32::NAN, -1.0, f32::INFINITY] {
+        let b = s.to_le_bytes();
+        let p = Payload::SparseSigns {
+            per_block: 1,
+            scales: Scales::F32(&b),
+            entries: &[0],
+        };
+        assert_eq!(
+            p.check(2, 3),
+            Err(FormatError::BadScale { index: 2, group: 0 })
+        );
+    }
+    // Entries that do not fit the tensor are not a payload of it (compose refuses them).
+    let fits = |n: usize, m: usize, len: usize| {
+        Payload::SparseSigns {
+            per_block: m,
+            scales: Scales::F32(&scales),
+            entries: &vec![0; len],
+        }
+        .elems(n)
+    };
+    assert_eq!(fits(70, 2, 4), Some(70));
+    assert_eq!(fits(70, 7, 14), None); // more entries than the last block has elements
+    assert_eq!(fits(70, 2, 5), None);
+    assert_eq!(fits(70, 0, 0), None);
+    assert_eq!(fits(6400, 33, 3300), None);
+}
+
+#[test]
+fn sparse_decoder_matches_the_reference_from_every_start() {
+    let mut x = 0x1234_5678_u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for (n, groups, m) in [
+        (1, 1, 1),
+        (70, 7, 6),
+        (200, 4, 8),
+        (256, 2, 32),
+        (321, 3, 1),
+    ] {
+        let entries = random_entries(&mut next, n, m);
+        let sv: Vec<f32> = (0..groups).map(|g| 0.25 + g as f32 * 0.375).collect();
+        let sb: Vec<u8> = sv.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let base: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let p = Payload::SparseSigns {
+            per_block: m,
+            scales: Scales::F32(&sb),
+            entries: &entries,
+        };
+        assert_eq!(p.check(0, n as u64), Ok(()));
+        for alpha in [1.0f32, -0.75, 0.1] {
+            let want = sparse_reference(&base, &sv, &entries, m, alpha);
+            for first in 0..n {
+                for len in [1, 3, 64, n - first] {
+                    let len = len.min(n - first);
+                    let mut out = vec![0f32; len];
+                    compose::reconstruct_at(Base::F32(&base), &[(p, alpha)], first, &mut out)
+                        .unwrap();
+                    for (k, (g, w)) in out.iter().zip(&want[first..]).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            w.to_bits(),
+                            "n {n} from {first}: {}",
+                            first + k
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn sparse_signs_encode_valid_payloads(
+        n in 1usize..700,
+        groups_pick in any::<usize>(),
+        m_pick in any::<usize>(),
+        f16 in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let (base, fine) = pair(n, seed);
+        let divisors: Vec<usize> = (1..=n).filter(|g| n % g == 0).collect();
+        let groups = divisors[groups_pick % divisors.len()];
+        let m = 1 + m_pick % max_entries(n as u64);
+        let enc = sparse_signs(&base, &fine, groups, m, f16);
+        prop_assert_eq!(enc.groups(), groups);
+        let (scales, entries) = sparse_parts(&enc);
+        prop_assert_eq!(entries.len(), n.div_ceil(64) * m);
+        prop_assert!(scales.iter().all(|x| x.is_finite() && *x >= 0.0));
+        // Writes, parses and rebuilds (the payload checks pass), as the reference says.
+        let want = sparse_reference(&base, &scales, entries, m, 1.0);
+        let got = rebuild(&base, &enc);
+        for (g, w) in got.iter().zip(&want) {
+            prop_assert_eq!(g.to_bits(), w.to_bits());
+        }
+        // Never worse than leaving the tensor unchanged by more than the rounding of scales.
+        let unchanged = sq_err(&fine, &base);
+        prop_assert!(sq_err(&fine, &got) <= unchanged * (1.0 + 1e-3) + 1e-12);
     }
 }

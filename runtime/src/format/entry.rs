@@ -357,6 +357,13 @@ impl<'a> TensorEntry<'a> {
             len: self.len,
         }
     }
+    /// What this entry's decoder needs besides the body, `scales` its group scales.
+    pub(crate) fn params<'s>(&self, scales: &'s [u8]) -> crate::codec::Params<'s> {
+        self.codec.params(
+            &self.fields(),
+            crate::format::Scales::new(self.flags, scales),
+        )
+    }
     /// Bytes of group scales at the start of the payload (`planes` tables for `sign-planes`).
     pub(crate) fn scale_bytes(&self) -> u64 {
         self.codec.scale_bytes(&self.fields())
@@ -367,13 +374,14 @@ impl<'a> TensorEntry<'a> {
         self.codec.planes(&self.fields())
     }
 
-    /// Checks the payload (CRC32, scales, sign padding bits, 8-bit range) and splits it.
+    /// Checks the payload (CRC32, scales, sign padding bits, 8-bit range, sparse indices) and
+    /// splits it.
     pub fn payload(&self) -> Result<Payload<'a>, FormatError> {
         self.split_payload(self.payload)
     }
 
-    /// Checks `bytes` as this entry's payload (CRC32, scales, sign padding bits, 8-bit range)
-    /// and splits it.
+    /// Checks `bytes` as this entry's payload (CRC32, scales, sign padding bits, 8-bit range,
+    /// sparse indices) and splits it.
     pub(crate) fn split_payload<'p>(&self, bytes: &'p [u8]) -> Result<Payload<'p>, FormatError> {
         let found = crc32fast::hash(bytes);
         if found != self.crc {

@@ -562,7 +562,7 @@ fn check_entry(r: &TensorRecord, e: &TensorEntry<'_>) {
     }
     if !matches!(
         e.codec,
-        Codec::Sign | Codec::SignGroups | Codec::Q8Groups | Codec::SignPlanes
+        Codec::Sign | Codec::SignGroups | Codec::Q8Groups | Codec::SignPlanes | Codec::SparseSigns
     ) {
         assert_eq!((e.groups, e.flags), (0, 0));
     }
@@ -601,6 +601,18 @@ fn check_entry(r: &TensorRecord, e: &TensorEntry<'_>) {
             // The scale table is laid out as `planes * groups` group scales.
             check_scales(scales, s, e, scales.len());
             assert_eq!(b, bits.as_slice());
+        }
+        (
+            Encoded::SparseSigns { scales, entries },
+            Payload::SparseSigns {
+                per_block,
+                scales: s,
+                entries: b,
+            },
+        ) => {
+            check_scales(scales, s, e, e.groups as usize);
+            assert_eq!(b, entries.as_slice());
+            assert_eq!(per_block as u64 * numel.div_ceil(64), entries.len() as u64);
         }
         (r, p) => panic!("{}: {r:?} read back as {p:?}", e.name),
     }
@@ -1569,10 +1581,10 @@ fn names_not_sorted() {
 #[test]
 fn unknown_codec() {
     for (i, id) in [
-        (SIGN, 7u8),
+        (SIGN, 8u8),
         (UNCHANGED, 0xff),
         (Q8_F32, 0x80),
-        (PLANES_F16, 7),
+        (PLANES_F16, 8),
     ] {
         let b = edit(|b, l| b[l.entry(i) + E_CODEC] = id);
         assert_eq!(
@@ -2508,7 +2520,7 @@ mod writer_props {
             name,
             dims,
             any::<bool>(),
-            0u8..7,
+            0u8..8,
             1usize..5,
             0usize..10,
             any::<bool>(),
@@ -2539,13 +2551,45 @@ mod writer_props {
                     5 => (scales(g, f16), prop::collection::vec(any::<i8>(), n))
                         .prop_map(|(scales, q)| Encoded::Q8Groups { scales, q })
                         .boxed(),
-                    _ => (scales(g * planes, f16), bytes(signs * planes))
+                    6 => (scales(g * planes, f16), bytes(signs * planes))
                         .prop_map(move |(scales, bits)| Encoded::SignPlanes {
                             planes,
                             scales,
                             bits,
                         })
                         .boxed(),
+                    // sparse-signs: `planes` (0..10) entries per block; valid blocks (sorted
+                    // distinct indices, fewer where the block is short) or bytes of about the
+                    // right length.
+                    _ => {
+                        let valid: Vec<_> = (0..n.div_ceil(64))
+                            .map(|b| {
+                                let len = (n - 64 * b).min(64);
+                                let idx: Vec<u8> = (0..len as u8).collect();
+                                prop::sample::subsequence(idx, planes.min(len)).prop_flat_map(
+                                    |idx| {
+                                        prop::collection::vec(0u8..4, idx.len()).prop_map(
+                                            move |hi| {
+                                                idx.iter()
+                                                    .zip(&hi)
+                                                    .map(|(&i, &h)| i | h << 6)
+                                                    .collect::<Vec<u8>>()
+                                            },
+                                        )
+                                    },
+                                )
+                            })
+                            .collect();
+                        let valid = (scales(g, f16), valid).prop_map(|(scales, blocks)| {
+                            Encoded::SparseSigns {
+                                scales,
+                                entries: blocks.concat(),
+                            }
+                        });
+                        let any = (scales(g, f16), bytes(n.div_ceil(64) * planes))
+                            .prop_map(|(scales, entries)| Encoded::SparseSigns { scales, entries });
+                        prop_oneof![3 => valid, 1 => any].boxed()
+                    }
                 };
                 let dtype = if f16_dtype { DType::F16 } else { DType::F32 };
                 (Just(name), Just(dims), enc).prop_map(move |(name, dims, encoded)| TensorRecord {
@@ -2612,7 +2656,8 @@ mod writer_props {
             Encoded::Sign { scale, .. } => (1, *scale, 0),
             Encoded::SignGroups { scales, .. }
             | Encoded::Q8Groups { scales, .. }
-            | Encoded::SignPlanes { scales, .. } => (
+            | Encoded::SignPlanes { scales, .. }
+            | Encoded::SparseSigns { scales, .. } => (
                 u32::try_from(r.encoded.groups()).ok()?,
                 0.0,
                 u8::from(matches!(scales, OwnedScales::F16(_))),
@@ -2636,5 +2681,114 @@ mod writer_props {
             }
         }
         Some(b)
+    }
+
+    /// A one-tensor `sparse-signs` delta of `dims` laid out by hand (no writer checks), parsed and
+    /// checked: the reader's verdict.
+    fn sparse_verdict(
+        dims: &[u32],
+        scales: OwnedScales,
+        entries: &[u8],
+    ) -> Result<(), FormatError> {
+        let r = TensorRecord {
+            name: "w".into(),
+            dtype: DType::F32,
+            dims: dims.to_vec(),
+            encoded: Encoded::SparseSigns {
+                scales,
+                entries: entries.to_vec(),
+            },
+        };
+        // The writer agrees with the reader on every case here.
+        let written = write_delta(&manifest(), &mut [r.clone()], ALIGN);
+        let mut payload = Vec::new();
+        r.encoded.write(&mut payload);
+        let b = hand_laid(&r, &payload).expect("lays out");
+        let verdict = DeltaFile::parse(&b).and_then(|f| f.verify_payloads());
+        assert_eq!(written.is_ok(), verdict.is_ok(), "{r:?}: {verdict:?}");
+        verdict
+    }
+
+    #[test]
+    fn sparse_signs_refusals() {
+        let one = || OwnedScales::F32(vec![0.5]);
+        // 70 elements: blocks of 64 and 6.
+        assert_eq!(
+            sparse_verdict(&[70], one(), &[0x83, 0x4a, 0x01, 0x85]),
+            Ok(())
+        );
+        assert_eq!(
+            sparse_verdict(&[70], OwnedScales::F16(f16s(&[0.5, 1.0])), &[3, 4, 2, 0x45]),
+            Ok(())
+        );
+        let bad = |block| Err(FormatError::BadSparseIndex { index: 0, block });
+        // Unsorted, duplicate (also with other level or sign bits), past the short last block.
+        assert_eq!(
+            sparse_verdict(&[70], one(), &[0x0a, 0x03, 0x01, 0x05]),
+            bad(0)
+        );
+        assert_eq!(
+            sparse_verdict(&[70], one(), &[0x03, 0x03, 0x01, 0x05]),
+            bad(0)
+        );
+        assert_eq!(
+            sparse_verdict(&[70], one(), &[0x03, 0x04, 0x01, 0x81]),
+            bad(1)
+        );
+        assert_eq!(
+            sparse_verdict(&[70], one(), &[0x03, 0x04, 0x01, 0x06]),
+            bad(1)
+        );
+        assert_eq!(
+            sparse_verdict(&[70], one(), &[0x03, 0x04, 0x3f, 0x3f]),
+            bad(1)
+        );
+        // More entries per block than the last block has elements (7 > 6): the length is
+        // refused, and the nearest valid length (6 per block) is the expected one.
+        let seven: Vec<u8> = (0..7).chain(0..7).collect();
+        assert_eq!(
+            sparse_verdict(&[70], one(), &seven),
+            Err(FormatError::PayloadLength {
+                index: 0,
+                expected: 4 + 12,
+                found: 4 + 14,
+            })
+        );
+        // A body that is not a whole number of entries per block; none; more than 32.
+        for (entries, expected) in [(3, 4 + 2), (5, 4 + 4), (0, 4 + 2)] {
+            assert_eq!(
+                sparse_verdict(&[70], one(), &vec![0; entries]),
+                Err(FormatError::PayloadLength {
+                    index: 0,
+                    expected,
+                    found: 4 + entries as u64,
+                })
+            );
+        }
+        let many: Vec<u8> = (0..33).chain(0..33).collect();
+        assert_eq!(
+            sparse_verdict(&[128], one(), &many),
+            Err(FormatError::PayloadLength {
+                index: 0,
+                expected: 4 + 64,
+                found: 4 + 66,
+            })
+        );
+        // Scales: NaN, negative, infinite, too large; f16 NaN.
+        for s in [f32::NAN, -1.0, f32::INFINITY, MAX_SCALE * 2.0] {
+            assert_eq!(
+                sparse_verdict(&[70], OwnedScales::F32(vec![0.5, s]), &[1, 2, 3, 4]),
+                Err(FormatError::BadScale { index: 0, group: 1 })
+            );
+        }
+        assert_eq!(
+            sparse_verdict(&[70], OwnedScales::F16(vec![f16::NAN]), &[1, 2, 3, 4]),
+            Err(FormatError::BadScale { index: 0, group: 0 })
+        );
+        // Groups that do not divide n.
+        assert_eq!(
+            sparse_verdict(&[70], OwnedScales::F32(vec![0.5; 3]), &[1, 2, 3, 4]),
+            Err(FormatError::BadGroups { index: 0, found: 3 })
+        );
     }
 }

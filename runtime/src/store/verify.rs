@@ -333,14 +333,5 @@ impl Store {
 }
 
 fn error_index(e: &crate::FormatError) -> usize {
-    use crate::FormatError as F;
-    match *e {
-        F::PayloadChecksum { index, .. }
-        | F::PayloadLength { index, .. }
-        | F::PayloadOffset { index, .. }
-        | F::SignPaddingNotZero { index }
-        | F::Q8OutOfRange { index }
-        | F::BadScale { index, .. } => index as usize,
-        _ => usize::MAX,
-    }
+    e.tensor_index().map_or(usize::MAX, |i| i as usize)
 }

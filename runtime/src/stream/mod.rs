@@ -37,15 +37,15 @@
 //! activating anything.
 //!
 //! # Checks
-//! [`StreamDecoder::new`] checks everything [`DeltaFile::parse`] checks, in the same order, with
-//! the delta length the caller gives instead of a slice, except the zero padding between payloads:
-//! that is checked as the stream passes over it, before the payload it precedes
+//! [`StreamDecoder::new`] checks everything [`DeltaFile::parse`] checks, in the same
+//! order, with the delta length the caller gives instead of a slice, except the zero padding
+//! between payloads: that is checked as the stream passes over it, before the payload it precedes
 //! (`PaddingNotZero` with the same offset). Per tensor, the payload checks are those of
-//! [`TensorEntry::payload`] (CRC, scales, sign padding bits, no `-128`), reported with the same
-//! precedence: the CRC first, then the first value error. Both are only reported once the whole
-//! payload has been read. The arithmetic is the one of [`crate::compose::reconstruct`] with a
-//! single delta at alpha 1, through the same [`crate::kernels`], so the values are bit-identical
-//! to it whatever the chunk length.
+//! [`TensorEntry::payload`] (CRC, scales, sign padding bits, no `-128`, sparse indices), reported
+//! with the same precedence: the CRC first, then the first value error. Both are only reported once
+//! the whole payload has been read. The arithmetic is the one of [`crate::compose::reconstruct`]
+//! with a single delta at alpha 1, through the same [`crate::kernels`], so the values are
+//! bit-identical to it whatever the chunk length.
 //!
 //! # Memory
 //! - `buf` (given to [`StreamDecoder::new`]): the meta region `[64, payload_offset)` plus the
@@ -116,11 +116,10 @@
 
 use embedded_io::Read;
 
-use crate::codec::{Cursor, Params, Term};
+use crate::codec::{Cursor, Term, MAX_REREAD};
 use crate::error::{Error, FormatError};
 use crate::format::{
-    DType, DeltaFile, Header, Manifest, Scales, Tables, TensorEntry, HEADER_LEN, MAX_PLANES,
-    MAX_RANK,
+    DType, DeltaFile, Header, Manifest, Tables, TensorEntry, HEADER_LEN, MAX_RANK,
 };
 
 #[cfg(all(test, feature = "alloc"))]
@@ -344,7 +343,7 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
             deferred: None,
             io: [0u8; IO_BUF],
             end: 0,
-            tail: [0u8; MAX_PLANES],
+            tail: [0u8; MAX_REREAD],
             tail_len: 0,
         };
 
@@ -374,14 +373,9 @@ impl<'m, R: Read> StreamDecoder<'m, R> {
         read_payload(cur.delta, cur.pos, &mut cur.crc, sbuf)?;
         let sbuf: &[u8] = sbuf;
         let n = info.numel();
-        let params = Params {
-            index,
-            n,
-            scale: info.scale,
-            planes: info.planes(),
-            scales: Scales::new(info.flags, sbuf),
-        };
-        // The first value error (scale, sign padding, -128) is reported after the CRC.
+        let params = info.params(sbuf);
+        // The first value error (scale, sign padding, -128, sparse index) is reported after the
+        // CRC.
         if let Err(err) = params.check_scales() {
             cur.flag(err);
         }
@@ -486,8 +480,8 @@ struct PayloadCursor<'r, R> {
     io: [u8; IO_BUF],
     /// Body bytes read so far.
     end: u64,
-    /// The last `tail_len` bytes read, ending at `end`.
-    tail: [u8; MAX_PLANES],
+    /// The last `tail_len` bytes read, ending at `end` (what a decoder may read again).
+    tail: [u8; MAX_REREAD],
     tail_len: usize,
 }
 
@@ -513,7 +507,7 @@ impl<R: Read> Cursor for PayloadCursor<'_, R> {
             &mut self.io[again..len],
         )?;
         self.end += (len - again) as u64;
-        self.tail_len = len.min(MAX_PLANES);
+        self.tail_len = len.min(MAX_REREAD);
         self.tail[..self.tail_len].copy_from_slice(&self.io[len - self.tail_len..len]);
         Ok(&self.io[..len])
     }

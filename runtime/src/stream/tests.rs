@@ -183,6 +183,11 @@ fn plane_bits(rng: &mut Prng, n: usize, planes: usize) -> Vec<u8> {
     b
 }
 
+/// Valid `sparse-signs` entries, `m` per block of an `n`-element tensor.
+fn sparse_entries(rng: &mut Prng, n: usize, m: usize) -> Vec<u8> {
+    crate::codec::random_entries(|| rng.next(), n, m)
+}
+
 fn q8(rng: &mut Prng, n: usize) -> Vec<i8> {
     (0..n)
         .map(|_| (rng.below(255) as i16 - 127) as i8)
@@ -368,10 +373,41 @@ fn records(seed: u64) -> Vec<TensorRecord> {
                 bits: plane_bits(r, 42, 2),
             },
         ),
+        // Sparse signs: 47 blocks of 32 entries (1504 bytes, several stack buffers; the last
+        // block has 56 elements), f16 scales.
+        rec(
+            "s.sparse_f16",
+            DType::F32,
+            &[3, 1000],
+            Encoded::SparseSigns {
+                scales: f16_scales(r, 3),
+                entries: sparse_entries(r, 3000, 32),
+            },
+        ),
+        // A short last block (6 elements), 5 entries per block, f32 scales, groups of 10 that
+        // start inside a block.
+        rec(
+            "t.sparse_f32",
+            DType::F16,
+            &[7, 10],
+            Encoded::SparseSigns {
+                scales: f32_scales(r, 7),
+                entries: sparse_entries(r, 70, 5),
+            },
+        ),
+        rec(
+            "u.sparse_1",
+            DType::F32,
+            &[3, 67],
+            Encoded::SparseSigns {
+                scales: f32_scales(r, 1),
+                entries: sparse_entries(r, 201, 1),
+            },
+        ),
     ]
 }
 
-const COUNT: usize = 18;
+const COUNT: usize = 21;
 
 fn fixture_at(align: u32) -> Vec<u8> {
     write_delta(&manifest(), &mut records(0x5eed), align).expect("fixture writes")
@@ -544,6 +580,7 @@ fn fixture_covers_every_codec_and_dtype() {
         Codec::SignGroups,
         Codec::Q8Groups,
         Codec::SignPlanes,
+        Codec::SparseSigns,
     ] {
         for dtype in [DType::F32, DType::F16] {
             assert!(
@@ -560,9 +597,20 @@ fn fixture_covers_every_codec_and_dtype() {
         f.tensors()
             .any(|e| e.codec == c && e.flags & FLAG_SCALES_F16 == 0)
     };
-    for c in [Codec::SignGroups, Codec::Q8Groups, Codec::SignPlanes] {
+    for c in [
+        Codec::SignGroups,
+        Codec::Q8Groups,
+        Codec::SignPlanes,
+        Codec::SparseSigns,
+    ] {
         assert!(f16_scales(c) && f32_scales(c));
     }
+    // Sparse entries over more than one stack buffer, and a short last block.
+    assert!(f.tensors().any(|e| e.codec == Codec::SparseSigns
+        && e.payload_bytes().len() - e.scale_bytes() as usize > 2 * IO_BUF));
+    assert!(f
+        .tensors()
+        .any(|e| e.codec == Codec::SparseSigns && e.numel() % 64 != 0));
     // Sign planes over more than one segment of the stack buffer (`IO_BUF / planes - 2` rows).
     assert!(f
         .tensors()
@@ -1015,6 +1063,8 @@ fn value_errors_refused_like_payload() {
         // Sign planes: plane 1's scale of group 2 (f16), plane 1's scale (f32).
         ("o.sign_planes_f16", f16::NAN.to_le_bytes().to_vec(), 2 * 5),
         ("p.sign_planes_f32", (-1.0f32).to_le_bytes().to_vec(), 4),
+        ("s.sparse_f16", f16::NAN.to_le_bytes().to_vec(), 4),
+        ("t.sparse_f32", (-0.5f32).to_le_bytes().to_vec(), 6 * 4),
     ];
     for (name, bytes, at) in cases {
         let (b, i) = edit_payload(name, |p, _| {
@@ -1053,6 +1103,34 @@ fn value_errors_refused_like_payload() {
         });
         check_value_error(&b, i, true);
     }
+    // Sparse indices: a duplicate in the first, a middle and the last block, an unsorted pair,
+    // an index past the short last block.
+    for (name, m) in [("s.sparse_f16", 32), ("t.sparse_f32", 5), ("u.sparse_1", 1)] {
+        // With one entry per block, only the short last block (9 elements) can be wrong.
+        let picks = if m == 1 { 2..3 } else { 0..3 };
+        for pick in picks {
+            let (b, i) = edit_payload(name, |p, e| {
+                let entries = &mut p[e.scale_bytes() as usize..];
+                let blocks = entries.len() / m;
+                let at = [0, blocks / 2, blocks - 1][pick] * m;
+                let block = &mut entries[at..at + m];
+                if m == 1 {
+                    block[0] = 0x09;
+                } else {
+                    block[1] = block[0] ^ 0x80;
+                }
+            });
+            check_value_error(&b, i, true);
+        }
+    }
+    let (b, i) = edit_payload("t.sparse_f32", |p, e| {
+        let entries = &mut p[e.scale_bytes() as usize..];
+        entries.swap(5, 6);
+        let last = entries.len() - 1;
+        entries[last] = 6;
+    });
+    check_value_error(&b, i, true);
+
     // -128 in the first, a middle and the last q8 byte.
     for name in ["k.q8_f16", "l.q8_f32"] {
         for pick in 0..3 {
@@ -1272,6 +1350,13 @@ mod props {
                 scales: scales(&mut rng),
                 q: q8(&mut rng, n),
             },
+            7 => {
+                let m = 1 + (seed % 32) as usize % crate::codec::max_entries(n as u64);
+                Encoded::SparseSigns {
+                    scales: scales(&mut rng),
+                    entries: sparse_entries(&mut rng, n, m),
+                }
+            }
             _ => {
                 let planes = 2 + (seed % 7) as usize;
                 let scales = if f16_scales {
@@ -1315,7 +1400,7 @@ mod props {
         /// `compose::reconstruct`.
         #[test]
         fn random_tensor_matches_compose(
-            codec in 0u8..7,
+            codec in 0u8..8,
             dtype16 in any::<bool>(),
             dims in prop::collection::vec(1u32..40, 0..4),
             groups_pick in any::<usize>(),
