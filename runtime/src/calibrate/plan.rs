@@ -392,7 +392,7 @@ pub fn plan(
     let threads = settings.threads.max(1);
     // 0. The inputs of every layer in the fine-tuned model.
     let inputs = layer_inputs(fine, fine_w, images, threads, |done, total| {
-        progress(Stage::Inputs, done, total)
+        progress(Stage::Inputs, done, total);
     });
 
     let mut tensors = Vec::with_capacity(base_w.initializers.len());

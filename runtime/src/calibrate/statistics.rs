@@ -358,7 +358,7 @@ pub(super) fn layer_inputs(
     let total = images.count.div_ceil(batch);
     progress(0, total);
     let out = probe_inputs(fine, fine_w, images, batch, threads.max(1), |done| {
-        progress(done, total)
+        progress(done, total);
     })
     .unwrap_or_default();
     progress(total, total);

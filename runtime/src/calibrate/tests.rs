@@ -184,7 +184,7 @@ fn every_weight_of_the_species_model_gets_its_inputs() {
     };
     let mut steps = Vec::new();
     let r = layer_inputs(&bytes, &w, &images, 2, |done, total| {
-        steps.push((done, total))
+        steps.push((done, total));
     });
     assert_eq!(r.len(), want.len());
     assert_eq!(steps.first(), Some(&(0, 1)));
