@@ -84,6 +84,34 @@ pub enum InputType {
     F16,
 }
 
+/// A parsed model (every input resolved) for `input_shape`, optimized.
+fn optimized(
+    parsed: tract_onnx::model::ParseResult,
+    input_shape: &[usize],
+) -> TractResult<TypedModel> {
+    ensure!(
+        parsed.unresolved_inputs.is_empty(),
+        "could not resolve inputs at top level: {:?}",
+        parsed.unresolved_inputs
+    );
+    parsed
+        .model
+        .with_input_fact(0, input_fact(input_shape).into())?
+        .into_optimized()
+}
+
+/// What [`Sites::find`] needs of every weight: its element count and leading dimension.
+fn site_shapes(weights: &OnnxWeights) -> Vec<Option<(usize, usize)>> {
+    weights
+        .initializers
+        .iter()
+        .map(|init| {
+            let rows = init.dims.first().copied().unwrap_or(1) as usize;
+            Some((init.numel() as usize, rows))
+        })
+        .collect()
+}
+
 /// The f32 input fact of `shape` (an f16 input is widened with the rest of the graph).
 fn input_fact(shape: &[usize]) -> TypedFact {
     f32::fact(shape)
@@ -579,16 +607,7 @@ impl Engine {
                 fp
             }
         };
-        let parsed = parsed?;
-        ensure!(
-            parsed.unresolved_inputs.is_empty(),
-            "could not resolve inputs at top level: {:?}",
-            parsed.unresolved_inputs
-        );
-        let mut model = parsed
-            .model
-            .with_input_fact(0, input_fact(&self.input_shape).into())?
-            .into_optimized()?;
+        let mut model = optimized(parsed?, &self.input_shape)?;
         let sites = if decoys.is_empty() {
             None
         } else {
@@ -668,14 +687,7 @@ impl Engine {
     ) -> TractResult<Sites> {
         let base = (*self.base).as_ref();
         let weights = &self.weights;
-        let shapes: Vec<Option<(usize, usize)>> = weights
-            .initializers
-            .iter()
-            .map(|init| {
-                let rows = init.dims.first().copied().unwrap_or(1) as usize;
-                Some((init.numel() as usize, rows))
-            })
-            .collect();
+        let shapes = site_shapes(weights);
         let mut held: Option<(usize, Vec<(Payload<'_>, f32)>)> = None;
         inplace::Sites::find(
             model,

@@ -21,7 +21,7 @@ use tract_onnx::tract_core::internal::{ensure, format_err};
 
 use super::inplace::{self, Sites};
 use super::rebuild::decoy;
-use super::{input_fact, widen, Classifier, InputType};
+use super::{optimized, site_shapes, widen, Classifier, InputType};
 use crate::apply;
 use crate::format::DType;
 use crate::onnx::OnnxWeights;
@@ -172,24 +172,8 @@ impl Tunable {
         });
         let parsed = onnx.parse(&proto, Some("/"))?;
         drop(onnx);
-        ensure!(
-            parsed.unresolved_inputs.is_empty(),
-            "could not resolve inputs at top level: {:?}",
-            parsed.unresolved_inputs
-        );
-        let mut model = parsed
-            .model
-            .with_input_fact(0, input_fact(&self.input_shape).into())?
-            .into_optimized()?;
-        let shapes: Vec<Option<(usize, usize)>> = self
-            .weights
-            .initializers
-            .iter()
-            .map(|w| {
-                let rows = w.dims.first().copied().unwrap_or(1) as usize;
-                Some((w.numel() as usize, rows))
-            })
-            .collect();
+        let mut model = optimized(parsed, &self.input_shape)?;
+        let shapes = site_shapes(&self.weights);
         let sites = Sites::find(
             &model,
             &shapes,
