@@ -6,30 +6,35 @@
 //! costs less output error than signs cost bits. Which tensors matter depends on the variant,
 //! so this module measures it on a few unlabelled images from the variant's own domain:
 //!
-//! 0. **Inputs.** The second moments `E[x xᵀ]` of what every convolution and fully connected
-//!    weight multiplies, in the fine-tuned model on all the calibration images. Sign encodings of
-//!    those weights choose their bits by their effect on the layer's outputs (GPTQ with the
-//!    codec's levels, [`codec::OutputRounding`]) rather than element by element.
+//! 0. **Inputs.** The fine-tuned model runs once over the calibration images (a few images per
+//!    run) and every convolution and fully connected weight's inputs are summed as they pass:
+//!    `Σ x xᵀ` and `Σ x` per layer (per group of a grouped convolution), shared out among the
+//!    threads. Memory is bounded by the layers' sums, not by the number of images.
 //! 1. **Reference.** The fine-tuned model's softmax outputs on the calibration images.
-//! 2. **Sensitivity.** For every tensor and every candidate encoding (unchanged; sign per tensor
-//!    or per output channel, and 2 or 3 sign planes, each with a few scale multipliers; 8-bit per
-//!    tensor or per channel), the
-//!    fine-tuned model with *only that tensor* reconstructed from the candidate: the mean
-//!    KL divergence of its outputs from the reference, on a subset of the images.
-//! 3. **Budget.** A greedy multiple-choice knapsack on those measurements: starting from the
+//! 2. **Sensitivity.** Every tensor's candidate encodings (unchanged; sign per tensor or per
+//!    output channel, and 2 or 3 sign planes, each with a few scale multipliers; sparse signs
+//!    with 2, 4 or 8 entries per 64-element block; 8-bit per tensor or per channel) are scored
+//!    by their layer's output error `Σ e H eᵀ` (`e` the weight error, `H` the inputs' second
+//!    moments); sign encodings choose their bits by that error (GPTQ with the codec's levels,
+//!    [`codec::OutputRounding`]). Two whole-model evaluations per tensor, with only that tensor
+//!    at the candidate nearest one bit and at the base, give the KL divergence a unit of its
+//!    layer error costs; every candidate's divergence is predicted from it. A layer's bias
+//!    follows its weight: it corrects the weight's mean output error (8-bit). Then, for a few
+//!    rounds, the candidates the greedy plan (3.) would choose and their next upgrades are
+//!    measured alone in the model, replacing their predictions and rescaling their neighbours'.
+//! 3. **Budget.** A greedy multiple-choice knapsack on those divergences: starting from the
 //!    cheapest encoding of every tensor, take the upgrade with the largest divergence reduction
 //!    per byte (on each tensor's lower convex hull) while the whole file fits the budget.
-//! 4. **Refine.** Divergences do not add up exactly, so each tensor's choice is revisited with
-//!    every other tensor at its planned encoding (the real model, not the isolated one),
-//!    minimising divergence + lambda * bytes within the budget. This is also where the sign
-//!    scale multipliers are fitted against the outputs: the CPU counterpart of BitDelta's scale
-//!    distillation (a sign delta's least-squares scale, the mean |d|, shrinks the update).
+//! 4. **Refine.** Divergences do not add up exactly, so the tensors with the largest predicted
+//!    divergence revisit their neighbours on the hull with every other tensor at its planned
+//!    encoding, minimising divergence + lambda * bytes within the budget.
 //! 5. **Confirm.** The planned model on all images: top-1 agreement with the fine-tune and the
 //!    divergence, reported as the expected agreement.
 //!
-//! Every evaluation rebuilds the model with tract (about 30 ms for the species family) and runs
-//! the images as one batch. Encodings are the crate's codecs with their normal encoders, so the
-//! plan's reconstructions are exactly what a device rebuilds.
+//! Whole-model evaluations run on [`crate::tract::Tunable`]: the model is built once per worker
+//! and its weights are rewritten in place, so an evaluation costs one forward pass of the search
+//! images, shared among the threads. Encodings are the crate's codecs with their normal
+//! encoders, so the plan's reconstructions are exactly what a device rebuilds.
 //!
 //! The module is split by stage: [`plan`](plan()) runs the search (candidates, the knapsack and
 //! the refinement; `plan.rs`), `statistics.rs` measures the layers' inputs for output-aware
@@ -63,6 +68,14 @@ pub const SIGN_MULTIPLIERS: [f64; 3] = [1.0, 1.25, 1.5];
 
 /// Plane counts tried with the `sign-planes` codec (2 and 3 bits per element).
 pub const SIGN_PLANES: [usize; 2] = [2, 3];
+
+/// Rounds of measuring, alone in the model, the candidates the greedy plan chooses and their
+/// next upgrades (at most two evaluations per tensor and round).
+pub const MEASURE_ROUNDS: usize = 2;
+
+/// Entries per 64-element block tried with the `sparse-signs` codec (1/4, 1/2 and 1 bit per
+/// element, plus the scales).
+pub const SPARSE_ENTRIES: [usize; 3] = [2, 4, 8];
 
 /// Smallest channel (elements per output channel) that gets its own sign scale.
 pub const MIN_SIGN_CHANNEL: u64 = 8;
@@ -130,6 +143,8 @@ pub enum Stage {
     Reference,
     /// Measuring each tensor's candidates in isolation.
     Sensitivity,
+    /// Measuring the candidates the plan would choose and their next upgrades.
+    Measure,
     /// Choosing the budget for a target agreement.
     Target,
     /// Revisiting choices in the planned model.
@@ -145,6 +160,7 @@ impl Stage {
             Self::Inputs => "inputs",
             Self::Reference => "reference",
             Self::Sensitivity => "sensitivity",
+            Self::Measure => "measure",
             Self::Target => "target",
             Self::Refine => "refine",
             Self::Confirm => "confirm",

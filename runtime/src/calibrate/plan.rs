@@ -9,8 +9,8 @@ use std::vec::Vec;
 use super::evaluation::{reconstruct_encoded, round_to, Evaluator};
 use super::statistics::{layer_inputs, LayerInputs};
 use super::{
-    CalibError, Choice, Images, Plan, Settings, Stage, MIN_SIGN_CHANNEL, SIGN_MULTIPLIERS,
-    SIGN_PLANES,
+    CalibError, Choice, Images, Plan, Settings, Stage, MEASURE_ROUNDS, MIN_SIGN_CHANNEL,
+    SIGN_MULTIPLIERS, SIGN_PLANES, SPARSE_ENTRIES,
 };
 use crate::codec;
 use crate::compress::{for_each_pair, CompressError};
@@ -29,6 +29,8 @@ pub(super) struct Candidate {
     /// Divergence of the model with only this tensor so encoded: measured, or predicted from
     /// the layer error and the tensor's measured importance.
     pub(super) divergence: f64,
+    /// True when `divergence` was measured.
+    pub(super) measured: bool,
 }
 
 pub(super) struct Tensor {
@@ -184,6 +186,21 @@ fn candidates(
             );
         }
     }
+    // Sparse signs: the largest changes of each block, below one bit per element; one scale
+    // per output channel where channels hold whole blocks, else per tensor.
+    let sg = if channels > 1 && n / channels >= codec::SPARSE_BLOCK as u64 {
+        channels
+    } else {
+        1
+    };
+    for m in SPARSE_ENTRIES {
+        if m <= codec::max_entries(n) {
+            out.push((
+                format!("sparse-signs m={m} (G={sg})"),
+                codec::sparse_signs(base, fine, sg as usize, m, true),
+            ));
+        }
+    }
     out.push((
         "q8-groups (G=1)".to_string(),
         codec::q8_groups(base, fine, 1, true),
@@ -304,6 +321,7 @@ fn scored(
             encoded,
             error,
             divergence: 0.0,
+            measured: false,
         };
         match best.get_mut(&family) {
             Some(b) if b.error <= c.error => {}
@@ -349,6 +367,32 @@ fn parallel<T: Send>(
             .map(|t| t.expect("every index ran"))
             .collect()
     })
+}
+
+/// Predicts the divergence of each unmeasured candidate of `t` from its layer error: scaled
+/// like the measured (changed) candidate whose layer error is nearest on a log scale, and never
+/// above what leaving the tensor at the base costs.
+fn predict(t: &mut Tensor) {
+    let at_base = t
+        .candidates
+        .iter()
+        .find(|c| matches!(c.encoded, Encoded::Unchanged))
+        .map_or(f64::INFINITY, |c| c.divergence);
+    let known: Vec<(f64, f64)> = t
+        .candidates
+        .iter()
+        .filter(|c| c.measured && c.error > 0.0 && !matches!(c.encoded, Encoded::Unchanged))
+        .map(|c| (c.error, c.divergence))
+        .collect();
+    for c in t.candidates.iter_mut().filter(|c| !c.measured) {
+        let nearest = known.iter().min_by(|a, b| {
+            let d = |e: f64| (e.ln() - c.error.ln()).abs();
+            d(a.0).total_cmp(&d(b.0))
+        });
+        c.divergence = nearest
+            .map_or(0.0, |&(e, kl)| kl / e * c.error)
+            .min(at_base);
+    }
 }
 
 /// The candidate whose whole-model divergence is measured to learn how much the tensor's layer
@@ -514,6 +558,7 @@ pub fn plan(
                     encoded,
                     error: 0.0,
                     divergence: 0.0,
+                    measured: true,
                 }];
             }
             let dims: Vec<u64> = t.dims.iter().map(|&d| u64::from(d)).collect();
@@ -544,30 +589,66 @@ pub fn plan(
         if tensors[i].fine == tensors[i].base || tensors[i].corrects.is_some() {
             continue;
         }
-        let mut importance = 0.0;
         if let Some(c) = probe_candidate(&tensors[i]) {
             let (kl, _) = ev.measure(&borrowed(&changes(&tensors, i, c)), false)?;
-            importance = kl / tensors[i].candidates[c].error;
             tensors[i].candidates[c].divergence = kl;
+            tensors[i].candidates[c].measured = true;
         }
         done += 1;
         progress(Stage::Sensitivity, done, steps);
         let at_base = at_values(&tensors, i, tensors[i].base.clone());
         let (kl_base, _) = ev.measure(&borrowed(&at_base), false)?;
+        for c in &mut tensors[i].candidates {
+            if matches!(c.encoded, Encoded::Unchanged) {
+                c.divergence = kl_base;
+                c.measured = true;
+            }
+        }
+        predict(&mut tensors[i]);
         done += 1;
         progress(Stage::Sensitivity, done, steps);
-        for c in &mut tensors[i].candidates {
-            c.divergence = match c.encoded {
-                Encoded::Unchanged => kl_base,
-                // Never predict more than leaving the tensor at the base costs.
-                _ => (importance * c.error).min(kl_base.max(c.divergence)),
+    }
+    progress(Stage::Sensitivity, steps, steps);
+
+    // 2b. Measure where the plan goes: the divergences of the candidates the greedy plan
+    //     chooses and of their next upgrade, alone in the model, replace the predictions.
+    let most = MEASURE_ROUNDS * measured;
+    let mut done = 0;
+    progress(Stage::Measure, 0, most);
+    for _ in 0..MEASURE_ROUNDS {
+        for t in tensors.iter_mut() {
+            t.hull = lower_hull(&t.candidates);
+        }
+        let (chosen, _) = greedy(&tensors, budget);
+        let mut todo = Vec::new();
+        for (i, t) in tensors.iter().enumerate() {
+            let Some(p) = t.hull.iter().position(|&h| h == chosen[i]) else {
+                continue;
             };
+            for &c in &t.hull[p..t.hull.len().min(p + 2)] {
+                if !t.candidates[c].measured {
+                    todo.push((i, c));
+                }
+            }
+        }
+        if todo.is_empty() {
+            break;
+        }
+        for &(i, c) in &todo {
+            let (kl, _) = ev.measure(&borrowed(&changes(&tensors, i, c)), false)?;
+            tensors[i].candidates[c].divergence = kl;
+            tensors[i].candidates[c].measured = true;
+            done += 1;
+            progress(Stage::Measure, done.min(most), most);
+        }
+        for &(i, _) in &todo {
+            predict(&mut tensors[i]);
         }
     }
     for t in tensors.iter_mut() {
         t.hull = lower_hull(&t.candidates);
     }
-    progress(Stage::Sensitivity, steps, steps);
+    progress(Stage::Measure, most, most);
 
     // 3. Greedy plan within the budget (or the smallest budget reaching the target).
     let floor: u64 = tensors.iter().map(|t| t.candidates[t.hull[0]].cost).sum();

@@ -17,6 +17,7 @@ fn cand(cost: u64, divergence: f64) -> Candidate {
         cost,
         error: 0.0,
         divergence,
+        measured: true,
     }
 }
 
