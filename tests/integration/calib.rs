@@ -36,7 +36,14 @@ fn calibrated(variant: &str, max_bits: &str, dir: &Path) -> (f64, f64, f64, Stri
         .collect();
     assert_eq!(
         stages,
-        ["inputs", "reference", "sensitivity", "refine", "confirm"],
+        [
+            "inputs",
+            "reference",
+            "sensitivity",
+            "measure",
+            "refine",
+            "confirm"
+        ],
         "progress lines in a pipe: {err}"
     );
     ok(&["verify", p(&delta), "--base", p(&base)]);
