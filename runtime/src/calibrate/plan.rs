@@ -148,6 +148,14 @@ fn candidates(
     }
     let n: u64 = dims.iter().product();
     let channels = if dims.len() >= 2 { dims[0] } else { 1 };
+    // Per output channel when every channel holds at least `min` elements, else per tensor.
+    let groups = |min: u64| {
+        if channels > 1 && n / channels >= min {
+            channels
+        } else {
+            1
+        }
+    };
     let mut signs = |label: String, mut enc: Encoded| {
         let rounded =
             rounding.is_some_and(|r| codec::round_signs_to_outputs(&mut enc, base, fine, r));
@@ -173,11 +181,7 @@ fn candidates(
         }
     }
     // Sign planes: per output channel where channels are long enough, else per tensor.
-    let g = if channels > 1 && n / channels >= MIN_SIGN_CHANNEL {
-        channels
-    } else {
-        1
-    };
+    let g = groups(MIN_SIGN_CHANNEL);
     for k in SIGN_PLANES {
         for m in SIGN_MULTIPLIERS {
             signs(
@@ -188,11 +192,7 @@ fn candidates(
     }
     // Sparse signs: the largest changes of each block, below one bit per element; one scale
     // per output channel where channels hold whole blocks, else per tensor.
-    let sg = if channels > 1 && n / channels >= codec::SPARSE_BLOCK as u64 {
-        channels
-    } else {
-        1
-    };
+    let sg = groups(codec::SPARSE_BLOCK as u64);
     for m in SPARSE_ENTRIES {
         if m <= codec::max_entries(n) {
             out.push((
@@ -395,6 +395,26 @@ fn predict(t: &mut Tensor) {
     }
 }
 
+/// Measures candidate `c` of tensor `i` alone in the model: its divergence from the reference.
+fn measure_candidate(
+    ev: &mut Evaluator,
+    tensors: &mut [Tensor],
+    i: usize,
+    c: usize,
+) -> Result<(), CalibError> {
+    let (kl, _) = ev.measure(&borrowed(&changes(tensors, i, c)), false)?;
+    tensors[i].candidates[c].divergence = kl;
+    tensors[i].candidates[c].measured = true;
+    Ok(())
+}
+
+/// Each tensor's lower convex hull of its candidates.
+fn rehull(tensors: &mut [Tensor]) {
+    for t in tensors {
+        t.hull = lower_hull(&t.candidates);
+    }
+}
+
 /// The candidate whose whole-model divergence is measured to learn how much the tensor's layer
 /// error costs: the changed encoding closest to one bit per parameter.
 fn probe_candidate(t: &Tensor) -> Option<usize> {
@@ -590,9 +610,7 @@ pub fn plan(
             continue;
         }
         if let Some(c) = probe_candidate(&tensors[i]) {
-            let (kl, _) = ev.measure(&borrowed(&changes(&tensors, i, c)), false)?;
-            tensors[i].candidates[c].divergence = kl;
-            tensors[i].candidates[c].measured = true;
+            measure_candidate(&mut ev, &mut tensors, i, c)?;
         }
         done += 1;
         progress(Stage::Sensitivity, done, steps);
@@ -616,9 +634,7 @@ pub fn plan(
     let mut done = 0;
     progress(Stage::Measure, 0, most);
     for _ in 0..MEASURE_ROUNDS {
-        for t in tensors.iter_mut() {
-            t.hull = lower_hull(&t.candidates);
-        }
+        rehull(&mut tensors);
         let (chosen, _) = greedy(&tensors, budget);
         let mut todo = Vec::new();
         for (i, t) in tensors.iter().enumerate() {
@@ -635,19 +651,20 @@ pub fn plan(
             break;
         }
         for &(i, c) in &todo {
-            let (kl, _) = ev.measure(&borrowed(&changes(&tensors, i, c)), false)?;
-            tensors[i].candidates[c].divergence = kl;
-            tensors[i].candidates[c].measured = true;
+            measure_candidate(&mut ev, &mut tensors, i, c)?;
             done += 1;
             progress(Stage::Measure, done.min(most), most);
         }
+        // `todo` lists a tensor's candidates together: predict once per tensor.
+        let mut last = None;
         for &(i, _) in &todo {
-            predict(&mut tensors[i]);
+            if last != Some(i) {
+                predict(&mut tensors[i]);
+                last = Some(i);
+            }
         }
     }
-    for t in tensors.iter_mut() {
-        t.hull = lower_hull(&t.candidates);
-    }
+    rehull(&mut tensors);
     progress(Stage::Measure, most, most);
 
     // 3. Greedy plan within the budget (or the smallest budget reaching the target).
