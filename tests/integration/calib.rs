@@ -38,6 +38,7 @@ fn calibrated(variant: &str, max_bits: &str, dir: &Path) -> (f64, f64, f64, Stri
         stages,
         [
             "inputs",
+            "score",
             "reference",
             "sensitivity",
             "measure",

@@ -211,7 +211,8 @@ fn calibration_images(dir: &Path, card: &ModelCard) -> Result<Images> {
         }
     }
     files.sort();
-    let mut data = Vec::new();
+    // Every image at once: the data never reallocates (a doubling vector peaks at 1.5x).
+    let mut data = Vec::with_capacity(files.len() * card.input_len());
     let mut count = 0;
     for f in &files {
         let is_image = f

@@ -22,9 +22,9 @@ const EVAL_BATCH: usize = 64;
 /// The fine-tuned model with some tensors replaced, on one worker per thread: every worker
 /// holds the same weights ([`Tunable`], rewritten in place between evaluations) and runs its
 /// share of the images.
-pub(super) struct Evaluator {
+pub(super) struct Evaluator<'i> {
     workers: Vec<Tunable>,
-    images: Images,
+    images: &'i Images,
     /// Images used while searching (the first ones).
     pub(super) search: usize,
     pub(super) reference_search: Vec<Vec<f64>>,
@@ -47,14 +47,14 @@ fn model_error(e: impl std::fmt::Display) -> CalibError {
     CalibError::Model(format!("{e:#}"))
 }
 
-impl Evaluator {
+impl<'i> Evaluator<'i> {
     /// Builds the fine-tuned model `fine` (weights `weights` with values `values`) on `threads`
     /// workers, for batches of at most half the `search` images.
     pub(super) fn new(
         fine: &[u8],
         weights: Arc<OnnxWeights>,
         values: Vec<Vec<f32>>,
-        images: &Images,
+        images: &'i Images,
         search: usize,
         threads: usize,
     ) -> Result<Self, CalibError> {
@@ -89,7 +89,7 @@ impl Evaluator {
         workers.extend(others);
         Ok(Self {
             workers,
-            images: images.clone(),
+            images,
             search,
             reference_search: Vec::new(),
             reference_all: Vec::new(),

@@ -10,25 +10,27 @@
 //!    run) and every convolution and fully connected weight's inputs are summed as they pass:
 //!    `Σ x xᵀ` and `Σ x` per layer (per group of a grouped convolution), shared out among the
 //!    threads. Memory is bounded by the layers' sums, not by the number of images.
-//! 1. **Reference.** The fine-tuned model's softmax outputs on the calibration images.
-//! 2. **Sensitivity.** Every tensor's candidate encodings (unchanged; sign per tensor or per
-//!    output channel, and 2 or 3 sign planes, each with a few scale multipliers; sparse signs
-//!    with 2, 4 or 8 entries per 64-element block; 8-bit per tensor or per channel) are scored
-//!    by their layer's output error `Σ e H eᵀ` (`e` the weight error, `H` the inputs' second
-//!    moments); sign encodings choose their bits by that error (GPTQ with the codec's levels,
-//!    [`codec::OutputRounding`]). Two whole-model evaluations per tensor, with only that tensor
-//!    at the candidate nearest one bit and at the base, give the KL divergence a unit of its
-//!    layer error costs; every candidate's divergence is predicted from it. A layer's bias
-//!    follows its weight: it corrects the weight's mean output error (8-bit). Then, for a few
-//!    rounds, the candidates the greedy plan (3.) would choose and their next upgrades are
-//!    measured alone in the model, replacing their predictions and rescaling their neighbours'.
-//! 3. **Budget.** A greedy multiple-choice knapsack on those divergences: starting from the
+//! 1. **Score.** Every tensor's candidate encodings (unchanged; sign per tensor or per output
+//!    channel, and 2 or 3 sign planes, each with a few scale multipliers; sparse signs with 2, 4
+//!    or 8 entries per 64-element block; 8-bit per tensor or per channel) are scored by their
+//!    layer's output error `Σ e H eᵀ` (`e` the weight error, `H` the inputs' second moments);
+//!    sign encodings choose their bits by that error (GPTQ with the codec's levels,
+//!    [`codec::OutputRounding`]). A layer's bias follows its weight: it corrects the weight's
+//!    mean output error (8-bit). The layers' sums are freed here, before the model is built.
+//! 2. **Reference.** The fine-tuned model's softmax outputs on the calibration images.
+//! 3. **Sensitivity.** Two whole-model evaluations per tensor, with only that tensor at the
+//!    candidate nearest one bit and at the base, give the KL divergence a unit of its layer
+//!    error costs; every candidate's divergence is predicted from it. Then, for a few rounds
+//!    (**Measure**), the candidates the greedy plan (4.) would choose and their next upgrades
+//!    are measured alone in the model, replacing their predictions and rescaling their
+//!    neighbours'.
+//! 4. **Budget.** A greedy multiple-choice knapsack on those divergences: starting from the
 //!    cheapest encoding of every tensor, take the upgrade with the largest divergence reduction
 //!    per byte (on each tensor's lower convex hull) while the whole file fits the budget.
-//! 4. **Refine.** Divergences do not add up exactly, so the tensors with the largest predicted
+//! 5. **Refine.** Divergences do not add up exactly, so the tensors with the largest predicted
 //!    divergence revisit their neighbours on the hull with every other tensor at its planned
 //!    encoding, minimising divergence + lambda * bytes within the budget.
-//! 5. **Confirm.** The planned model on all images: top-1 agreement with the fine-tune and the
+//! 6. **Confirm.** The planned model on all images: top-1 agreement with the fine-tune and the
 //!    divergence, reported as the expected agreement.
 //!
 //! Whole-model evaluations run on [`crate::tract::Tunable`]: the model is built once per worker
@@ -139,7 +141,9 @@ impl Default for Settings {
 pub enum Stage {
     /// Measuring the inputs of every layer of the fine-tuned model (for output-aware rounding).
     Inputs,
-    /// Running the fine-tuned model on the images.
+    /// Scoring every tensor's candidate encodings by their layer's output error.
+    Score,
+    /// Building the model and running the fine-tune on the images.
     Reference,
     /// Measuring each tensor's candidates in isolation.
     Sensitivity,
@@ -158,6 +162,7 @@ impl Stage {
     pub const fn name(self) -> &'static str {
         match self {
             Self::Inputs => "inputs",
+            Self::Score => "score",
             Self::Reference => "reference",
             Self::Sensitivity => "sensitivity",
             Self::Measure => "measure",

@@ -397,7 +397,7 @@ fn predict(t: &mut Tensor) {
 
 /// Measures candidate `c` of tensor `i` alone in the model: its divergence from the reference.
 fn measure_candidate(
-    ev: &mut Evaluator,
+    ev: &mut Evaluator<'_>,
     tensors: &mut [Tensor],
     i: usize,
     c: usize,
@@ -536,34 +536,9 @@ pub fn plan(
         });
     };
 
-    // 1. Reference outputs.
-    let search = settings
-        .search_images
-        .unwrap_or_else(|| default_search_images(images))
-        .clamp(1, images.count);
-    progress(Stage::Reference, 0, 1);
-    let values: Vec<Vec<f32>> = tensors.iter().map(|t| t.fine.clone()).collect();
-    let mut ev = Evaluator::new(
-        fine,
-        Arc::new(fine_w.clone()),
-        values,
-        images,
-        search,
-        threads,
-    )?;
-    ev.reference_all = ev.logits(images.count)?;
-    ev.reference_search = ev.reference_all[..search].to_vec();
-    progress(Stage::Reference, 1, 1);
-
-    // 2. Sensitivity: every candidate's layer error (on every core), then per tensor the
-    //    model's divergence with the tensor at one candidate and at the base, which sets how
-    //    much a unit of its layer error costs.
-    let measured: usize = 2 * tensors
-        .iter()
-        .filter(|t| t.fine != t.base && t.corrects.is_none())
-        .count();
-    let steps = tensors.len() + measured;
-    progress(Stage::Sensitivity, 0, steps);
+    // 1. Score: every candidate's layer error (on every core). The layers' input sums are
+    //    freed before the model is built for the whole-model evaluations.
+    progress(Stage::Score, 0, tensors.len());
     let scored_all = parallel(
         tensors.len(),
         threads,
@@ -594,7 +569,7 @@ pub fn plan(
                 centered.as_ref().or(layer),
             )
         },
-        |d| progress(Stage::Sensitivity, d, steps),
+        |d| progress(Stage::Score, d, tensors.len()),
     );
     for (t, c) in tensors.iter_mut().zip(scored_all) {
         t.candidates = c;
@@ -604,7 +579,36 @@ pub fn plan(
         .filter(|t| t.candidates.iter().any(|c| c.label.ends_with(" GPTQ")))
         .count();
     drop(inputs);
-    let mut done = tensors.len();
+    progress(Stage::Score, tensors.len(), tensors.len());
+
+    // 2. Reference outputs.
+    let search = settings
+        .search_images
+        .unwrap_or_else(|| default_search_images(images))
+        .clamp(1, images.count);
+    progress(Stage::Reference, 0, 1);
+    let values: Vec<Vec<f32>> = tensors.iter().map(|t| t.fine.clone()).collect();
+    let mut ev = Evaluator::new(
+        fine,
+        Arc::new(fine_w.clone()),
+        values,
+        images,
+        search,
+        threads,
+    )?;
+    ev.reference_all = ev.logits(images.count)?;
+    ev.reference_search = ev.reference_all[..search].to_vec();
+    progress(Stage::Reference, 1, 1);
+
+    // 3. Sensitivity: per tensor the model's divergence with the tensor at one candidate and
+    //    at the base, which sets how much a unit of its layer error costs.
+    let measured: usize = 2 * tensors
+        .iter()
+        .filter(|t| t.fine != t.base && t.corrects.is_none())
+        .count();
+    let steps = measured;
+    progress(Stage::Sensitivity, 0, steps);
+    let mut done = 0;
     for i in 0..tensors.len() {
         if tensors[i].fine == tensors[i].base || tensors[i].corrects.is_some() {
             continue;
@@ -628,8 +632,8 @@ pub fn plan(
     }
     progress(Stage::Sensitivity, steps, steps);
 
-    // 2b. Measure where the plan goes: the divergences of the candidates the greedy plan
-    //     chooses and of their next upgrade, alone in the model, replace the predictions.
+    // 4. Measure where the plan goes: the divergences of the candidates the greedy plan
+    //    chooses and of their next upgrade, alone in the model, replace the predictions.
     let most = MEASURE_ROUNDS * measured;
     let mut done = 0;
     progress(Stage::Measure, 0, most);
@@ -667,7 +671,7 @@ pub fn plan(
     rehull(&mut tensors);
     progress(Stage::Measure, most, most);
 
-    // 3. Greedy plan within the budget (or the smallest budget reaching the target).
+    // 5. Greedy plan within the budget (or the smallest budget reaching the target).
     let floor: u64 = tensors.iter().map(|t| t.candidates[t.hull[0]].cost).sum();
     if floor > budget {
         return Err(CalibError::Budget {
@@ -699,7 +703,7 @@ pub fn plan(
     }
     let (mut chosen, lambda) = greedy(&tensors, budget);
 
-    // 4. Refine in context: the model holds the plan; the tensors with the largest predicted
+    // 6. Refine in context: the model holds the plan; the tensors with the largest predicted
     //    divergence try their neighbours on the hull.
     ev.set(&borrowed(&plan_changes(&tensors, &chosen)))?;
     let mut order: Vec<usize> = (0..tensors.len())
@@ -763,7 +767,7 @@ pub fn plan(
     }
     progress(Stage::Refine, per_round * rounds, per_round * rounds);
 
-    // 5. Confirm on every image.
+    // 7. Confirm on every image.
     progress(Stage::Confirm, 0, 1);
     let (divergence, agreement) = ev.measure(&[], true)?;
     progress(Stage::Confirm, 1, 1);
