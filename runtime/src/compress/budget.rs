@@ -409,3 +409,137 @@ impl fmt::Display for Choice {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in (-1, 1): the fractional part of a scaled sine.
+    fn values(seed: u64, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                ((i as f64 * 12.9898 + seed as f64 * 78.233).sin() * 43758.5453).fract() as f32
+            })
+            .collect()
+    }
+
+    /// One tensor: dims, dtype, base values, fine values.
+    type TestTensor = (Vec<u64>, DType, Vec<f32>, Vec<f32>);
+
+    #[test]
+    fn candidates_follow_the_shape() {
+        assert_eq!(candidates(&[16, 64], true), vec![Choice::Unchanged]);
+        let c = candidates(&[16, 64], false);
+        // unchanged, sign, q8 per tensor, sign-groups, q8 per channel, then per tensor and per
+        // channel: 2 plane counts and 3 sparse counts.
+        assert_eq!(c.len(), 5 + 2 * (2 + 3));
+        assert!(c.contains(&Choice::SparseSigns {
+            entries: 8,
+            per_channel: true
+        }));
+        let flat = candidates(&[100], false);
+        assert_eq!(flat.len(), 3 + 2 + 3);
+        assert!(!flat.contains(&Choice::Q8Channel) && !flat.contains(&Choice::SignChannel));
+        // A 3-element tensor: its one block holds at most 3 entries.
+        let tiny = candidates(&[3], false);
+        assert!(tiny.contains(&Choice::SparseSigns {
+            entries: 2,
+            per_channel: false
+        }));
+        assert!(!tiny
+            .iter()
+            .any(|c| matches!(c, Choice::SparseSigns { entries: 4.., .. })));
+    }
+
+    /// Tensors of several shapes, one unchanged: (dims, dtype, base, fine).
+    fn model() -> Vec<TestTensor> {
+        let shapes: [&[u64]; 5] = [&[32, 3, 3, 3], &[64], &[10, 64], &[4096], &[7, 5]];
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(k, dims)| {
+                let n = dims.iter().product::<u64>() as usize;
+                let base = values(k as u64 + 1, n);
+                let noise = values(k as u64 + 100, n);
+                // Tensor 3 does not change; tensor 2 is f16 (values as f16 holds them).
+                let dtype = if k == 2 { DType::F16 } else { DType::F32 };
+                let round = |v: f32| match dtype {
+                    DType::F16 => half::f16::from_f32(v).to_f32(),
+                    DType::F32 => v,
+                };
+                let fine = base
+                    .iter()
+                    .zip(&noise)
+                    .map(|(&b, &d)| round(if k == 3 { b } else { b + 0.05 * d * d * d }))
+                    .collect();
+                let base = base.into_iter().map(round).collect();
+                (dims.to_vec(), dtype, base, fine)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plans_stay_within_budget_and_the_second_pass_matches_the_first() {
+        let m = model();
+        let params: u64 = m.iter().map(|t| t.2.len() as u64).sum();
+        let meta = 100;
+        let mut last = f64::INFINITY;
+        for max_bits in [0.5, 1.0, 2.0, 4.0, 9.0] {
+            let mut planner = Planner::new(Damage::Weight);
+            for (dims, dtype, b, f) in &m {
+                planner.add(dims, *dtype, b, f);
+            }
+            let plan = planner.plan(meta, max_bits).unwrap();
+            assert_eq!(plan.params, params);
+            assert_eq!(plan.budget_bytes, (max_bits * params as f64 / 8.0) as u64);
+            assert!(plan.file_bytes <= plan.budget_bytes, "{max_bits}: {plan:?}");
+            // More bits never hurt here, and the unchanged tensor costs nothing.
+            assert!(plan.damage <= last, "{max_bits}: {} > {last}", plan.damage);
+            last = plan.damage;
+            assert_eq!(plan.tensors[3].choice, Choice::Unchanged);
+            let mut file = meta;
+            let (mut out, mut bytes) = (Vec::new(), Vec::new());
+            for (t, (dims, dtype, b, f)) in plan.tensors.iter().zip(&m) {
+                // Encoding again gives the size and the error the plan was made with.
+                let enc = t.choice.encode(dims, b, f);
+                assert_eq!(enc.payload_len() as u64, t.payload_bytes);
+                let error = squared_error(&enc, *dtype, b, f, &mut out, &mut bytes);
+                let norm: f64 = f.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+                assert_eq!(t.damage, if error == 0.0 { 0.0 } else { error / norm });
+                file += aligned(t.payload_bytes);
+            }
+            assert_eq!(file, plan.file_bytes);
+        }
+        // With 9 bits a parameter, the 8-bit per-channel codec fits everywhere: no tensor is
+        // worse than it.
+        assert!(last > 0.0);
+    }
+
+    #[test]
+    fn budget_below_the_meta_region_is_refused() {
+        let m = model();
+        let params: u64 = m.iter().map(|t| t.2.len() as u64).sum();
+        let plan = |meta: u64, max_bits: f64| {
+            let mut planner = Planner::new(Damage::Delta);
+            for (dims, dtype, b, f) in &m {
+                planner.add(dims, *dtype, b, f);
+            }
+            planner.plan(meta, max_bits)
+        };
+        // Exactly the meta region: every tensor at the base.
+        let max_bits = 8.0 * 600.0 / params as f64;
+        let p = plan(600, max_bits).unwrap();
+        assert!(p.tensors.iter().all(|t| t.choice == Choice::Unchanged));
+        assert_eq!(p.file_bytes, 600);
+        match plan(601, max_bits) {
+            Err(CompressError::Budget { needed_bytes, .. }) => assert_eq!(needed_bytes, 601),
+            other => panic!("{other:?}"),
+        }
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(
+                matches!(plan(600, bad), Err(CompressError::Budget { .. })),
+                "{bad}"
+            );
+        }
+    }
+}
