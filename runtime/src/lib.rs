@@ -38,6 +38,8 @@ pub mod format;
 #[cfg(feature = "images")]
 pub mod frame;
 pub mod kernels;
+#[cfg(feature = "alloc")]
+pub mod knapsack;
 #[cfg(feature = "apply")]
 pub mod mem;
 #[cfg(feature = "std")]

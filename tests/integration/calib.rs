@@ -168,7 +168,8 @@ fn calibration_flags_need_calib_and_sane_values() {
         p(&out),
     ];
     for extra in [
-        vec!["--max-bits", "1.2"],
+        // Without --calib a budget needs the budgeted policy (tests/integration/budget.rs).
+        vec!["--codec", "seed", "--max-bits", "1.2"],
         vec!["--target-retention", "0.99"],
         vec!["--calib", p(&calib), "--max-bits", "0"],
         vec!["--calib", p(&calib), "--target-retention", "1.5"],

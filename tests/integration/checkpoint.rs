@@ -10,9 +10,9 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::reference::{bitdelta, compress_models, ok, p, scratch};
 
-struct Spec {
-    name: &'static str,
-    dtype: Dtype,
+pub(crate) struct Spec {
+    pub(crate) name: &'static str,
+    pub(crate) dtype: Dtype,
     shape: Vec<usize>,
     changed: bool,
 }
@@ -120,9 +120,9 @@ fn write(path: &Path, specs: &[Spec], data: &[Vec<u8>]) {
 }
 
 /// name -> (dtype, shape, values widened to f32)
-type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<f32>)>;
+pub(crate) type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<f32>)>;
 
-fn read(path: &Path) -> Tensors {
+pub(crate) fn read(path: &Path) -> Tensors {
     let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     st.iter()
@@ -161,13 +161,13 @@ fn seed_reference(base: &[f32], fine: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-struct Pair {
-    base: std::path::PathBuf,
-    fine: std::path::PathBuf,
-    specs: Vec<Spec>,
+pub(crate) struct Pair {
+    pub(crate) base: std::path::PathBuf,
+    pub(crate) fine: std::path::PathBuf,
+    pub(crate) specs: Vec<Spec>,
 }
 
-fn make_pair(dir: &Path) -> Pair {
+pub(crate) fn make_pair(dir: &Path) -> Pair {
     let specs = specs();
     let (b, f) = pair(&specs);
     let (base, fine) = (dir.join("base.safetensors"), dir.join("fine.safetensors"));

@@ -3,6 +3,7 @@
 //! decoded with tract-onnx's protobuf types, tract inference of the rebuilt models).
 
 mod badinput;
+mod budget;
 mod calib;
 mod checkpoint;
 mod cli;

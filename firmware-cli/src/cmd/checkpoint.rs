@@ -55,13 +55,13 @@ pub(crate) fn compress(a: &super::compress::Args) -> Result<ExitCode> {
     anyhow::ensure!(
         a.calib.is_none(),
         "{}: --calib runs the model on images, which needs ONNX models; a safetensors \
-         checkpoint takes --codec auto or seed",
+         checkpoint takes --codec auto, seed or budget (--max-bits)",
         a.base.display()
     );
     let base = Checkpoint::open(&a.base)?;
     let fine = Checkpoint::open(&a.fine)?;
     let name = a.variant_name()?;
-    let opts = a.options(&name);
+    let opts = a.options(&name)?;
     let mut out = Staged::create(&a.output)?;
     let bar = byte_bar(base.weight_bytes(), "compress");
     let mut w = BufWriter::with_capacity(WRITE_BUF, out.file());

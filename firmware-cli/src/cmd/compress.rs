@@ -5,11 +5,15 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use bitdelta::calibrate::{self, Images, Settings, Stage};
-use bitdelta::compress::{compress_onnx, compress_onnx_with, CompressError, Options, Policy};
+use bitdelta::compress::{
+    compress_onnx, compress_onnx_with, plan_onnx, Budget, CompressError, Damage, Options, Policy,
+};
 use clap::ValueEnum;
 
 use crate::files::{write_atomic, Model};
 use bitdelta::card::ModelCard;
+use bitdelta::format::Encoded;
+use bitdelta::onnx::Initializer;
 
 /// Compress a fine-tuned ONNX model into a delta against its base.
 ///
@@ -18,12 +22,20 @@ use bitdelta::card::ModelCard;
 /// (biases, tensors of at most 4096 elements) and 1 bit with f16 per-channel scales on large
 /// ones; `--codec seed` is the literal BitDelta recipe (sign + one mean-abs scale per tensor).
 ///
+/// `--max-bits B` without `--calib` (or `--codec budget`, default 1.5) keeps the whole file
+/// (header, table and payloads) within B bits/param without any data: every codec (sign,
+/// sign-groups, 2 or 3 sign-planes, sparse-signs with 2/4/8 entries per block, 8-bit) is tried
+/// on every tensor, scored by its weight error relative to the fine-tuned weights, and a
+/// knapsack spends the bytes where that error falls most per byte. It works on ONNX models and
+/// safetensors checkpoints alike, one tensor at a time (each is read twice).
+///
 /// `--calib DIR` (unlabelled images from the variant's own domain) chooses codecs and scales per
 /// tensor by running the models with tract on those images, within `--max-bits` bits/param
 /// (docs/QUALITY.md has the retention/size frontier). A base ending in `.safetensors` (or with a
 /// safetensors header) is compressed as a checkpoint pair, streaming one tensor at a time.
 ///
 /// Example: bitdelta compress --base species-base.onnx --fine night.onnx -o night.bdelta
+///          bitdelta compress --base species-base.onnx --fine night.onnx --max-bits 1.0 -o night.bdelta
 ///          bitdelta compress --base species-base.onnx --fine night.onnx --calib calib/night -o night.bdelta
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -45,17 +57,23 @@ pub(crate) struct Args {
     /// Sequence number of this variant (devices refuse to install an older one).
     #[arg(long, default_value_t = 1)]
     pub(super) sequence: u64,
-    /// Codec policy (without --calib).
-    #[arg(long, value_enum, default_value_t = CodecArg::Auto)]
-    pub(super) codec: CodecArg,
+    /// Codec policy (without --calib; default: budget when --max-bits is given, else auto).
+    #[arg(long, value_enum)]
+    pub(super) codec: Option<CodecArg>,
     /// Folder of unlabelled images (PNG/JPEG) from the variant's own domain, a few dozen to a few
     /// hundred: choose each tensor's codec from how much it changes the model's outputs on them,
     /// within --max-bits.
     #[arg(long, value_name = "DIR", conflicts_with = "codec")]
     pub(super) calib: Option<PathBuf>,
-    /// With --calib: largest average bits per parameter over the whole delta file.
-    #[arg(long, value_name = "B", default_value_t = 1.5, requires = "calib")]
-    pub(super) max_bits: f64,
+    /// Largest average bits per parameter over the whole delta file (header, tensor table,
+    /// names and payloads), default 1.5: with --calib, or else the data-free --codec budget.
+    #[arg(long, value_name = "B")]
+    pub(super) max_bits: Option<f64>,
+    /// With --codec budget: how tensors' weight errors are weighed against each other:
+    /// relative to the fine-tuned weights (weight), to the fine-tune's change (delta), or as
+    /// they are (absolute).
+    #[arg(long, value_enum, default_value_t = DamageArg::Weight, hide = true)]
+    pub(super) damage: DamageArg,
     /// With --calib: stop spending bits once the expected top-1 agreement with the fine-tuned
     /// model on the calibration images reaches R (0 to 1).
     #[arg(long, value_name = "R", requires = "calib")]
@@ -66,7 +84,7 @@ pub(crate) struct Args {
     /// With --calib: threads to use (default: every core). The delta does not depend on it.
     #[arg(long, value_name = "N", requires = "calib")]
     pub(super) threads: Option<std::num::NonZeroUsize>,
-    /// With --calib: print the codec chosen for every tensor.
+    /// With --calib or --codec budget: print the codec chosen for every tensor.
     #[arg(short, long)]
     pub(super) verbose: bool,
 }
@@ -77,7 +95,22 @@ pub(super) enum CodecArg {
     Auto,
     /// The literal seed recipe: sign + one mean |d| scale on every tensor (about 1 bit/param).
     Seed,
+    /// Data-free, within --max-bits: every codec scored by its weight error, chosen per tensor.
+    Budget,
 }
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(super) enum DamageArg {
+    /// Relative to the fine-tuned weights.
+    Weight,
+    /// Relative to the fine-tune's change.
+    Delta,
+    /// The plain squared error.
+    Absolute,
+}
+
+/// `--max-bits` when it is not given.
+const DEFAULT_MAX_BITS: f64 = 1.5;
 
 impl Args {
     /// `--name`, else the fine-tuned file's stem; checked against the format's rule.
@@ -97,24 +130,60 @@ impl Args {
         Ok(name)
     }
 
-    /// The codec policy `--codec` names.
-    pub(super) fn policy(&self) -> Policy {
-        match self.codec {
+    /// `--max-bits`, or its default; checked.
+    pub(super) fn max_bits(&self) -> Result<f64> {
+        let b = self.max_bits.unwrap_or(DEFAULT_MAX_BITS);
+        anyhow::ensure!(
+            b.is_finite() && b > 0.0,
+            "--max-bits {b}: expected a positive number of bits per parameter"
+        );
+        Ok(b)
+    }
+
+    /// The codec policy of `--codec` and `--max-bits` (without `--calib`).
+    pub(super) fn policy(&self) -> Result<Policy> {
+        let codec = match (self.codec, self.max_bits) {
+            (Some(c @ (CodecArg::Auto | CodecArg::Seed)), Some(b)) => anyhow::bail!(
+                "--max-bits {b}: --codec {} has no budget (use --codec budget, or --calib)",
+                if matches!(c, CodecArg::Auto) {
+                    "auto"
+                } else {
+                    "seed"
+                }
+            ),
+            (Some(c), _) => c,
+            (None, Some(_)) => CodecArg::Budget,
+            (None, None) => CodecArg::Auto,
+        };
+        Ok(match codec {
             CodecArg::Auto => Policy::Auto,
             CodecArg::Seed => Policy::Seed,
-        }
+            CodecArg::Budget => Policy::Budget(Budget {
+                max_bits: self.max_bits()?,
+                damage: match self.damage {
+                    DamageArg::Weight => Damage::Weight,
+                    DamageArg::Delta => Damage::Delta,
+                    DamageArg::Absolute => Damage::Absolute,
+                },
+            }),
+        })
     }
 
     /// The compression options of these arguments, for the variant `name`
-    /// ([`Args::variant_name`]).
-    pub(super) fn options<'a>(&'a self, name: &'a str) -> Options<'a> {
-        Options {
+    /// ([`Args::variant_name`]); with `--calib` the policy is not used.
+    pub(super) fn options<'a>(&'a self, name: &'a str) -> Result<Options<'a>> {
+        let policy = if self.calib.is_some() {
+            Policy::Auto
+        } else {
+            self.policy()?
+        };
+        Ok(Options {
             name,
             description: &self.description,
             labels: "",
             sequence: self.sequence,
-            policy: self.policy(),
-        }
+            policy,
+        })
     }
 
     /// What a failed compression was doing (error context).
@@ -144,6 +213,26 @@ pub(super) fn compress_models(
     )
 }
 
+/// [`compress_onnx_with`] of two opened models: `encode(index, initializer, base, fine)` per
+/// tensor, `progress(done, total)` after each.
+fn compress_models_with(
+    base: &Model,
+    fine: &Model,
+    opts: &Options<'_>,
+    encode: impl FnMut(usize, &Initializer, &[f32], &[f32]) -> Encoded,
+    progress: impl FnMut(usize, usize),
+) -> Result<Vec<u8>, CompressError> {
+    compress_onnx_with(
+        base.bytes(),
+        &base.weights,
+        fine.bytes(),
+        &fine.weights,
+        opts,
+        encode,
+        progress,
+    )
+}
+
 /// The line every compress path ends with.
 pub(super) fn print_written(output: &Path, tensors: usize, params: u64, bytes: u64) {
     println!(
@@ -160,9 +249,12 @@ pub(crate) fn run(a: Args) -> Result<ExitCode> {
     let base = Model::open(&a.base)?;
     let fine = Model::open(&a.fine)?;
     let name = a.variant_name()?;
-    let opts = a.options(&name);
+    let opts = a.options(&name)?;
     if let Some(dir) = &a.calib {
         return calibrated(&a, dir, &base, &fine, &opts);
+    }
+    if let Policy::Budget(budget) = opts.policy {
+        return budgeted(&a, &base, &fine, &opts, budget);
     }
     let bar = indicatif::ProgressBar::new(base.weights.initializers.len() as u64);
     bar.set_style(
@@ -188,6 +280,101 @@ fn onnx_written(a: &Args, base: &Model, bytes: &[u8]) -> ExitCode {
         bytes.len() as u64,
     );
     ExitCode::SUCCESS
+}
+
+/// One row of the per-tensor table: (name, params, encoding), payload bytes, and a damage.
+type ChoiceRow<'a> = ((&'a str, u64, String), u64, f64);
+
+/// Prints the encoding chosen for every tensor (`-v`), `measure` naming the last column.
+fn print_choices<'a>(measure: &str, rows: impl Iterator<Item = ChoiceRow<'a>>) {
+    println!(
+        "{:<24} {:>8} {:<34} {:>9} {:>8} {:>10}",
+        "tensor", "params", "encoding", "bytes", "bits/p", measure
+    );
+    for ((name, params, label), bytes, damage) in rows {
+        println!(
+            "{name:<24} {params:>8} {label:<34} {bytes:>9} {:>8.3} {damage:>10.6}",
+            bytes as f64 * 8.0 / params.max(1) as f64,
+        );
+    }
+}
+
+/// Prints tensors, parameters and bits per parameter per codec name.
+fn print_codec_counts(counts: &std::collections::BTreeMap<&'static str, (usize, u64, u64)>) {
+    let counts: Vec<String> = counts
+        .iter()
+        .map(|(codec, (t, p, b))| {
+            format!(
+                "{codec} {t} tensors / {p} params / {:.3} bits/param",
+                *b as f64 * 8.0 / *p as f64
+            )
+        })
+        .collect();
+    println!("codecs: {}", counts.join(", "));
+}
+
+/// `compress --max-bits` without `--calib`: plan the budget from the weights alone, then write.
+fn budgeted(
+    a: &Args,
+    base: &Model,
+    fine: &Model,
+    opts: &Options<'_>,
+    budget: Budget,
+) -> Result<ExitCode> {
+    let Budget { max_bits, damage } = budget;
+    let started = std::time::Instant::now();
+    let total = base.weights.initializers.len() as u64;
+    let bar = indicatif::ProgressBar::new(2 * total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("compress {msg} {bar:40} {pos}/{len} tensors")
+            .expect("static template"),
+    );
+    bar.set_message("plan");
+    let plan = plan_onnx(
+        base.bytes(),
+        &base.weights,
+        fine.bytes(),
+        &fine.weights,
+        opts,
+        budget,
+        |done, _| bar.set_position(done as u64),
+    )
+    .with_context(|| a.doing())?;
+    bar.set_message("encode");
+    let bytes = compress_models_with(
+        base,
+        fine,
+        opts,
+        |k, init, bv, fv| plan.choice(k).encode(&init.dims, bv, fv),
+        |done, _| bar.set_position(total + done as u64),
+    )
+    .with_context(|| a.doing())?;
+    bar.finish_and_clear();
+    write_atomic(&a.output, &bytes)?;
+    let names = base.weights.initializers.iter().map(|i| i.name.as_str());
+    if a.verbose {
+        print_choices(
+            damage.name(),
+            names.zip(&plan.tensors).map(|(name, t)| {
+                (
+                    (name, t.params, t.choice.to_string()),
+                    t.payload_bytes,
+                    t.damage,
+                )
+            }),
+        );
+    }
+    print_codec_counts(&plan.codec_counts());
+    println!(
+        "budget {max_bits} bits/param: {} bytes; header and tensor table {} bytes; summed \
+         {} damage {:.5}; planned in {:.1} s",
+        plan.budget_bytes,
+        plan.meta_bytes,
+        damage.name(),
+        plan.damage,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(onnx_written(a, base, &bytes))
 }
 
 /// Image files a calibration folder may hold.
@@ -247,11 +434,7 @@ fn calibrated(
     fine: &Model,
     opts: &Options<'_>,
 ) -> Result<ExitCode> {
-    anyhow::ensure!(
-        a.max_bits.is_finite() && a.max_bits > 0.0,
-        "--max-bits {}: expected a positive number of bits per parameter",
-        a.max_bits
-    );
+    let max_bits = a.max_bits()?;
     if let Some(r) = a.target_retention {
         anyhow::ensure!(
             (0.0..=1.0).contains(&r),
@@ -261,7 +444,7 @@ fn calibrated(
     let (card, _) = crate::card::load(&a.base, base.bytes(), a.card.as_deref())?;
     let images = calibration_images(dir, &card)?;
     let settings = Settings {
-        max_bits: a.max_bits,
+        max_bits,
         target_retention: a.target_retention,
         threads: a.threads.map_or(Settings::default().threads, |n| n.get()),
         ..Settings::default()
@@ -313,11 +496,9 @@ fn calibrated(
     })?;
     bar.finish_and_clear();
     let mut encodings = plan.encodings.clone().into_iter();
-    let bytes = compress_onnx_with(
-        base.bytes(),
-        &base.weights,
-        fine.bytes(),
-        &fine.weights,
+    let bytes = compress_models_with(
+        base,
+        fine,
         opts,
         |_, _, _, _| encodings.next().expect("one encoding per tensor"),
         |_, _| {},
@@ -325,33 +506,15 @@ fn calibrated(
     .with_context(|| a.doing())?;
     write_atomic(&a.output, &bytes)?;
     if a.verbose {
-        println!(
-            "{:<24} {:>8} {:<34} {:>9} {:>8} {:>10}",
-            "tensor", "params", "encoding", "bytes", "bits/p", "KL alone"
+        print_choices(
+            "KL alone",
+            plan.choices.iter().map(|c| {
+                let row = (c.name.as_str(), c.params, c.label.clone());
+                (row, c.payload_bytes, c.divergence)
+            }),
         );
-        for c in &plan.choices {
-            println!(
-                "{:<24} {:>8} {:<34} {:>9} {:>8.3} {:>10.6}",
-                c.name,
-                c.params,
-                c.label,
-                c.payload_bytes,
-                c.payload_bytes as f64 * 8.0 / c.params as f64,
-                c.divergence
-            );
-        }
     }
-    let counts: Vec<String> = plan
-        .codec_counts()
-        .iter()
-        .map(|(codec, (t, p, b))| {
-            format!(
-                "{codec} {t} tensors / {p} params / {:.3} bits/param",
-                *b as f64 * 8.0 / *p as f64
-            )
-        })
-        .collect();
-    println!("codecs: {}", counts.join(", "));
+    print_codec_counts(&plan.codec_counts());
     println!(
         "sign bits rounded to the layer outputs (GPTQ) in {} of {} tensors",
         plan.output_rounded,

@@ -2,6 +2,7 @@
 
 #[allow(clippy::wildcard_imports)]
 use super::*;
+use crate::compress::{Planner, Policy};
 
 /// What [`compress_checkpoint`] wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,31 +29,39 @@ struct Scratch {
     payload: Vec<u8>,
 }
 
+/// The values of tensor `b` of `base` and `f` of `fine` as f32 (borrowed from the maps or
+/// converted into `bufs`), refused when one is NaN or infinite.
+fn finite_pair<'s>(
+    base: &'s Checkpoint,
+    fine: &'s Checkpoint,
+    b: &CheckpointTensor,
+    f: &CheckpointTensor,
+    bufs: (&'s mut Vec<f32>, &'s mut Vec<f32>),
+) -> Result<(&'s [f32], &'s [f32]), CheckpointError> {
+    let bv = as_f32(base.data(b), b.dtype, bufs.0);
+    let fv = as_f32(fine.data(f), f.dtype, bufs.1);
+    for (c, v) in [(base, bv), (fine, fv)] {
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(CheckpointError::NonFinite {
+                path: c.path.clone(),
+                name: b.name.clone(),
+            });
+        }
+    }
+    Ok((bv, fv))
+}
+
 fn write_zeros(out: &mut impl Write, n: u64) -> io::Result<()> {
     io::copy(&mut io::repeat(0).take(n), out).map(|_| ())
 }
 
-/// The manifest of a delta made with `opts`, before its counts and fingerprints are known
-/// (`params` and both fingerprints zero).
-pub(super) fn manifest<'a>(opts: &Options<'a>) -> Manifest<'a> {
-    Manifest {
-        name: opts.name,
-        description: opts.description,
-        labels: opts.labels,
-        tool: concat!("bitdelta ", env!("CARGO_PKG_VERSION")),
-        sequence: opts.sequence,
-        params: 0,
-        base_fingerprint: [0; 32],
-        result_fingerprint: [0; 32],
-    }
-}
-
 /// Compresses the safetensors checkpoint `fine` against `base` into `out`, one tensor at a time,
 /// with the codecs and policies of [`crate::compress`] (`opts.labels` is stored as given).
+/// With [`Policy::Budget`] both checkpoints are read twice: once to plan, once to encode.
 ///
 /// `out` is written from its start; on success it holds the whole delta and is positioned at its
-/// end. `progress(bytes done, bytes total)` counts base weight bytes and is called after each
-/// tensor. The delta is byte-identical to [`crate::format::write_delta`] of the same tensors,
+/// end. `progress(bytes done, bytes total)` counts base weight bytes (twice over for a budget)
+/// and is called after each tensor. The delta is byte-identical to [`crate::format::write_delta`] of the same tensors,
 /// manifest and [`DEFAULT_ALIGN`].
 pub fn compress_checkpoint<W: Write + Seek>(
     base: &Checkpoint,
@@ -81,33 +90,51 @@ pub fn compress_checkpoint<W: Write + Seek>(
         dtype: t.dtype,
         dims,
     });
-    let manifest = manifest(opts);
+    let manifest = crate::compress::draft_manifest(opts);
     let mut writer = DeltaWriter::new(&manifest, shapes, DEFAULT_ALIGN).map_err(write_err)?;
     let payload_offset = writer.payload_offset();
+    let mut s = Scratch::default();
+    let total = base.weight_bytes();
+    // A budget is planned over every tensor first: the first pass keeps sizes and errors only.
+    let plan = match opts.policy {
+        Policy::Budget(budget) => {
+            let mut planner = Planner::new(budget.damage);
+            let mut done = 0u64;
+            for (b, f) in &pairs {
+                let (bv, fv) = finite_pair(base, fine, b, f, (&mut s.base, &mut s.fine))?;
+                planner.add(&b.dims, b.dtype, bv, fv);
+                fine.release(f);
+                base.release(b);
+                done += b.data.len() as u64;
+                progress(done, 2 * total);
+            }
+            Some(
+                planner
+                    .plan(payload_offset, budget.max_bits)
+                    .map_err(CheckpointError::Budget)?,
+            )
+        }
+        Policy::Seed | Policy::Auto => None,
+    };
+    let (mut done, total) = match plan {
+        Some(_) => (total, 2 * total),
+        None => (0, total),
+    };
 
     out.seek(SeekFrom::Start(0))
         .map_err(CheckpointError::Output)?;
     write_zeros(out, payload_offset).map_err(CheckpointError::Output)?;
 
-    let total = base.weight_bytes();
-    let mut done = 0u64;
     let mut base_fp = Fingerprinter::new();
     let mut result_fp = Fingerprinter::new();
     let mut file_len = payload_offset;
-    let mut s = Scratch::default();
-    for (b, f) in &pairs {
-        let (bb, fb) = (base.data(b), fine.data(f));
-        let bv = as_f32(bb, b.dtype, &mut s.base);
-        let fv = as_f32(fb, f.dtype, &mut s.fine);
-        for (c, v) in [(base, bv), (fine, fv)] {
-            if v.iter().any(|x| !x.is_finite()) {
-                return Err(CheckpointError::NonFinite {
-                    path: c.path.clone(),
-                    name: b.name.clone(),
-                });
-            }
-        }
-        let enc = crate::compress::encode(opts.policy, &b.dims, bv, fv);
+    for (i, (b, f)) in pairs.iter().enumerate() {
+        let bb = base.data(b);
+        let (bv, fv) = finite_pair(base, fine, b, f, (&mut s.base, &mut s.fine))?;
+        let enc = match &plan {
+            Some(plan) => plan.choice(i).encode(&b.dims, bv, fv),
+            None => crate::compress::encode(opts.policy, &b.dims, bv, fv),
+        };
         fine.release(f);
         s.payload.clear();
         // Alignment padding and payload, checked with the reader's rules.

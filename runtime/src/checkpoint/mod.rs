@@ -43,11 +43,11 @@ use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use crate::apply::ApplyError;
 use crate::compose::{self, Base};
-use crate::compress::Options;
+use crate::compress::{CompressError, Options};
 use crate::error::{Error, FormatError};
 use crate::fingerprint::{Fingerprint, Fingerprinter};
 use crate::format::{
-    is_valid_variant_name, DType, DeltaWriter, Manifest, TensorShape, WriteError, DEFAULT_ALIGN,
+    is_valid_variant_name, DType, DeltaWriter, TensorShape, WriteError, DEFAULT_ALIGN,
     MAX_ELEMENTS, MAX_NAME_LEN, MAX_RANK,
 };
 use crate::stream::StreamDecoder;
@@ -142,6 +142,9 @@ pub enum CheckpointError {
     },
     /// The delta cannot be written (variant name, a scale out of range, format caps).
     Write(WriteError),
+    /// The budget of [`crate::compress::Policy::Budget`] is below the smallest possible delta
+    /// ([`CompressError::Budget`]).
+    Budget(CompressError),
     /// Writing the output failed.
     Output(io::Error),
     /// Reading the delta failed.
@@ -198,6 +201,7 @@ impl fmt::Display for CheckpointError {
                 )
             }
             Self::Write(e) => write!(f, "{e}"),
+            Self::Budget(e) => write!(f, "{e}"),
             Self::Output(e) => write!(f, "cannot write the output: {e}"),
             Self::DeltaRead(e) => write!(f, "cannot read the delta: {e}"),
             Self::Apply(e) => write!(f, "{e}"),

@@ -179,7 +179,7 @@ fn reference(base: &Checkpoint, fine: &Checkpoint, opts: &Options<'_>) -> Vec<u8
     for t in base.weights() {
         base_fp.add(&t.name, t.dtype, &t.dims, base.data(t));
     }
-    let mut manifest = super::compress::manifest(opts);
+    let mut manifest = crate::compress::draft_manifest(opts);
     manifest.base_fingerprint = base_fp.finish();
     let draft = write_delta(&manifest, &mut records, DEFAULT_ALIGN).unwrap();
     let parsed = DeltaFile::parse(&draft).unwrap();

@@ -1,4 +1,9 @@
 //! Compressing a fine-tuned ONNX model against its base into a delta, one tensor at a time.
+//!
+//! A [`Policy`] chooses each tensor's codec: per tensor by its shape ([`Policy::Seed`],
+//! [`Policy::Auto`]), or over the whole model within a size budget ([`Policy::Budget`], in
+//! `budget.rs`: a first pass measures every tensor's candidates, a knapsack chooses, a second
+//! pass encodes). None of them needs data.
 
 use std::fmt;
 use std::string::String;
@@ -7,21 +12,43 @@ use std::vec::Vec;
 use crate::apply::{self, ApplyError};
 use crate::codec;
 use crate::format::{
-    write_delta, Codec, DType, DeltaFile, Encoded, Manifest, TensorRecord, WriteError,
-    DEFAULT_ALIGN,
+    write_delta, Codec, DType, DeltaFile, DeltaWriter, Encoded, Manifest, TensorRecord,
+    TensorShape, WriteError, DEFAULT_ALIGN,
 };
 use crate::onnx::{Initializer, OnnxWeights};
 
+mod budget;
+
+pub use budget::{
+    candidates, BudgetPlan, Damage, Planned, Planner, BUDGET_PLANES, BUDGET_SPARSE_ENTRIES,
+};
+
 /// How codecs are chosen per tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Policy {
     /// The literal seed recipe (ZIP-0427): `sign` with one mean-abs scale on every float tensor.
     Seed,
     /// The data-free default rule (see [`auto_codec`]).
     Auto,
+    /// The data-free budgeted policy: every tensor's [`candidates`] (all codecs but the raw
+    /// ones) scored by their weight error weighed by [`Budget::damage`], one chosen per tensor
+    /// so that the whole file (header, table, names and payloads) stays within
+    /// [`Budget::max_bits`] bits per parameter with the least summed damage ([`Planner`]).
+    Budget(Budget),
 }
 
-/// What the data-free rule picks for a tensor of this shape (see `docs/FORMAT.md`).
+/// The budget of [`Policy::Budget`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Budget {
+    /// Largest average bits per parameter over the whole delta file.
+    pub max_bits: f64,
+    /// How tensors' weight errors are weighed against each other.
+    pub damage: Damage,
+}
+
+/// An encoding of one tensor: what the data-free rule picks for a tensor of its shape (see
+/// `docs/FORMAT.md`), or one of the budgeted policy's [`candidates`]. Scales are f16 where they
+/// are representable, per output channel (`dims[0]`) or per tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Choice {
     /// No change.
@@ -34,6 +61,58 @@ pub enum Choice {
     SignChannel,
     /// Sign bits with one scale per tensor.
     SignTensor,
+    /// `planes` sign bit-planes with least-squares scales.
+    SignPlanes {
+        /// Planes (bits per element), 2 to 8.
+        planes: u8,
+        /// One scale per output channel and plane, else per plane.
+        per_channel: bool,
+    },
+    /// The largest changes of each 64-element block, `entries` of them.
+    SparseSigns {
+        /// Entries per block, 1 to 32 (and at most the last block's length).
+        entries: u8,
+        /// One scale per output channel, else per tensor.
+        per_channel: bool,
+    },
+}
+
+impl Choice {
+    /// The codec this encoding writes.
+    pub const fn codec(self) -> Codec {
+        match self {
+            Self::Unchanged => Codec::Unchanged,
+            Self::Q8Tensor | Self::Q8Channel => Codec::Q8Groups,
+            Self::SignChannel => Codec::SignGroups,
+            Self::SignTensor => Codec::Sign,
+            Self::SignPlanes { .. } => Codec::SignPlanes,
+            Self::SparseSigns { .. } => Codec::SparseSigns,
+        }
+    }
+
+    /// Encodes `fine` against `base` (a tensor of shape `dims`) this way.
+    ///
+    /// # Panics
+    /// When the values do not match the shape, a per-channel choice is asked of a tensor of
+    /// rank below 1, or the parameters are outside the codec's range (see [`codec`]).
+    pub fn encode(self, dims: &[u64], base: &[f32], fine: &[f32]) -> Encoded {
+        let groups = |per_channel: bool| if per_channel { dims[0] as usize } else { 1 };
+        match self {
+            Self::Unchanged => Encoded::Unchanged,
+            Self::Q8Tensor => codec::q8_groups(base, fine, 1, true),
+            Self::Q8Channel => codec::q8_groups(base, fine, groups(true), true),
+            Self::SignChannel => codec::sign_groups(base, fine, groups(true), true),
+            Self::SignTensor => codec::sign_tensor(base, fine),
+            Self::SignPlanes {
+                planes,
+                per_channel,
+            } => codec::sign_planes(base, fine, groups(per_channel), planes.into(), true),
+            Self::SparseSigns {
+                entries,
+                per_channel,
+            } => codec::sparse_signs(base, fine, groups(per_channel), entries.into(), true),
+        }
+    }
 }
 
 /// Largest tensor the data-free rule stores as 8-bit deltas.
@@ -173,6 +252,16 @@ pub enum CompressError {
     Write(WriteError),
     /// The written delta did not read back (a bug).
     Readback(ApplyError),
+    /// The budget of [`Policy::Budget`] is below the smallest possible delta (every tensor
+    /// left at the base: the header and the tensor table).
+    Budget {
+        /// The budget asked for, in bits per parameter.
+        max_bits: f64,
+        /// Bits per parameter of the smallest possible delta.
+        needed_bits: f64,
+        /// Bytes of the smallest possible delta.
+        needed_bytes: u64,
+    },
 }
 
 impl fmt::Display for CompressError {
@@ -182,6 +271,16 @@ impl fmt::Display for CompressError {
             Self::NonFinite { name } => write!(f, "tensor {name:?}: NaN or infinite value"),
             Self::Write(e) => write!(f, "{e}"),
             Self::Readback(e) => write!(f, "written delta does not read back: {e}"),
+            Self::Budget {
+                max_bits,
+                needed_bits,
+                needed_bytes,
+            } => write!(
+                f,
+                "budget of {max_bits} bits/param is below the smallest possible delta: expected \
+                 at least {needed_bits:.4} bits/param ({needed_bytes} bytes of header and tensor \
+                 table), found {max_bits}"
+            ),
         }
     }
 }
@@ -197,7 +296,9 @@ pub fn read_f32(model: &[u8], init: &Initializer) -> Vec<f32> {
     v
 }
 
-/// Encodes one tensor with a policy.
+/// Encodes one tensor with a per-tensor policy: [`Policy::Seed`] or [`Policy::Auto`].
+/// [`Policy::Budget`] chooses from every tensor at once ([`Planner`], then [`Choice::encode`]);
+/// given here, a tensor gets the rule of [`Policy::Auto`].
 pub fn encode(policy: Policy, dims: &[u64], base: &[f32], fine: &[f32]) -> Encoded {
     let unchanged = base
         .iter()
@@ -205,14 +306,72 @@ pub fn encode(policy: Policy, dims: &[u64], base: &[f32], fine: &[f32]) -> Encod
         .all(|(a, b)| a.to_bits() == b.to_bits());
     match policy {
         Policy::Seed => codec::sign_tensor(base, fine),
-        Policy::Auto => match auto_codec(dims, unchanged) {
-            Choice::Unchanged => Encoded::Unchanged,
-            Choice::Q8Tensor => codec::q8_groups(base, fine, 1, true),
-            Choice::Q8Channel => codec::q8_groups(base, fine, dims[0] as usize, true),
-            Choice::SignChannel => codec::sign_groups(base, fine, dims[0] as usize, true),
-            Choice::SignTensor => codec::sign_tensor(base, fine),
-        },
+        Policy::Auto | Policy::Budget(_) => auto_codec(dims, unchanged).encode(dims, base, fine),
     }
+}
+
+/// Bytes a delta of these tensors (in any order) made with `manifest` holds before its
+/// payloads: header, manifest, tensor table, dims, names and the padding to the first payload.
+/// They depend on the names, shapes and manifest strings only, not on the codecs.
+///
+/// # Errors
+/// As [`DeltaWriter::new`].
+pub fn meta_bytes<'t>(
+    manifest: &Manifest<'_>,
+    tensors: impl IntoIterator<Item = TensorShape<'t>>,
+) -> Result<u64, WriteError> {
+    let mut shapes: Vec<TensorShape<'t>> = tensors.into_iter().collect();
+    shapes.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
+    DeltaWriter::new(manifest, shapes, DEFAULT_ALIGN).map(|w| w.payload_offset())
+}
+
+/// The manifest of a delta made with `opts`, before its counts and fingerprints are known
+/// (`params` and both fingerprints zero).
+pub(crate) fn draft_manifest<'a>(opts: &Options<'a>) -> Manifest<'a> {
+    Manifest {
+        name: opts.name,
+        description: opts.description,
+        labels: opts.labels,
+        tool: concat!("bitdelta ", env!("CARGO_PKG_VERSION")),
+        sequence: opts.sequence,
+        params: 0,
+        base_fingerprint: [0; 32],
+        result_fingerprint: [0; 32],
+    }
+}
+
+/// The first pass of [`Policy::Budget`] on a pair of ONNX models: every tensor's candidates
+/// measured, one tensor at a time, and the plan for a delta made with `opts` within `budget`
+/// (`opts.policy` is not used). [`compress_onnx`] runs it for a budgeted policy; call it to see the
+/// plan, then write it with [`compress_onnx_with`] and [`BudgetPlan::choice`].
+///
+/// # Errors
+/// As [`for_each_pair`], [`CompressError::Budget`] when the budget is too small, and
+/// [`CompressError::Write`] when the tensors cannot be written at all.
+pub fn plan_onnx(
+    base: &[u8],
+    base_w: &OnnxWeights,
+    fine: &[u8],
+    fine_w: &OnnxWeights,
+    opts: &Options<'_>,
+    budget: Budget,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<BudgetPlan, CompressError> {
+    let total = base_w.initializers.len();
+    let mut planner = Planner::new(budget.damage);
+    let mut dims = Vec::with_capacity(total);
+    for_each_pair(base, base_w, fine, fine_w, |k, p| {
+        planner.add(&p.base.dims, p.base.dtype, &p.base_values, &p.fine_values);
+        dims.push((p.base, p.dims));
+        progress(k + 1, total);
+    })?;
+    let shapes = dims.iter().map(|(init, dims)| TensorShape {
+        name: &init.name,
+        dtype: init.dtype,
+        dims,
+    });
+    let meta = meta_bytes(&draft_manifest(opts), shapes).map_err(CompressError::Write)?;
+    planner.plan(meta, budget.max_bits)
 }
 
 /// Compresses `fine` against `base` (both ONNX files with the same float initializers).
@@ -223,9 +382,25 @@ pub fn compress_onnx(
     fine: &[u8],
     fine_w: &OnnxWeights,
     opts: &Options<'_>,
-    progress: impl FnMut(usize, usize),
+    mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<u8>, CompressError> {
     let policy = opts.policy;
+    if let Policy::Budget(budget) = policy {
+        // Planning is the first half of the work, encoding the second.
+        let total = base_w.initializers.len();
+        let plan = plan_onnx(base, base_w, fine, fine_w, opts, budget, |k, n| {
+            progress(k, 2 * n);
+        })?;
+        return compress_onnx_with(
+            base,
+            base_w,
+            fine,
+            fine_w,
+            opts,
+            |k, init, bv, fv| plan.choice(k).encode(&init.dims, bv, fv),
+            |k, _| progress(total + k, 2 * total),
+        );
+    }
     compress_onnx_with(
         base,
         base_w,
@@ -261,16 +436,9 @@ pub fn compress_onnx_with(
         });
         progress(k + 1, total);
     })?;
-    let tool = concat!("bitdelta ", env!("CARGO_PKG_VERSION"));
     let mut manifest = Manifest {
-        name: opts.name,
-        description: opts.description,
-        labels: opts.labels,
-        tool,
-        sequence: opts.sequence,
-        params: 0,
         base_fingerprint: base_w.fingerprint(base),
-        result_fingerprint: [0; 32],
+        ..draft_manifest(opts)
     };
     let draft =
         write_delta(&manifest, &mut records, DEFAULT_ALIGN).map_err(CompressError::Write)?;
