@@ -15,6 +15,7 @@ use super::{
 use crate::codec;
 use crate::compress::{for_each_pair, CompressError};
 use crate::format::{write_delta, DType, Encoded, Manifest, TensorRecord, DEFAULT_ALIGN};
+use crate::knapsack::{self, Point};
 use crate::onnx::OnnxWeights;
 
 /// One candidate encoding of one tensor.
@@ -214,68 +215,30 @@ fn candidates(
     out
 }
 
+/// The (cost, divergence) points of a tensor's candidates, as [`knapsack`] takes them.
+fn points(c: &[Candidate]) -> Vec<Point> {
+    c.iter()
+        .map(|c| Point {
+            cost: c.cost,
+            loss: c.divergence,
+        })
+        .collect()
+}
+
 /// Lower convex hull of (cost, divergence) points, cheapest first; ties keep the first.
 pub(super) fn lower_hull(c: &[Candidate]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..c.len()).collect();
-    order.sort_by(|&a, &b| {
-        c[a].cost
-            .cmp(&c[b].cost)
-            .then(c[a].divergence.total_cmp(&c[b].divergence))
-    });
-    let mut hull: Vec<usize> = Vec::new();
-    for i in order {
-        // Only strictly better divergence at a higher cost is worth a step.
-        if let Some(&last) = hull.last() {
-            if c[i].cost == c[last].cost || c[i].divergence >= c[last].divergence {
-                continue;
-            }
-        }
-        while hull.len() >= 2 {
-            let (a, b) = (&c[hull[hull.len() - 2]], &c[hull[hull.len() - 1]]);
-            let slope_ab = (a.divergence - b.divergence) / (b.cost - a.cost) as f64;
-            let slope_bi = (b.divergence - c[i].divergence) / (c[i].cost - b.cost) as f64;
-            if slope_bi >= slope_ab {
-                hull.pop();
-            } else {
-                break;
-            }
-        }
-        hull.push(i);
-    }
-    hull
+    knapsack::lower_hull(&points(c))
 }
 
 /// Greedy multiple-choice knapsack on the isolated divergences: returns the candidate index per
-/// tensor and the last accepted divergence reduction per byte.
+/// tensor and the last accepted divergence reduction per byte (every tensor at its cheapest
+/// candidate when even those exceed the budget).
 pub(super) fn greedy(tensors: &[Tensor], budget: u64) -> (Vec<usize>, f64) {
-    let mut at: Vec<usize> = vec![0; tensors.len()]; // position on the hull
-    let mut used: u64 = tensors.iter().map(|t| t.candidates[t.hull[0]].cost).sum();
-    let mut lambda = 0.0;
-    loop {
-        let mut best: Option<(f64, usize)> = None;
-        for (i, t) in tensors.iter().enumerate() {
-            let Some(&next) = t.hull.get(at[i] + 1) else {
-                continue;
-            };
-            let cur = &t.candidates[t.hull[at[i]]];
-            let nx = &t.candidates[next];
-            let extra = nx.cost - cur.cost;
-            if used + extra > budget {
-                continue;
-            }
-            let ratio = (cur.divergence - nx.divergence) / extra as f64;
-            if best.is_none_or(|(r, _)| ratio > r) {
-                best = Some((ratio, i));
-            }
-        }
-        let Some((ratio, i)) = best else { break };
-        let t = &tensors[i];
-        used += t.candidates[t.hull[at[i] + 1]].cost - t.candidates[t.hull[at[i]]].cost;
-        at[i] += 1;
-        lambda = ratio;
+    let items: Vec<Vec<Point>> = tensors.iter().map(|t| points(&t.candidates)).collect();
+    match knapsack::greedy(&items, budget) {
+        Some(s) => (s.chosen, s.rate),
+        None => (tensors.iter().map(|t| t.hull[0]).collect(), 0.0),
     }
-    let chosen = tensors.iter().zip(&at).map(|(t, &k)| t.hull[k]).collect();
-    (chosen, lambda)
 }
 
 fn plan_cost(tensors: &[Tensor], chosen: &[usize]) -> u64 {
