@@ -13,7 +13,7 @@ use super::{
     SIGN_MULTIPLIERS, SIGN_PLANES, SPARSE_ENTRIES,
 };
 use crate::codec;
-use crate::compress::{for_each_pair, CompressError};
+use crate::compress::{aligned, for_each_pair, CompressError};
 use crate::format::{write_delta, DType, Encoded, Manifest, TensorRecord, DEFAULT_ALIGN};
 use crate::knapsack::{self, Point};
 use crate::onnx::OnnxWeights;
@@ -125,10 +125,6 @@ fn at_values(tensors: &[Tensor], i: usize, w: Vec<f32>) -> Vec<(usize, Vec<f32>)
 /// `changes` as [`Evaluator`] takes them.
 fn borrowed(changes: &[(usize, Vec<f32>)]) -> Vec<(usize, &[f32])> {
     changes.iter().map(|(i, v)| (*i, &v[..])).collect()
-}
-
-fn align(len: u64) -> u64 {
-    len.div_ceil(u64::from(DEFAULT_ALIGN)) * u64::from(DEFAULT_ALIGN)
 }
 
 /// The candidate encodings of one tensor, cheapest first. With `rounding`, the sign codecs
@@ -280,7 +276,7 @@ fn scored(
             .join(" ");
         let c = Candidate {
             label,
-            cost: align(encoded.payload_len() as u64),
+            cost: aligned(encoded.payload_len() as u64),
             encoded,
             error,
             divergence: 0.0,
@@ -512,7 +508,7 @@ pub fn plan(
                 let encoded = codec::q8_groups(&t.base, &t.fine, 1, true);
                 return vec![Candidate {
                     label: "q8-groups (G=1) bias-corrected".to_string(),
-                    cost: align(encoded.payload_len() as u64),
+                    cost: aligned(encoded.payload_len() as u64),
                     encoded,
                     error: 0.0,
                     divergence: 0.0,
@@ -740,7 +736,7 @@ pub fn plan(
         if tensors[i].bias.is_some() {
             let w = tensors[i].values(chosen[i]);
             if let Some((j, enc, _)) = corrected_bias(&tensors, i, &w) {
-                let cost = align(enc.payload_len() as u64);
+                let cost = aligned(enc.payload_len() as u64);
                 let c = &mut tensors[j].candidates[chosen[j]];
                 c.encoded = enc;
                 c.cost = cost;

@@ -196,7 +196,7 @@ impl BudgetPlan {
 }
 
 /// Bytes a payload of `len` bytes adds to the file: itself and the padding to the alignment.
-fn aligned(len: u64) -> u64 {
+pub(crate) fn aligned(len: u64) -> u64 {
     len.next_multiple_of(u64::from(DEFAULT_ALIGN))
 }
 
