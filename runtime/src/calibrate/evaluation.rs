@@ -7,7 +7,6 @@ use std::vec;
 use std::vec::Vec;
 
 use super::{CalibError, Images};
-use crate::compose::{self, Base};
 use crate::format::{DType, Encoded};
 use crate::metrics::Top1;
 use crate::onnx::OnnxWeights;
@@ -211,21 +210,12 @@ fn run_share(w: &Tunable, part: &[f32], image: usize) -> Result<Vec<Vec<f64>>, C
 
 /// The reconstruction of `enc` applied to `base` (the path a device uses), as f32 values.
 pub fn reconstruct_encoded(base: &[f32], enc: &Encoded) -> Vec<f32> {
-    let mut out = vec![0f32; base.len()];
-    let mut bytes = Vec::new();
-    let payload = enc
-        .payload(base.len(), &mut bytes)
-        .expect("encoders produce payloads that fit their tensor");
-    compose::reconstruct(Base::F32(base), &[(payload, 1.0)], &mut out)
-        .expect("encoders produce payloads that fit their tensor");
-    out
+    stored(DType::F32, base, enc)
 }
 
-/// `values` as a tensor of `dtype` holds them (f16: rounded to nearest).
-pub(super) fn round_to(dtype: DType, values: &mut [f32]) {
-    if dtype == DType::F16 {
-        for v in values {
-            *v = half::f16::from_f32(*v).to_f32();
-        }
-    }
+/// The values a tensor of `dtype` holds with `enc` applied to `base` (f16: rounded to nearest).
+pub(super) fn stored(dtype: DType, base: &[f32], enc: &Encoded) -> Vec<f32> {
+    let (mut out, mut bytes) = (Vec::new(), Vec::new());
+    crate::compress::stored_values(enc, dtype, base, &mut out, &mut bytes);
+    out
 }

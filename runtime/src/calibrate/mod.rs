@@ -44,10 +44,10 @@
 //! counts through [`crate::metrics`]). This file holds the public types.
 //!
 //! May depend on: `std`, `tract-onnx` and `prost` (running and reading the ONNX model),
-//! [`crate::codec`] (the encoders and output-aware rounding), [`crate::compose`] (the
-//! reconstruction a device runs), [`crate::format`] (the file size), [`crate::compress`] (pairing
-//! the base's and the fine-tune's tensors), [`crate::onnx`], [`crate::tract`], [`crate::apply`]
-//! (storing values in a dtype) and [`crate::metrics`].
+//! [`crate::codec`] (the encoders and output-aware rounding), [`crate::format`] (the file size),
+//! [`crate::compress`] (pairing the base's and the fine-tune's tensors, the values a device
+//! stores for an encoding, payload alignment), [`crate::knapsack`], [`crate::onnx`],
+//! [`crate::tract`] and [`crate::metrics`].
 
 use std::collections::BTreeMap;
 use std::fmt;

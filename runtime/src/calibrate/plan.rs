@@ -6,7 +6,7 @@ use std::string::{String, ToString};
 use std::sync::Arc;
 use std::vec::Vec;
 
-use super::evaluation::{reconstruct_encoded, round_to, Evaluator};
+use super::evaluation::{stored, Evaluator};
 use super::statistics::{layer_inputs, LayerInputs};
 use super::{
     CalibError, Choice, Images, Plan, Settings, Stage, MEASURE_ROUNDS, MIN_SIGN_CHANNEL,
@@ -57,9 +57,7 @@ pub(super) struct Tensor {
 impl Tensor {
     /// The values the tensor holds with candidate `c` (rounded to the tensor's dtype).
     fn values(&self, c: usize) -> Vec<f32> {
-        let mut v = reconstruct_encoded(&self.base, &self.candidates[c].encoded);
-        round_to(self.dtype, &mut v);
-        v
+        stored(self.dtype, &self.base, &self.candidates[c].encoded)
     }
 }
 
@@ -101,8 +99,7 @@ pub(super) fn corrected_bias(
     } else {
         codec::q8_groups(&b.base, &target, 1, true)
     };
-    let mut v = reconstruct_encoded(&b.base, &enc);
-    round_to(b.dtype, &mut v);
+    let v = stored(b.dtype, &b.base, &enc);
     Some((*j, enc, v))
 }
 
@@ -258,8 +255,7 @@ fn scored(
     let mut best: BTreeMap<String, Candidate> = BTreeMap::new();
     let mut order = Vec::new();
     for (label, encoded) in candidates(dims, base, fine, rounding.as_ref()) {
-        let mut v = reconstruct_encoded(base, &encoded);
-        round_to(dtype, &mut v);
+        let v = stored(dtype, base, &encoded);
         let e: Vec<f64> = v
             .iter()
             .zip(fine)

@@ -210,23 +210,37 @@ fn squared_error(
     out: &mut Vec<f32>,
     bytes: &mut Vec<u8>,
 ) -> f64 {
+    stored_values(enc, dtype, base, out, bytes);
+    out.iter()
+        .zip(fine)
+        .map(|(&r, &f)| {
+            let e = f64::from(r) - f64::from(f);
+            e * e
+        })
+        .sum()
+}
+
+/// The values a device stores for `enc` applied to `base` in a tensor of `dtype`, in `out`: the
+/// reconstruction of docs/FORMAT.md, rounded to nearest for f16 tensors. `bytes` holds the
+/// payload.
+pub(crate) fn stored_values(
+    enc: &Encoded,
+    dtype: DType,
+    base: &[f32],
+    out: &mut Vec<f32>,
+    bytes: &mut Vec<u8>,
+) {
     out.resize(base.len(), 0.0);
     let payload = enc
         .payload(base.len(), bytes)
         .expect("encoders produce payloads that fit their tensor");
     compose::reconstruct(Base::F32(base), &[(payload, 1.0)], out)
         .expect("encoders produce payloads that fit their tensor");
-    let stored = |v: f32| match dtype {
-        DType::F32 => v,
-        DType::F16 => half::f16::from_f32(v).to_f32(),
-    };
-    out.iter()
-        .zip(fine)
-        .map(|(&r, &f)| {
-            let e = f64::from(stored(r)) - f64::from(f);
-            e * e
-        })
-        .sum()
+    if dtype == DType::F16 {
+        for v in out.iter_mut() {
+            *v = half::f16::from_f32(*v).to_f32();
+        }
+    }
 }
 
 /// Measures `choices` of one tensor on `threads` threads (each taking every `threads`-th).

@@ -18,7 +18,7 @@ use crate::format::{
 use crate::onnx::{Initializer, OnnxWeights};
 
 mod budget;
-pub(crate) use budget::aligned;
+pub(crate) use budget::{aligned, stored_values};
 
 pub use budget::{
     candidates, BudgetPlan, Damage, Planned, Planner, BUDGET_PLANES, BUDGET_SPARSE_ENTRIES,
