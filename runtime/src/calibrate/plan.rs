@@ -491,8 +491,14 @@ pub fn plan(
         });
     };
 
-    // 1. Score: every candidate's layer error (on every core). The layers' input sums are
-    //    freed before the model is built for the whole-model evaluations.
+    // 1. Score: every candidate's layer error (on every core). Each layer's input sums are
+    //    freed as soon as its weight is scored (one weight per layer), so the sums of all
+    //    layers and the scoring's own matrices are not alive at once, and none is left when the
+    //    model is built for the whole-model evaluations.
+    let inputs: BTreeMap<String, std::sync::Mutex<Option<LayerInputs>>> = inputs
+        .into_iter()
+        .map(|(name, li)| (name, std::sync::Mutex::new(Some(li))))
+        .collect();
     progress(Stage::Score, 0, tensors.len());
     let scored_all = parallel(
         tensors.len(),
@@ -512,17 +518,11 @@ pub fn plan(
                 }];
             }
             let dims: Vec<u64> = t.dims.iter().map(|&d| u64::from(d)).collect();
-            let layer = inputs.get(&t.name);
-            let centered = layer
-                .filter(|_| t.bias.is_some())
-                .map(LayerInputs::centered);
-            scored(
-                &dims,
-                t.dtype,
-                &t.base,
-                &t.fine,
-                centered.as_ref().or(layer),
-            )
+            let layer = inputs
+                .get(&t.name)
+                .and_then(|m| m.lock().unwrap_or_else(|e| e.into_inner()).take());
+            let layer = layer.map(|li| if t.bias.is_some() { li.centered() } else { li });
+            scored(&dims, t.dtype, &t.base, &t.fine, layer.as_ref())
         },
         |d| progress(Stage::Score, d, tensors.len()),
     );
