@@ -3,7 +3,6 @@
 //! computes for one encoding.
 
 use std::sync::Arc;
-use std::vec;
 use std::vec::Vec;
 
 use super::{CalibError, Images};
@@ -18,11 +17,12 @@ const EVAL_VALUES: usize = 1 << 20;
 /// Largest evaluation batch.
 const EVAL_BATCH: usize = 64;
 
-/// The fine-tuned model with some tensors replaced, on one worker per thread: every worker
-/// holds the same weights ([`Tunable`], rewritten in place between evaluations) and runs its
-/// share of the images.
+/// The fine-tuned model with some tensors replaced, run on every thread: one model
+/// ([`Tunable`], its weights rewritten in place between evaluations), each thread running its
+/// share of the images through it.
 pub(super) struct Evaluator<'i> {
-    workers: Vec<Tunable>,
+    model: Tunable,
+    threads: usize,
     images: &'i Images,
     /// Images used while searching (the first ones).
     pub(super) search: usize,
@@ -47,8 +47,8 @@ fn model_error(e: impl std::fmt::Display) -> CalibError {
 }
 
 impl<'i> Evaluator<'i> {
-    /// Builds the fine-tuned model `fine` (weights `weights` with values `values`) on `threads`
-    /// workers, for batches of at most half the `search` images.
+    /// Builds the fine-tuned model `fine` (weights `weights` with values `values`), run on
+    /// `threads` threads, for batches of at most half the `search` images.
     pub(super) fn new(
         fine: &[u8],
         weights: Arc<OnnxWeights>,
@@ -63,7 +63,7 @@ impl<'i> Evaluator<'i> {
         let half = search.div_ceil(2);
         let most = (EVAL_VALUES / images.image_len().max(1)).clamp(1, EVAL_BATCH);
         let batch = half.div_ceil(half.div_ceil(most));
-        let first = Tunable::new(
+        let model = Tunable::new(
             fine,
             weights,
             values,
@@ -71,23 +71,9 @@ impl<'i> Evaluator<'i> {
             InputType::F32,
         )
         .map_err(model_error)?;
-        let others = std::thread::scope(|s| {
-            let handles: Vec<_> = (1..threads)
-                .map(|_| s.spawn(|| first.with_input_shape(first.input_shape())))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(tract_onnx::prelude::TractError::msg("panicked")))
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .map_err(model_error)?;
-        let mut workers = vec![first];
-        workers.extend(others);
         Ok(Self {
-            workers,
+            model,
+            threads,
             images,
             search,
             reference_search: Vec::new(),
@@ -98,38 +84,25 @@ impl<'i> Evaluator<'i> {
 
     /// The current values of weight `i`.
     pub(super) fn values(&self, i: usize) -> &[f32] {
-        self.workers[0].values(i)
+        self.model.values(i)
     }
 
-    /// Sets weights in every worker (until the next `set`).
+    /// Sets weights (until the next `set`).
     pub(super) fn set(&mut self, changes: &[(usize, &[f32])]) -> Result<(), CalibError> {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .workers
-                .iter_mut()
-                .map(|w| s.spawn(move || w.set(changes)))
-                .collect();
-            for h in handles {
-                h.join()
-                    .unwrap_or_else(|_| Err(tract_onnx::prelude::TractError::msg("panicked")))
-                    .map_err(model_error)?;
-            }
-            Ok(())
-        })
+        self.model.set(changes).map_err(model_error)
     }
 
     /// Log-softmax outputs of the first `n` images with the current weights.
     pub(super) fn logits(&mut self, n: usize) -> Result<Vec<Vec<f64>>, CalibError> {
         self.evaluations += 1;
         let image = self.images.image_len();
-        let share = n.div_ceil(self.workers.len());
+        let share = n.div_ceil(self.threads);
         let data = &self.images.data[..n * image];
+        let model = &self.model;
         let rows = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .workers
-                .iter()
-                .zip(data.chunks(share.max(1) * image))
-                .map(|(w, part)| s.spawn(move || run_share(w, part, image)))
+            let handles: Vec<_> = data
+                .chunks(share.max(1) * image)
+                .map(|part| s.spawn(move || run_share(model, part, image)))
                 .collect();
             let mut rows = Vec::with_capacity(n);
             for h in handles {
