@@ -249,9 +249,9 @@ if night:
     print("  several of them against the labels while its outputs move closer to the fine-tune's.")
 ev = [r["evaluations"] for r in rows if r.get("evaluations")]
 if ev:
-    print(f"- The calibrated search runs {min(ev)} to {max(ev)} whole-model evaluations (the model")
-    print("  built once per worker, its weights rewritten in place) after scoring every candidate")
-    print("  on its layer's output error; see `runtime/src/calibrate/mod.rs` for the stages.")
+    print(f"- The calibrated search runs {min(ev)} to {max(ev)} whole-model evaluations (one model")
+    print("  built once and shared by the threads, its weights rewritten in place) after scoring every")
+    print("  candidate on its layer's output error; see `runtime/src/calibrate/mod.rs` for the stages.")
 print()
 print("## DeltaSoup")
 print()

@@ -429,9 +429,9 @@ fn calibration_images(dir: &Path, card: &ModelCard) -> Result<Images> {
 /// `compress --calib`: plan the codecs on the calibration images, then write the delta.
 /// glibc gives every thread its own heap ("arena"), and the pages an arena frees stay with it:
 /// with the model's activations freed and reallocated on every worker, the field family's
-/// calibrated search peaked at 611-660 MB of RSS for 310 MB of live heap. One shared arena keeps
-/// the peak at 450 MiB for about 10 % more time (`docs/QUALITY.md`). Called before the search
-/// starts its threads.
+/// calibrated search peaked at 611-660 MB of RSS for 310 MB of live heap. One shared arena (with
+/// one model shared by the threads) keeps it at 434-489 MB on that family (`docs/QUALITY.md`).
+/// Called before the search starts its threads.
 #[allow(unsafe_code)]
 fn one_malloc_arena() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

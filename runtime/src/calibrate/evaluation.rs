@@ -106,10 +106,9 @@ impl<'i> Evaluator<'i> {
                 .collect();
             let mut rows = Vec::with_capacity(n);
             for h in handles {
-                rows.extend(
-                    h.join()
-                        .unwrap_or_else(|_| Err(CalibError::Model("a worker panicked".into())))?,
-                );
+                rows.extend(h.join().unwrap_or_else(|_| {
+                    Err(CalibError::Model("an evaluation thread panicked".into()))
+                })?);
             }
             Ok::<_, CalibError>(rows)
         })?;

@@ -33,9 +33,9 @@
 //! 6. **Confirm.** The planned model on all images: top-1 agreement with the fine-tune and the
 //!    divergence, reported as the expected agreement.
 //!
-//! Whole-model evaluations run on [`crate::tract::Tunable`]: the model is built once per worker
-//! and its weights are rewritten in place, so an evaluation costs one forward pass of the search
-//! images, shared among the threads. Encodings are the crate's codecs with their normal
+//! Whole-model evaluations run on [`crate::tract::Tunable`]: the model is built once, shared by
+//! the threads, and its weights are rewritten in place, so an evaluation costs one forward pass
+//! of the search images, split among the threads. Encodings are the crate's codecs with their normal
 //! encoders, so the plan's reconstructions are exactly what a device rebuilds.
 //!
 //! The module is split by stage: [`plan`](plan()) runs the search (candidates, the knapsack and
