@@ -426,7 +426,6 @@ fn calibration_images(dir: &Path, card: &ModelCard) -> Result<Images> {
     })
 }
 
-/// `compress --calib`: plan the codecs on the calibration images, then write the delta.
 /// glibc gives every thread its own heap ("arena"), and the pages an arena frees stay with it:
 /// with the model's activations freed and reallocated on every worker, the field family's
 /// calibrated search peaked at 611-660 MB of RSS for 310 MB of live heap. One shared arena (with
@@ -441,6 +440,7 @@ fn one_malloc_arena() {
     }
 }
 
+/// `compress --calib`: plan the codecs on the calibration images, then write the delta.
 fn calibrated(
     a: &Args,
     dir: &Path,

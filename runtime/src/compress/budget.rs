@@ -236,11 +236,7 @@ pub(crate) fn stored_values(
         .expect("encoders produce payloads that fit their tensor");
     compose::reconstruct(Base::F32(base), &[(payload, 1.0)], out)
         .expect("encoders produce payloads that fit their tensor");
-    if dtype == DType::F16 {
-        for v in out.iter_mut() {
-            *v = half::f16::from_f32(*v).to_f32();
-        }
-    }
+    dtype.round(out);
 }
 
 /// Measures `choices` of one tensor on `threads` threads (each taking every `threads`-th).

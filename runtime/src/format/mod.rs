@@ -113,6 +113,19 @@ impl DType {
             Self::F16 => "f16",
         }
     }
+    /// Rounds `values` to what a tensor of this dtype holds (f16: to nearest, ties to even),
+    /// with the CPU's half-float conversions where it has them.
+    pub fn round(self, values: &mut [f32]) {
+        if self == Self::F16 {
+            use half::slice::HalfFloatSliceExt;
+            let mut h = [half::f16::ZERO; 1024];
+            for chunk in values.chunks_mut(h.len()) {
+                let h = &mut h[..chunk.len()];
+                h.convert_from_f32_slice(chunk);
+                h.convert_to_f32_slice(chunk);
+            }
+        }
+    }
 }
 
 /// True when `name` is a valid variant name: 1..=64 characters of `[A-Za-z0-9._-]`, not `.` or `..`.

@@ -13,7 +13,6 @@ use std::vec::Vec;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::{ensure, format_err};
 
-use super::widen;
 use crate::apply::{self, base_view};
 use crate::compose;
 use crate::fingerprint::{Fingerprint, Fingerprinter};
@@ -53,9 +52,7 @@ pub(super) fn reconstruct_at(
     let init = &weights.initializers[i];
     compose::reconstruct_at(base_view(base, init), payloads, first, out)
         .map_err(|e| format_err!("{e}"))?;
-    if init.dtype == DType::F16 {
-        widen::round_f16_slice(out);
-    }
+    init.dtype.round(out);
     Ok(())
 }
 
@@ -106,10 +103,7 @@ pub(super) fn stored_chunks(
     mut f: impl FnMut(usize, &[u8]),
 ) -> TractResult<()> {
     let n = weights.initializers[i].numel() as usize;
-    let width = match dtype {
-        DType::F32 => 4,
-        DType::F16 => 2,
-    };
+    let width = dtype.size();
     let mut at = 0;
     while at < n {
         let len = CHUNK.min(n - at);

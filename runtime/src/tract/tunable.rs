@@ -108,23 +108,6 @@ impl Tunable {
         Ok(t)
     }
 
-    /// Another model of the same weights for `input_shape` (e.g. another batch size), built
-    /// from this one's current values.
-    pub fn with_input_shape(&self, input_shape: &[usize]) -> TractResult<Self> {
-        let mut t = Self {
-            weights: self.weights.clone(),
-            stripped: self.stripped.clone(),
-            values: Arc::new((*self.values).clone()),
-            input_shape: input_shape.to_vec(),
-            input_type: self.input_type,
-            classifier: None,
-            sites: Sites::default(),
-            rebuilds: 0,
-        };
-        t.build()?;
-        Ok(t)
-    }
-
     /// The input shape the model was built for.
     pub fn input_shape(&self) -> &[usize] {
         &self.input_shape
@@ -226,9 +209,7 @@ impl Tunable {
                 v.len()
             );
             values[i].copy_from_slice(v);
-            if w.dtype == DType::F16 {
-                widen::round_f16_slice(&mut values[i]);
-            }
+            w.dtype.round(&mut values[i]);
             set.insert(i);
         }
         if set.is_empty() {

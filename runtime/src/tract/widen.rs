@@ -52,17 +52,6 @@ pub(crate) fn round_f16(v: f32) -> f32 {
     f16::from_f32(v).to_f32()
 }
 
-/// [`round_f16`] on every value, with the CPU's half-float conversions where it has them.
-pub(crate) fn round_f16_slice(values: &mut [f32]) {
-    use half::slice::HalfFloatSliceExt;
-    let mut h = [f16::ZERO; 1024];
-    for chunk in values.chunks_mut(h.len()) {
-        let h = &mut h[..chunk.len()];
-        h.convert_from_f32_slice(chunk);
-        h.convert_to_f32_slice(chunk);
-    }
-}
-
 fn elem_type(v: &ValueInfoProto) -> Option<i32> {
     match v.r#type.as_ref()?.value.as_ref()? {
         type_proto::Value::TensorType(t) => Some(t.elem_type),
