@@ -2,6 +2,7 @@
 //! divergence from the fine-tune's and the top-1 agreement, and the reconstruction a device
 //! computes for one encoding.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::vec::Vec;
 
@@ -9,7 +10,7 @@ use super::{CalibError, Images};
 use crate::format::{DType, Encoded};
 use crate::metrics::Top1;
 use crate::onnx::OnnxWeights;
-use crate::tract::{InputType, Tunable};
+use crate::tract::{Cut, InputType, Tunable};
 
 /// Input values per model run: the evaluation batch is this over the image size.
 const EVAL_VALUES: usize = 1 << 20;
@@ -29,6 +30,8 @@ pub(super) struct Evaluator<'i> {
     pub(super) reference_search: Vec<Vec<f64>>,
     pub(super) reference_all: Vec<Vec<f64>>,
     pub(super) evaluations: usize,
+    /// A run of each batch of the search images part way, with the current weights.
+    cut: Option<Vec<Cut>>,
 }
 
 fn log_softmax(row: &[f32]) -> Vec<f64> {
@@ -79,6 +82,7 @@ impl<'i> Evaluator<'i> {
             reference_search: Vec::new(),
             reference_all: Vec::new(),
             evaluations: 0,
+            cut: None,
         })
     }
 
@@ -89,48 +93,155 @@ impl<'i> Evaluator<'i> {
 
     /// Sets weights (until the next `set`).
     pub(super) fn set(&mut self, changes: &[(usize, &[f32])]) -> Result<(), CalibError> {
+        self.cut = None;
         self.model.set(changes).map_err(model_error)
     }
 
     /// Log-softmax outputs of the first `n` images with the current weights.
     pub(super) fn logits(&mut self, n: usize) -> Result<Vec<Vec<f64>>, CalibError> {
         self.evaluations += 1;
+        let rows = self.per_batch(n, vec![(); self.batches(n).len()], |model, input, ()| {
+            model.run(input).map_err(model_error)
+        })?;
+        self.rows(n, rows)
+    }
+
+    /// The image ranges of the batches the first `n` images run in: each thread's share of the
+    /// images (in order), cut into batches of the model's batch size.
+    fn batches(&self, n: usize) -> Vec<(usize, Range<usize>)> {
+        let batch = self.model.input_shape()[0];
+        let share = n.div_ceil(self.threads).max(1);
+        (0..n)
+            .step_by(share)
+            .enumerate()
+            .flat_map(|(t, first)| {
+                let end = (first + share).min(n);
+                (first..end)
+                    .step_by(batch)
+                    .map(move |b| (t, b..(b + batch).min(end)))
+            })
+            .collect()
+    }
+
+    /// `f(model, input, item)` for each batch of the first `n` images and its item of `items`
+    /// (one per batch), each thread running its share's batches in order; the results in batch
+    /// order. The input of a short last batch is padded with zeros.
+    fn per_batch<I: Send, T: Send>(
+        &self,
+        n: usize,
+        items: Vec<I>,
+        f: impl Fn(&Tunable, &[f32], I) -> Result<T, CalibError> + Sync,
+    ) -> Result<Vec<T>, CalibError> {
+        let batches = self.batches(n);
         let image = self.images.image_len();
-        let share = n.div_ceil(self.threads);
-        let data = &self.images.data[..n * image];
-        let model = &self.model;
-        let rows = std::thread::scope(|s| {
-            let handles: Vec<_> = data
-                .chunks(share.max(1) * image)
-                .map(|part| s.spawn(move || run_share(model, part, image)))
+        let batch = self.model.input_shape()[0];
+        let mut shares: Vec<Vec<(Range<usize>, I)>> = Vec::new();
+        for ((t, range), item) in batches.into_iter().zip(items) {
+            if shares.len() <= t {
+                shares.push(Vec::new());
+            }
+            shares[t].push((range, item));
+        }
+        let (model, data, f) = (&self.model, &self.images.data, &f);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = shares
+                .into_iter()
+                .map(|share| {
+                    s.spawn(move || {
+                        let mut padded = Vec::new();
+                        share
+                            .into_iter()
+                            .map(|(range, item)| {
+                                let chunk = &data[range.start * image..range.end * image];
+                                let input = if range.len() == batch {
+                                    chunk
+                                } else {
+                                    padded.clear();
+                                    padded.extend_from_slice(chunk);
+                                    padded.resize(batch * image, 0.0);
+                                    &padded[..]
+                                };
+                                f(model, input, item)
+                            })
+                            .collect::<Result<Vec<T>, CalibError>>()
+                    })
+                })
                 .collect();
-            let mut rows = Vec::with_capacity(n);
+            let mut out = Vec::new();
             for h in handles {
-                rows.extend(h.join().unwrap_or_else(|_| {
+                out.extend(h.join().unwrap_or_else(|_| {
                     Err(CalibError::Model("an evaluation thread panicked".into()))
                 })?);
             }
-            Ok::<_, CalibError>(rows)
-        })?;
+            Ok(out)
+        })
+    }
+
+    /// The log-softmax rows of the first `n` images from the flat outputs of their batches.
+    fn rows(&self, n: usize, outputs: Vec<Vec<f32>>) -> Result<Vec<Vec<f64>>, CalibError> {
+        let batch = self.model.input_shape()[0];
+        let mut rows = Vec::with_capacity(n);
+        for ((_, range), out) in self.batches(n).into_iter().zip(outputs) {
+            if out.is_empty() || out.len() % batch != 0 {
+                return Err(CalibError::Model(format!(
+                    "expected {batch} output rows, found {} values",
+                    out.len()
+                )));
+            }
+            rows.extend(
+                out.chunks(out.len() / batch)
+                    .take(range.len())
+                    .map(log_softmax),
+            );
+        }
         Ok(rows)
     }
 
     /// (mean KL(reference || model), top-1 agreement) on the search images (`all`: on every
     /// image) with the weights `changes` set for this evaluation only.
+    ///
+    /// On the search images, only the steps of the model that read the changed weights or
+    /// follow them run: the steps before come from a [`Cut`] of the search images kept between
+    /// evaluations and advanced with the weights as they are. Evaluations in order of their
+    /// first changed step ([`Evaluator::first_step`]) advance one cut through the model once.
     pub(super) fn measure(
         &mut self,
         changes: &[(usize, &[f32])],
         all: bool,
     ) -> Result<(f64, f64), CalibError> {
+        let weights: Vec<usize> = changes.iter().map(|c| c.0).collect();
+        let from = if all {
+            None
+        } else {
+            self.model.first_step(&weights)
+        };
         let saved: Vec<(usize, Vec<f32>)> = changes
             .iter()
             .map(|&(i, _)| (i, self.values(i).to_vec()))
             .collect();
-        self.set(changes)?;
         let n = if all { self.images.count } else { self.search };
-        let got = self.logits(n);
+        let cuts = match from {
+            Some(to) => Some(self.cut_at(to)?),
+            None => None,
+        };
+        let rebuilds = self.model.rebuilds();
+        self.model.set(changes).map_err(model_error)?;
+        let got = match &cuts {
+            // A rebuild may have changed the plan the cuts belong to.
+            Some(cuts) if self.model.rebuilds() == rebuilds => {
+                self.evaluations += 1;
+                self.per_batch(n, cuts.iter().collect(), |model, _, cut| {
+                    model.finish(cut).map_err(model_error)
+                })
+                .and_then(|out| self.rows(n, out))
+            }
+            _ => self.logits(n),
+        };
         let back: Vec<(usize, &[f32])> = saved.iter().map(|(i, v)| (*i, &v[..])).collect();
-        self.set(&back)?;
+        self.model.set(&back).map_err(model_error)?;
+        if self.model.rebuilds() == rebuilds {
+            self.cut = cuts;
+        }
         let got = got?;
         let reference = if all {
             &self.reference_all
@@ -150,34 +261,30 @@ impl<'i> Evaluator<'i> {
         }
         Ok((kl.max(0.0) / n as f64, agree.accuracy()))
     }
-}
 
-/// Runs `part` (whole images) through `w` batch by batch; the last batch is padded with zeros
-/// and only its real rows are kept.
-fn run_share(w: &Tunable, part: &[f32], image: usize) -> Result<Vec<Vec<f64>>, CalibError> {
-    let batch = w.input_shape()[0];
-    let mut rows = Vec::with_capacity(part.len() / image);
-    let mut padded = Vec::new();
-    for chunk in part.chunks(batch * image) {
-        let n = chunk.len() / image;
-        let input = if n == batch {
-            chunk
-        } else {
-            padded.clear();
-            padded.extend_from_slice(chunk);
-            padded.resize(batch * image, 0.0);
-            &padded[..]
-        };
-        let out = w.run(input).map_err(model_error)?;
-        if out.is_empty() || out.len() % batch != 0 {
-            return Err(CalibError::Model(format!(
-                "expected {batch} output rows, found {} values",
-                out.len()
-            )));
-        }
-        rows.extend(out.chunks(out.len() / batch).take(n).map(log_softmax));
+    /// The first step of the model that reads any of the weights `weights` or follows one
+    /// (`usize::MAX` when not known): the order in which evaluations share one cut.
+    pub(super) fn first_step(&self, weights: &[usize]) -> usize {
+        self.model.first_step(weights).unwrap_or(usize::MAX)
     }
-    Ok(rows)
+
+    /// The kept cut of the search images, advanced to step `to` with the current weights (from
+    /// a new run when the kept one is past `to`).
+    fn cut_at(&mut self, to: usize) -> Result<Vec<Cut>, CalibError> {
+        let n = self.search;
+        let cuts = match self.cut.take() {
+            Some(c) if c.iter().all(|c| c.step() <= to) => c,
+            _ => {
+                let empty = (0..self.batches(n).len()).map(|_| ()).collect();
+                self.per_batch(n, empty, |model, input, ()| {
+                    model.start(input).map_err(model_error)
+                })?
+            }
+        };
+        self.per_batch(n, cuts, |model, _, cut| {
+            model.advance(cut, to).map_err(model_error)
+        })
+    }
 }
 
 /// The reconstruction of `enc` applied to `base` (the path a device uses), as f32 values.

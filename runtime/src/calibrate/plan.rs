@@ -563,8 +563,20 @@ pub fn plan(
         .count();
     let steps = measured;
     progress(Stage::Sensitivity, 0, steps);
+    // Tensors in the order the model reads them, so that the evaluations share one cut.
+    let first_step: Vec<usize> = (0..tensors.len())
+        .map(|i| {
+            let weights: Vec<usize> = at_values(&tensors, i, tensors[i].fine.clone())
+                .iter()
+                .map(|c| c.0)
+                .collect();
+            ev.first_step(&weights)
+        })
+        .collect();
+    let mut in_model_order: Vec<usize> = (0..tensors.len()).collect();
+    in_model_order.sort_by_key(|&i| first_step[i]);
     let mut done = 0;
-    for i in 0..tensors.len() {
+    for &i in &in_model_order {
         if tensors[i].fine == tensors[i].base || tensors[i].corrects.is_some() {
             continue;
         }
@@ -609,6 +621,7 @@ pub fn plan(
         if todo.is_empty() {
             break;
         }
+        todo.sort_by_key(|&(i, _)| first_step[i]);
         for &(i, c) in &todo {
             measure_candidate(&mut ev, &mut tensors, i, c)?;
             done += 1;

@@ -184,6 +184,12 @@ impl Classifier {
     /// Runs one input (as many values as the input shape holds, converted to the model's input
     /// type) and returns the flat output as f32.
     pub fn run(&self, input: &[f32]) -> TractResult<Vec<f32>> {
+        let out = self.plan.run(tvec!(self.input_value(input)?))?;
+        self.output_values(&out)
+    }
+
+    /// `input` as the model's input value.
+    fn input_value(&self, input: &[f32]) -> TractResult<TValue> {
         let t = match self.input_type {
             InputType::F32 => Tensor::from_shape(&self.input_shape, input)?,
             InputType::F16 => {
@@ -191,7 +197,11 @@ impl Classifier {
                 Tensor::from_shape(&self.input_shape, &rounded)?
             }
         };
-        let out = self.plan.run(tvec!(t.into()))?;
+        Ok(t.into())
+    }
+
+    /// The model's first output of a run, flat, as f32.
+    fn output_values(&self, out: &[TValue]) -> TractResult<Vec<f32>> {
         let out = out
             .first()
             .ok_or_else(|| TractError::msg("model has no output"))?;
@@ -736,7 +746,7 @@ enum Built {
 }
 
 pub use crate::card::{argmax, softmax};
-pub use tunable::Tunable;
+pub use tunable::{Cut, Tunable};
 
 /// [`crate::apply::check_result`] as a tract error.
 fn check_result(files: &[(DeltaFile<'_>, f32)], fp: Fingerprint) -> TractResult<()> {

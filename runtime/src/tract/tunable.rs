@@ -9,8 +9,14 @@
 //! and re-makes the execution plan around the same optimized model. A weight without a site
 //! (none on the families and zoo models this was measured on) makes `set` build the model
 //! again from the current values.
+//!
+//! A run can also be kept part way ([`Cut`]): the values that the rest of the execution plan
+//! reads of the steps already run. An evaluation that changes only weights read from some step
+//! on ([`Tunable::first_step`]) then runs only the steps from there ([`Tunable::finish`]), from
+//! a cut advanced to that step with the weights as they were ([`Tunable::advance`]). Every step
+//! computes what a whole run computes, so the outputs are the same bits.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::vec::Vec;
 
@@ -18,6 +24,7 @@ use prost::Message;
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::{ensure, format_err};
+use tract_onnx::tract_core::ops::konst::Const;
 
 use super::inplace::{self, Sites};
 use super::rebuild::decoy;
@@ -38,6 +45,47 @@ pub struct Tunable {
     classifier: Option<Classifier>,
     sites: Sites,
     rebuilds: usize,
+}
+
+/// A run of one input stopped before one step of the execution plan: the values of the steps
+/// before it (the input's included) that the steps from it on read. Valid while the weights read
+/// before the step keep their values.
+pub struct Cut {
+    step: usize,
+    values: Vec<(usize, TVec<TValue>)>,
+}
+
+impl Cut {
+    /// The first step not run yet.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+}
+
+/// The execution order of a plan: `step[node]` (`None`: not run, e.g. a constant) and the last
+/// step that reads each node's outputs (`usize::MAX` for the model's outputs).
+struct Schedule {
+    step: Vec<Option<usize>>,
+    last_use: Vec<usize>,
+}
+
+impl Schedule {
+    fn of(model: &TypedModel, order: &[usize]) -> TractResult<Self> {
+        let n = model.nodes().len();
+        let mut step = vec![None; n];
+        let mut last_use = vec![0; n];
+        for (s, &node) in order.iter().enumerate() {
+            step[node] = Some(s);
+            last_use[node] = last_use[node].max(s);
+            for i in &model.node(node).inputs {
+                last_use[i.node] = last_use[i.node].max(s);
+            }
+        }
+        for o in model.output_outlets()? {
+            last_use[o.node] = usize::MAX;
+        }
+        Ok(Self { step, last_use })
+    }
 }
 
 /// Every weight from memory; the decoys' values instead of theirs.
@@ -255,9 +303,131 @@ impl Tunable {
 
     /// Runs one input of the model's input shape; the flat output as f32.
     pub fn run(&self, input: &[f32]) -> TractResult<Vec<f32>> {
+        self.classifier()?.run(input)
+    }
+
+    fn classifier(&self) -> TractResult<&Classifier> {
         self.classifier
             .as_ref()
-            .ok_or_else(|| format_err!("the model was not built"))?
-            .run(input)
+            .ok_or_else(|| format_err!("the model was not built"))
+    }
+
+    /// The first step of the execution plan whose result depends on any of the weights
+    /// `weights`: a cut at that step or before stays valid when they change. `None` when one of
+    /// them has no site (setting it builds the model again).
+    pub fn first_step(&self, weights: &[usize]) -> Option<usize> {
+        let clf = self.classifier.as_ref()?;
+        let model = &*clf.model;
+        let order = clf.plan.order_without_consts();
+        let mut seen = vec![false; model.nodes().len()];
+        let mut todo = VecDeque::new();
+        for &i in weights {
+            for site in self.sites.get(i)? {
+                todo.push_back(site.node());
+            }
+        }
+        let mut step: Vec<Option<usize>> = vec![None; seen.len()];
+        for (s, &node) in order.iter().enumerate() {
+            step[node] = Some(s);
+        }
+        let mut first = order.len();
+        while let Some(node) = todo.pop_front() {
+            if std::mem::replace(&mut seen[node], true) {
+                continue;
+            }
+            if let Some(s) = step[node] {
+                first = first.min(s);
+            }
+            for o in &model.node(node).outputs {
+                todo.extend(o.successors.iter().map(|i| i.node));
+            }
+        }
+        Some(first)
+    }
+
+    /// A run of `input` (of the model's input shape) before its first step.
+    pub fn start(&self, input: &[f32]) -> TractResult<Cut> {
+        let clf = self.classifier()?;
+        let source = clf.model.input_outlets()?[0].node;
+        Ok(Cut {
+            step: 0,
+            values: vec![(source, tvec!(clf.input_value(input)?))],
+        })
+    }
+
+    /// Runs `cut` on with the current weights, to just before step `to`.
+    pub fn advance(&self, cut: Cut, to: usize) -> TractResult<Cut> {
+        let clf = self.classifier()?;
+        let schedule = Schedule::of(&clf.model, clf.plan.order_without_consts())?;
+        let mut state = self.steps(clf, &schedule, cut, to)?;
+        let values = state
+            .turn_state
+            .values
+            .iter_mut()
+            .enumerate()
+            .filter(|&(node, _)| schedule.step[node].is_some_and(|s| s < to))
+            .filter_map(|(node, v)| Some((node, v.take()?)))
+            .collect();
+        Ok(Cut { step: to, values })
+    }
+
+    /// Runs the rest of the plan from `cut` with the current weights; the flat output as f32.
+    /// (The steps that take over a value of the cut to change it work on a copy.)
+    pub fn finish(&self, cut: &Cut) -> TractResult<Vec<f32>> {
+        let clf = self.classifier()?;
+        let order = clf.plan.order_without_consts();
+        let schedule = Schedule::of(&clf.model, order)?;
+        let copy = Cut {
+            step: cut.step,
+            values: cut.values.clone(),
+        };
+        let mut state = self.steps(clf, &schedule, copy, order.len())?;
+        clf.output_values(&state.outputs()?)
+    }
+
+    /// A state holding the model's constants and `cut`'s values, run from its step to just
+    /// before `to`. As in a whole run, each value is dropped before the last step that reads it
+    /// runs, so that the step may take it over instead of copying it.
+    fn steps(
+        &self,
+        clf: &Classifier,
+        schedule: &Schedule,
+        cut: Cut,
+        to: usize,
+    ) -> TractResult<TypedSimpleState> {
+        let order = clf.plan.order_without_consts();
+        ensure!(
+            cut.step <= to && to <= order.len(),
+            "cannot run from step {} to step {to} of {}",
+            cut.step,
+            order.len()
+        );
+        let model = &*clf.model;
+        let mut state = clf.plan.spawn()?;
+        let values = &mut state.turn_state.values;
+        *values = model
+            .nodes()
+            .iter()
+            .map(|n| {
+                n.op_as::<Const>()
+                    .map(|k| tvec!(k.val().clone().into_tvalue()))
+            })
+            .collect();
+        for (node, v) in cut.values {
+            values[node] = Some(v);
+        }
+        for (s, &node) in order.iter().enumerate().take(to).skip(cut.step) {
+            let inputs = state.prepare_inputs(node)?;
+            for i in &model.node(node).inputs {
+                if schedule.last_use[i.node] == s && schedule.step[i.node].is_some() {
+                    state.turn_state.values[i.node] = None;
+                }
+            }
+            state.compute_one_with_inputs(node, inputs)?;
+            if schedule.last_use[node] == s {
+                state.turn_state.values[node] = None;
+            }
+        }
+        Ok(state)
     }
 }
