@@ -91,10 +91,25 @@ impl<'i> Evaluator<'i> {
         self.model.values(i)
     }
 
-    /// Sets weights (until the next `set`).
+    /// Sets weights (until the next `set`). The kept cut stays when no step before it reads
+    /// them.
     pub(super) fn set(&mut self, changes: &[(usize, &[f32])]) -> Result<(), CalibError> {
-        self.cut = None;
-        self.model.set(changes).map_err(model_error)
+        let weights: Vec<usize> = changes.iter().map(|c| c.0).collect();
+        let first = self.model.first_step(&weights);
+        if !first.is_some_and(|p| self.cut_step().is_some_and(|s| s <= p)) {
+            self.cut = None;
+        }
+        let rebuilds = self.model.rebuilds();
+        self.model.set(changes).map_err(model_error)?;
+        if self.model.rebuilds() != rebuilds {
+            self.cut = None;
+        }
+        Ok(())
+    }
+
+    /// The step of the kept cut.
+    fn cut_step(&self) -> Option<usize> {
+        self.cut.as_ref()?.iter().map(Cut::step).max()
     }
 
     /// Log-softmax outputs of the first `n` images with the current weights.

@@ -672,7 +672,7 @@ pub fn plan(
     let (mut chosen, lambda) = greedy(&tensors, budget);
 
     // 6. Refine in context: the model holds the plan; the tensors with the largest predicted
-    //    divergence try their neighbours on the hull.
+    //    divergence try their neighbours on the hull, in model order.
     ev.set(&borrowed(&plan_changes(&tensors, &chosen)))?;
     let mut order: Vec<usize> = (0..tensors.len())
         .filter(|&i| tensors[i].hull.len() > 1)
@@ -683,6 +683,8 @@ pub fn plan(
         db.total_cmp(&da)
     });
     order.truncate(settings.refine_tensors);
+    // In the order the model reads them: a change kept leaves the cut of the next ones valid.
+    order.sort_by_key(|&i| first_step[i]);
     let lambda = lambda.max(0.0);
     let rounds = settings.refine_rounds;
     let per_round: usize = order.len() * 2;
