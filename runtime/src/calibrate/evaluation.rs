@@ -96,7 +96,8 @@ impl<'i> Evaluator<'i> {
     pub(super) fn set(&mut self, changes: &[(usize, &[f32])]) -> Result<(), CalibError> {
         let weights: Vec<usize> = changes.iter().map(|c| c.0).collect();
         let first = self.model.first_step(&weights);
-        if !first.is_some_and(|p| self.cut_step().is_some_and(|s| s <= p)) {
+        let keep = matches!((first, self.cut_step()), (Some(p), Some(s)) if s <= p);
+        if !keep {
             self.cut = None;
         }
         let rebuilds = self.model.rebuilds();

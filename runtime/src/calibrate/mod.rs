@@ -28,15 +28,19 @@
 //!    cheapest encoding of every tensor, take the upgrade with the largest divergence reduction
 //!    per byte (on each tensor's lower convex hull) while the whole file fits the budget.
 //! 5. **Refine.** Divergences do not add up exactly, so the tensors with the largest predicted
-//!    divergence revisit their neighbours on the hull with every other tensor at its planned
-//!    encoding, minimising divergence + lambda * bytes within the budget.
+//!    divergence revisit their neighbours on the hull (in model order) with every other tensor
+//!    at its planned encoding, minimising divergence + lambda * bytes within the budget.
 //! 6. **Confirm.** The planned model on all images: top-1 agreement with the fine-tune and the
 //!    divergence, reported as the expected agreement.
 //!
 //! Whole-model evaluations run on [`crate::tract::Tunable`]: the model is built once, shared by
-//! the threads, and its weights are rewritten in place, so an evaluation costs one forward pass
-//! of the search images, split among the threads. Encodings are the crate's codecs with their normal
-//! encoders, so the plan's reconstructions are exactly what a device rebuilds.
+//! the threads, and its weights are rewritten in place. On the search images an evaluation runs
+//! only the steps of the model from the first one that reads a changed weight: the steps before
+//! come from a [`crate::tract::Cut`] of the search images kept between evaluations. Sensitivity,
+//! measurement and refinement go through the tensors in model order, so one cut advances
+//! through the model once per stage, and an evaluation costs the part of a forward pass after
+//! its tensor. The outputs are the same bits as a whole run's. Encodings are the crate's codecs
+//! with their normal encoders, so the plan's reconstructions are exactly what a device rebuilds.
 //!
 //! The module is split by stage: [`plan`](plan()) runs the search (candidates, the knapsack and
 //! the refinement; `plan.rs`), `statistics.rs` measures the layers' inputs for output-aware

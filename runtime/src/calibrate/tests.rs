@@ -1,6 +1,6 @@
 //! Unit tests of the calibration search.
 
-use super::evaluation::reconstruct_encoded;
+use super::evaluation::{reconstruct_encoded, Evaluator};
 use super::plan::{corrected_bias, greedy, lower_hull, Candidate, Tensor};
 use super::statistics::{
     add_patches, add_patches_fast, layer_inputs, mirror, weight_uses, ConvShape, LayerInputs, Sums,
@@ -357,4 +357,62 @@ fn corrected_bias_cancels_the_mean_output_error() {
     ];
     let (_, enc, _) = corrected_bias(&same, 0, &same[0].fine).unwrap();
     assert_eq!(enc, Encoded::Unchanged);
+}
+
+#[test]
+fn an_evaluation_from_a_cut_equals_a_whole_run() {
+    // The search images are all the images, so each evaluation is made twice: from the kept
+    // cut (on the search images) and by whole runs (on every image). Weights in and out of
+    // model order, a kept change in between, batches of 2 threads with a padded last batch.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/species/");
+    let fine = std::fs::read(format!("{dir}night.onnx")).unwrap();
+    let base = std::fs::read(format!("{dir}species-base.onnx")).unwrap();
+    let w = OnnxWeights::scan(&fine).unwrap();
+    let values = |b: &[u8]| -> Vec<Vec<f32>> {
+        w.initializers
+            .iter()
+            .map(|i| bytemuck::pod_collect_to_vec(&b[i.data.clone()]))
+            .collect()
+    };
+    let (bv, fv) = (values(&base), values(&fine));
+    let images = Images {
+        data: (0..11 * 3 * 32 * 32)
+            .map(|i| ((i % 89) as f32 - 44.0) / 25.0)
+            .collect(),
+        count: 11,
+        shape: [3, 32, 32],
+    };
+    let mut ev = Evaluator::new(
+        &fine,
+        std::sync::Arc::new(w.clone()),
+        fv.clone(),
+        &images,
+        images.count,
+        2,
+    )
+    .unwrap();
+    ev.reference_all = ev.logits(images.count).unwrap();
+    ev.reference_search = ev.reference_all.clone();
+    let n = w.initializers.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| ev.first_step(&[i]));
+    let picks = [order[1], order[n / 2], order[n - 1], order[3], order[n / 3]];
+    let mut moved = 0;
+    for (k, &i) in picks.iter().enumerate() {
+        let change = [(i, &bv[i][..])];
+        let from_cut = ev.measure(&change, false).unwrap();
+        let whole = ev.measure(&change, true).unwrap();
+        assert_eq!(from_cut, whole, "weight {i}");
+        moved += usize::from(from_cut.0 > 0.0);
+        if k == 2 {
+            // Kept: later evaluations see it.
+            ev.set(&[(order[n / 2 + 1], &bv[order[n / 2 + 1]][..])])
+                .unwrap();
+        }
+    }
+    assert!(moved >= 3, "only {moved} of the changes moved the outputs");
+    assert_eq!(
+        ev.measure(&[], false).unwrap(),
+        ev.measure(&[], true).unwrap()
+    );
 }

@@ -435,3 +435,42 @@ fn a_tunable_model_answers_as_tract_on_the_model_with_those_weights() {
     assert!(t.set(&[(0, &short)]).is_err());
     check(&t, &bytes);
 }
+
+#[test]
+fn a_cut_run_answers_as_tract_on_the_model_with_those_weights() {
+    // One cut advanced through the model in the order the model reads the weights; at each
+    // weight's first step, the weight is set to the base's values and the rest of the model run
+    // from the cut: the answer is tract's on an ONNX file holding those values, bit for bit.
+    let (base, night) = (model("species-base"), model("night"));
+    let w = Arc::new(OnnxWeights::scan(&night).unwrap());
+    let (bv, nv) = (values_of(&base, &w), values_of(&night, &w));
+    let shape = [3, 3, 32, 32];
+    let mut t = Tunable::new(&night, w.clone(), nv.clone(), &shape, InputType::F32).unwrap();
+    let x: Vec<f32> = inputs().concat();
+    let n = w.initializers.len();
+    let mut picked: Vec<(usize, usize)> = (0..n)
+        .step_by(7)
+        .chain([n - 1])
+        .map(|i| (t.first_step(&[i]).expect("every weight has a site"), i))
+        .collect();
+    picked.sort();
+    let (first, last) = (picked[0].0, picked[picked.len() - 1].0);
+    assert!(first < last, "weights read at steps {first} and {last}");
+    let mut cut = t.start(&x).unwrap();
+    for (step, i) in picked {
+        cut = t.advance(cut, step).unwrap();
+        assert_eq!(cut.step(), step);
+        t.set(&[(i, &bv[i])]).unwrap();
+        let mut bytes = night.clone();
+        bytes[w.initializers[i].data.clone()].copy_from_slice(bytemuck::cast_slice(&bv[i]));
+        let want = Classifier::from_onnx_bytes(&bytes, &shape)
+            .unwrap()
+            .run(&x)
+            .unwrap();
+        assert_eq!(t.finish(&cut).unwrap(), want, "weight {i} from step {step}");
+        t.set(&[(i, &nv[i])]).unwrap();
+    }
+    // A cut cannot run backwards.
+    assert!(t.advance(cut, first).is_err());
+    assert_eq!(t.rebuilds(), 0);
+}
