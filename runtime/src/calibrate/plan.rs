@@ -566,11 +566,14 @@ pub fn plan(
     // Tensors in the order the model reads them, so that the evaluations share one cut.
     let first_step: Vec<usize> = (0..tensors.len())
         .map(|i| {
-            let weights: Vec<usize> = at_values(&tensors, i, tensors[i].fine.clone())
-                .iter()
-                .map(|c| c.0)
-                .collect();
-            ev.first_step(&weights)
+            let t = &tensors[i];
+            let bias = t.bias.as_ref().map(|(j, _)| tensors[*j].index);
+            ev.first_step(
+                &[Some(t.index), bias]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>(),
+            )
         })
         .collect();
     let mut in_model_order: Vec<usize> = (0..tensors.len()).collect();

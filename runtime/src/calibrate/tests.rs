@@ -147,6 +147,17 @@ fn patches_give_the_output_error_of_a_convolution() {
     }
 }
 
+/// `count` made-up images of the species model's input shape.
+fn species_images(count: usize) -> Images {
+    Images {
+        data: (0..count * 3 * 32 * 32)
+            .map(|i| ((i % 97) as f32 - 48.0) / 30.0)
+            .collect(),
+        count,
+        shape: [3, 32, 32],
+    }
+}
+
 #[test]
 fn every_weight_of_the_species_model_gets_its_inputs() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/species/night.onnx");
@@ -176,13 +187,7 @@ fn every_weight_of_the_species_model_gets_its_inputs() {
         }
     }
     // The probe model exposes them, and gives an output-aware rounding for every one.
-    let images = Images {
-        data: (0..3 * 3 * 32 * 32)
-            .map(|i| ((i % 97) as f32 - 48.0) / 30.0)
-            .collect(),
-        count: 3,
-        shape: [3, 32, 32],
-    };
+    let images = species_images(3);
     let mut steps = Vec::new();
     let r = layer_inputs(&bytes, &w, &images, 2, |done, total| {
         steps.push((done, total));
@@ -375,13 +380,7 @@ fn an_evaluation_from_a_cut_equals_a_whole_run() {
             .collect()
     };
     let (bv, fv) = (values(&base), values(&fine));
-    let images = Images {
-        data: (0..11 * 3 * 32 * 32)
-            .map(|i| ((i % 89) as f32 - 44.0) / 25.0)
-            .collect(),
-        count: 11,
-        shape: [3, 32, 32],
-    };
+    let images = species_images(11);
     let mut ev = Evaluator::new(
         &fine,
         std::sync::Arc::new(w.clone()),

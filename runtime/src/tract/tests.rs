@@ -392,17 +392,51 @@ fn values_of(onnx: &[u8], w: &OnnxWeights) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// The night model as a [`Tunable`] of batch 3 with its weights, and the base's.
+struct Night {
+    night: Vec<u8>,
+    w: Arc<OnnxWeights>,
+    /// The base's and night's values of every weight.
+    bv: Vec<Vec<f32>>,
+    nv: Vec<Vec<f32>>,
+    shape: [usize; 4],
+    t: Tunable,
+    /// One input batch.
+    x: Vec<f32>,
+}
+
+fn night_tunable() -> Night {
+    let (base, night) = (model("species-base"), model("night"));
+    let w = Arc::new(OnnxWeights::scan(&night).unwrap());
+    let (bv, nv) = (values_of(&base, &w), values_of(&night, &w));
+    let shape = [3, 3, 32, 32];
+    let t = Tunable::new(&night, w.clone(), nv.clone(), &shape, InputType::F32).unwrap();
+    let x: Vec<f32> = inputs().concat();
+    Night {
+        night,
+        w,
+        bv,
+        nv,
+        shape,
+        t,
+        x,
+    }
+}
+
 #[test]
 fn a_tunable_model_answers_as_tract_on_the_model_with_those_weights() {
     // Night's weights, then tensors set one by one and together to other values (the base's,
     // zeros for a bias, a weight scaled): every answer is tract's on an ONNX file holding those
     // values, bit for bit, and none needs a rebuild.
-    let (base, night) = (model("species-base"), model("night"));
-    let w = Arc::new(OnnxWeights::scan(&night).unwrap());
-    let (bv, nv) = (values_of(&base, &w), values_of(&night, &w));
-    let shape = [3, 3, 32, 32];
-    let mut t = Tunable::new(&night, w.clone(), nv.clone(), &shape, InputType::F32).unwrap();
-    let x: Vec<f32> = inputs().concat();
+    let Night {
+        night,
+        w,
+        bv,
+        nv,
+        shape,
+        mut t,
+        x,
+    } = night_tunable();
     let mut bytes = night.clone();
     let check = |t: &Tunable, bytes: &[u8]| {
         let want = Classifier::from_onnx_bytes(bytes, &shape)
@@ -441,12 +475,15 @@ fn a_cut_run_answers_as_tract_on_the_model_with_those_weights() {
     // One cut advanced through the model in the order the model reads the weights; at each
     // weight's first step, the weight is set to the base's values and the rest of the model run
     // from the cut: the answer is tract's on an ONNX file holding those values, bit for bit.
-    let (base, night) = (model("species-base"), model("night"));
-    let w = Arc::new(OnnxWeights::scan(&night).unwrap());
-    let (bv, nv) = (values_of(&base, &w), values_of(&night, &w));
-    let shape = [3, 3, 32, 32];
-    let mut t = Tunable::new(&night, w.clone(), nv.clone(), &shape, InputType::F32).unwrap();
-    let x: Vec<f32> = inputs().concat();
+    let Night {
+        night,
+        w,
+        bv,
+        nv,
+        shape,
+        mut t,
+        x,
+    } = night_tunable();
     let n = w.initializers.len();
     let mut picked: Vec<(usize, usize)> = (0..n)
         .step_by(7)

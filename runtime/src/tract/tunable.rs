@@ -43,6 +43,8 @@ pub struct Tunable {
     input_shape: Vec<usize>,
     input_type: InputType,
     classifier: Option<Classifier>,
+    /// The execution order of the classifier's plan.
+    schedule: Schedule,
     sites: Sites,
     rebuilds: usize,
 }
@@ -64,6 +66,7 @@ impl Cut {
 
 /// The execution order of a plan: `step[node]` (`None`: not run, e.g. a constant) and the last
 /// step that reads each node's outputs (`usize::MAX` for the model's outputs).
+#[derive(Default)]
 struct Schedule {
     step: Vec<Option<usize>>,
     last_use: Vec<usize>,
@@ -149,6 +152,7 @@ impl Tunable {
             input_shape: input_shape.to_vec(),
             input_type,
             classifier: None,
+            schedule: Schedule::default(),
             sites: Sites::default(),
             rebuilds: 0,
         };
@@ -179,8 +183,14 @@ impl Tunable {
             Some(built) => built,
             None => self.make(false)?.expect("built without decoys"),
         };
-        self.classifier = Some(clf);
         self.sites = sites;
+        self.install(clf)
+    }
+
+    /// Runs `clf` from now on.
+    fn install(&mut self, clf: Classifier) -> TractResult<()> {
+        self.schedule = Schedule::of(&clf.model, clf.plan.order_without_consts())?;
+        self.classifier = Some(clf);
         Ok(())
     }
 
@@ -292,13 +302,12 @@ impl Tunable {
             self.rebuilds += 1;
             return self.build();
         }
-        self.classifier = Some(Classifier::from_model(
+        self.install(Classifier::from_model(
             model,
             input_shape,
             input_type,
             round_output,
-        )?);
-        Ok(())
+        )?)
     }
 
     /// Runs one input of the model's input shape; the flat output as f32.
@@ -318,7 +327,6 @@ impl Tunable {
     pub fn first_step(&self, weights: &[usize]) -> Option<usize> {
         let clf = self.classifier.as_ref()?;
         let model = &*clf.model;
-        let order = clf.plan.order_without_consts();
         let mut seen = vec![false; model.nodes().len()];
         let mut todo = VecDeque::new();
         for &i in weights {
@@ -326,16 +334,12 @@ impl Tunable {
                 todo.push_back(site.node());
             }
         }
-        let mut step: Vec<Option<usize>> = vec![None; seen.len()];
-        for (s, &node) in order.iter().enumerate() {
-            step[node] = Some(s);
-        }
-        let mut first = order.len();
+        let mut first = clf.plan.order_without_consts().len();
         while let Some(node) = todo.pop_front() {
             if std::mem::replace(&mut seen[node], true) {
                 continue;
             }
-            if let Some(s) = step[node] {
+            if let Some(s) = self.schedule.step[node] {
                 first = first.min(s);
             }
             for o in &model.node(node).outputs {
@@ -358,8 +362,8 @@ impl Tunable {
     /// Runs `cut` on with the current weights, to just before step `to`.
     pub fn advance(&self, cut: Cut, to: usize) -> TractResult<Cut> {
         let clf = self.classifier()?;
-        let schedule = Schedule::of(&clf.model, clf.plan.order_without_consts())?;
-        let mut state = self.steps(clf, &schedule, cut, to)?;
+        let schedule = &self.schedule;
+        let mut state = self.steps(clf, cut, to)?;
         let values = state
             .turn_state
             .values
@@ -376,25 +380,18 @@ impl Tunable {
     pub fn finish(&self, cut: &Cut) -> TractResult<Vec<f32>> {
         let clf = self.classifier()?;
         let order = clf.plan.order_without_consts();
-        let schedule = Schedule::of(&clf.model, order)?;
         let copy = Cut {
             step: cut.step,
             values: cut.values.clone(),
         };
-        let mut state = self.steps(clf, &schedule, copy, order.len())?;
+        let mut state = self.steps(clf, copy, order.len())?;
         clf.output_values(&state.outputs()?)
     }
 
     /// A state holding the model's constants and `cut`'s values, run from its step to just
     /// before `to`. As in a whole run, each value is dropped before the last step that reads it
     /// runs, so that the step may take it over instead of copying it.
-    fn steps(
-        &self,
-        clf: &Classifier,
-        schedule: &Schedule,
-        cut: Cut,
-        to: usize,
-    ) -> TractResult<TypedSimpleState> {
+    fn steps(&self, clf: &Classifier, cut: Cut, to: usize) -> TractResult<TypedSimpleState> {
         let order = clf.plan.order_without_consts();
         ensure!(
             cut.step <= to && to <= order.len(),
@@ -402,7 +399,7 @@ impl Tunable {
             cut.step,
             order.len()
         );
-        let model = &*clf.model;
+        let (model, schedule) = (&*clf.model, &self.schedule);
         let mut state = clf.plan.spawn()?;
         let values = &mut state.turn_state.values;
         *values = model
