@@ -74,6 +74,11 @@ fn keeps_99_percent_at_1_8_bits(variant: &str) {
     // The report names every tensor (--verbose) and sums up the codecs and the expectation.
     assert!(report.contains("codecs: "), "{report}");
     assert!(report.contains("expected agreement"), "{report}");
+    // By default the search measures its candidates on the first 64 of the 200 images.
+    assert!(
+        report.contains("calibration images: ") && report.contains("on the first 64 in"),
+        "{report}"
+    );
     assert_eq!(
         report.matches("onnx::Conv_").count() + report.matches("fc.").count(),
         52,
@@ -174,10 +179,35 @@ fn calibration_flags_need_calib_and_sane_values() {
         vec!["--calib", p(&calib), "--max-bits", "0"],
         vec!["--calib", p(&calib), "--target-retention", "1.5"],
         vec!["--calib", p(&calib), "--max-bits", "0.05"],
+        vec!["--search-images", "8"],
+        vec!["--calib", p(&calib), "--search-images", "0"],
+        vec!["--calib", p(&calib), "--search-images", "many"],
     ] {
         let args: Vec<&str> = common.iter().copied().chain(extra.clone()).collect();
         let (code, _, err) = bitdelta(&args);
         assert_eq!(code, 2, "{extra:?}: {err}");
         assert!(!out.exists(), "no delta written for {extra:?}");
+    }
+}
+
+#[test]
+fn search_images_sets_the_images_the_search_measures_on() {
+    // More than the folder holds: the search uses all of them; the plan is confirmed on all.
+    let dir = scratch("calib_search_images");
+    let (base, fine) = (model("species-base"), model("night"));
+    let calib = species().join("calib").join("night");
+    let images = std::fs::read_dir(&calib).unwrap().count();
+    for (asked, used) in [("16", 16), ("100000", images)] {
+        let out = dir.join(format!("night-{asked}.bdelta"));
+        let mut args = calib_args(&base, &fine, &out, &calib);
+        args.extend(["--max-bits", "0.8", "--search-images", asked]);
+        let (code, report, err) = bitdelta(&args);
+        assert_eq!(code, 0, "--search-images {asked}: {err}");
+        assert!(
+            report.contains(&format!("on {images} calibration images: "))
+                && report.contains(&format!("model evaluations on the first {used} in")),
+            "--search-images {asked}: {report}"
+        );
+        ok(&["verify", p(&out), "--base", p(&base)]);
     }
 }

@@ -81,6 +81,12 @@ pub(crate) struct Args {
     /// With --calib: model card for the preprocessing (default: model-card.json next to the base).
     #[arg(long, requires = "calib")]
     pub(super) card: Option<PathBuf>,
+    /// With --calib: calibration images the search measures its candidates on (the first N in
+    /// file-name order; all of them confirm the plan). Default: 64, fewer for large inputs (16
+    /// at 224x224 RGB), so that one model evaluation costs about the same on every model. More
+    /// images give a steadier choice and take proportionally longer.
+    #[arg(long, value_name = "N", requires = "calib")]
+    pub(super) search_images: Option<std::num::NonZeroUsize>,
     /// With --calib: threads to use (default: every core). The delta does not depend on it.
     #[arg(long, value_name = "N", requires = "calib")]
     pub(super) threads: Option<std::num::NonZeroUsize>,
@@ -462,6 +468,7 @@ fn calibrated(
         max_bits,
         target_retention: a.target_retention,
         threads: a.threads.map_or(Settings::default().threads, |n| n.get()),
+        search_images: a.search_images.map(|n| n.get()),
         ..Settings::default()
     };
     let started = std::time::Instant::now();
@@ -542,11 +549,12 @@ fn calibrated(
         plan.meta_bytes as f64 * 8.0 / params as f64
     );
     println!(
-        "expected agreement with the fine-tuned model on {} calibration images: {:.3} (mean KL {:.5}); {} model evaluations in {:.1} s",
+        "expected agreement with the fine-tuned model on {} calibration images: {:.3} (mean KL {:.5}); {} model evaluations on the first {} in {:.1} s",
         plan.images,
         plan.agreement,
         plan.divergence,
         plan.evaluations,
+        plan.search_images,
         started.elapsed().as_secs_f64()
     );
     Ok(onnx_written(a, base, &bytes))

@@ -213,6 +213,8 @@ pub struct Plan {
     pub divergence: f64,
     /// Number of calibration images.
     pub images: usize,
+    /// Images the search measured its candidates on (the first ones).
+    pub search_images: usize,
     /// Model evaluations the search ran.
     pub evaluations: usize,
     /// Tensors whose sign encodings were rounded to their outputs (GPTQ): the weights a

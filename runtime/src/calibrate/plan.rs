@@ -781,6 +781,7 @@ pub fn plan(
         agreement,
         divergence,
         images: images.count,
+        search_images: search,
         evaluations: ev.evaluations,
         output_rounded,
     })
