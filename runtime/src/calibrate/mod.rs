@@ -7,9 +7,11 @@
 //! so this module measures it on a few unlabelled images from the variant's own domain:
 //!
 //! 0. **Inputs.** The fine-tuned model runs once over the calibration images (a few images per
-//!    run) and every convolution and fully connected weight's inputs are summed as they pass:
-//!    `Σ x xᵀ` and `Σ x` per layer (per group of a grouped convolution), shared out among the
-//!    threads. Memory is bounded by the layers' sums, not by the number of images.
+//!    run, one run per thread at a time) and every convolution and fully connected weight's
+//!    inputs are summed as they pass: `Σ x xᵀ` and `Σ x` per layer (per group of a grouped
+//!    convolution; a convolution on at most 1024 positions of each image, on a regular stride),
+//!    each layer by one thread in image order. Memory is bounded by the layers' sums, not by the
+//!    number of images.
 //! 1. **Score.** Every tensor's candidate encodings (unchanged; sign per tensor or per output
 //!    channel, and 2 or 3 sign planes, each with a few scale multipliers; sparse signs with 2, 4
 //!    or 8 entries per 64-element block; 8-bit per tensor or per channel) are scored by their

@@ -177,11 +177,10 @@ fn candidates(
     // Sign planes: per output channel where channels are long enough, else per tensor.
     let g = groups(MIN_SIGN_CHANNEL);
     for k in SIGN_PLANES {
-        for m in SIGN_MULTIPLIERS {
-            signs(
-                format!("sign-planes k={k} x{m} (G={g})"),
-                codec::sign_planes_scaled(base, fine, g as usize, k, true, m),
-            );
+        let each =
+            codec::sign_planes_multiplied(base, fine, g as usize, k, true, &SIGN_MULTIPLIERS);
+        for (m, enc) in SIGN_MULTIPLIERS.into_iter().zip(each) {
+            signs(format!("sign-planes k={k} x{m} (G={g})"), enc);
         }
     }
     // Sparse signs: the largest changes of each block, below one bit per element; one scale

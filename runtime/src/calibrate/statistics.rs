@@ -10,7 +10,8 @@ use std::vec::Vec;
 use super::Images;
 use crate::codec;
 use crate::onnx::OnnxWeights;
-use tract_onnx::prelude::tract_ndarray::ArrayView2;
+use tract_onnx::prelude::tract_ndarray::linalg::general_mat_mul;
+use tract_onnx::prelude::tract_ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
 use tract_onnx::prelude::*;
 
 /// Images per run of the probe model that exposes the layers' inputs.
@@ -259,12 +260,16 @@ impl LayerInputs {
     }
 }
 
-/// Running sums of one layer's input vectors, per group: `Σ x xᵀ`, `Σ x` and their count.
+/// Running sums of one layer's input vectors, per group: `Σ x xᵀ`, `Σ x` and their count. The
+/// products `Σ x xᵀ` gather in f32 over at most [`PATCH_ROWS`] vectors, then go into the f64
+/// sums ([`Sums::finish`] adds the last ones).
 #[derive(Clone, Debug, Default)]
 pub(super) struct Sums {
     pub(super) h: Vec<Vec<f64>>,
     pub(super) sum: Vec<Vec<f64>>,
     pub(super) vectors: f64,
+    /// Per group: `Σ x xᵀ` (f32) of the vectors not yet in `h`, and their count.
+    pending: Vec<(Vec<f32>, usize)>,
 }
 
 impl Sums {
@@ -273,25 +278,57 @@ impl Sums {
             h: vec![vec![0f64; cols * cols]; groups],
             sum: vec![vec![0f64; cols]; groups],
             vectors: 0.0,
+            pending: vec![(Vec::new(), 0); groups],
         }
     }
 
     /// Adds the rows of `cols` values in `x` to group `g`.
     fn add(&mut self, g: usize, x: &[f32], cols: usize) {
-        let Ok(x) = ArrayView2::from_shape((x.len() / cols, cols), x) else {
-            return;
-        };
-        let gram = x.t().dot(&x);
-        for (o, v) in self.h[g].iter_mut().zip(gram.iter()) {
-            *o += f64::from(*v);
+        if let Ok(x) = ArrayView2::from_shape((x.len() / cols, cols), x) {
+            self.add_columns(g, x.t());
         }
-        for row in x.rows() {
-            for (o, v) in self.sum[g].iter_mut().zip(row) {
-                *o += f64::from(*v);
-            }
+    }
+
+    /// Adds the columns of `xt` (one input vector per column) to group `g`.
+    fn add_columns(&mut self, g: usize, xt: ArrayView2<'_, f32>) {
+        let (cols, n) = xt.dim();
+        if self.h[g].len() != cols * cols || n == 0 {
+            return;
+        }
+        let (acc, count) = &mut self.pending[g];
+        if acc.is_empty() {
+            *acc = vec![0f32; cols * cols];
+        }
+        let mut m = ArrayViewMut2::from_shape((cols, cols), &mut acc[..]).expect("cols x cols");
+        general_mat_mul(1.0, &xt, &xt.t(), 1.0, &mut m);
+        *count += n;
+        for (o, row) in self.sum[g].iter_mut().zip(xt.rows()) {
+            *o += row.iter().map(|&v| f64::from(v)).sum::<f64>();
         }
         if g == 0 {
-            self.vectors += x.nrows() as f64;
+            self.vectors += n as f64;
+        }
+        if *count >= PATCH_ROWS {
+            self.flush(g);
+        }
+    }
+
+    fn flush(&mut self, g: usize) {
+        let (acc, count) = &mut self.pending[g];
+        for (o, v) in self.h[g].iter_mut().zip(acc.iter_mut()) {
+            *o += f64::from(*v);
+            *v = 0.0;
+        }
+        *count = 0;
+    }
+
+    /// Adds the vectors still pending to the f64 sums and frees their f32 sums.
+    pub(super) fn finish(&mut self) {
+        for g in 0..self.pending.len() {
+            if self.pending[g].1 > 0 {
+                self.flush(g);
+            }
+            self.pending[g].0 = Vec::new();
         }
     }
 }
@@ -299,8 +336,16 @@ impl Sums {
 /// Patch rows gathered at a time for one product `Xᵀ X`.
 const PATCH_ROWS: usize = 4096;
 
-/// [`add_patches`] through matrix products: the patches of each group are gathered into rows of
-/// a matrix `X` (at most [`PATCH_ROWS`] at a time) and `Xᵀ X` (f32) is added to the group's sums.
+/// Output positions of one image summed per convolution: a larger output is sampled on a regular
+/// stride (every `ceil(positions / IMAGE_POSITIONS)`-th position). A layer's inputs have at
+/// most a few hundred values per position, so a hundred images of this many positions still
+/// give their second moments hundreds of samples per value, while the patches of the first,
+/// largest layers of a 224-px model (12,544 positions) cost no more than those after them.
+pub(super) const IMAGE_POSITIONS: usize = 1024;
+
+/// [`add_patches`] through matrix products, on at most [`IMAGE_POSITIONS`] positions of each
+/// image: the patches of each image and group are the columns of a matrix `Xᵀ`, and `Xᵀ X` is
+/// added to the group's sums ([`Sums`]).
 pub(super) fn add_patches_fast(s: &ConvShape, a: &[f32], shape: &[usize], sums: &mut Sums) {
     let [n, c, ih, iw] = [shape[0], shape[1], shape[2], shape[3]];
     let ([kh, kw], [sy, sx], [dy, dx]) = (s.kernel, s.stride, s.dilation);
@@ -311,31 +356,78 @@ pub(super) fn add_patches_fast(s: &ConvShape, a: &[f32], shape: &[usize], sums: 
     }
     let (oh, ow) = ((py - span_y) / sy + 1, (px - span_x) / sx + 1);
     let cols = s.cols();
-    let positions = n * oh * ow;
-    let mut x = vec![0f32; PATCH_ROWS.min(positions) * cols];
-    for gi in 0..s.group {
-        let mut at = 0;
-        while at < positions {
-            let rows = PATCH_ROWS.min(positions - at);
-            for (r, p) in x[..rows * cols].chunks_exact_mut(cols).enumerate() {
-                let pos = at + r;
-                let (img, oy, ox) = (pos / (oh * ow), pos / ow % oh, pos % ow);
-                for ci in 0..s.cig {
-                    let plane = &a[((img * c) + gi * s.cig + ci) * ih * iw..][..ih * iw];
-                    for ky in 0..kh {
-                        for kx in 0..kw {
-                            let y = (oy * sy + ky * dy).checked_sub(s.pads[0]);
-                            let xx = (ox * sx + kx * dx).checked_sub(s.pads[1]);
-                            p[(ci * kh + ky) * kw + kx] = match (y, xx) {
-                                (Some(y), Some(xx)) if y < ih && xx < iw => plane[y * iw + xx],
-                                _ => 0.0,
-                            };
+    // Every `step`-th output position of each image, at most IMAGE_POSITIONS of them.
+    let step = (oh * ow).div_ceil(IMAGE_POSITIONS);
+    let per_image = (oh * ow).div_ceil(step);
+    if s.kernel == [1, 1] && s.stride == [1, 1] && s.pads == [0; 4] {
+        // The patches are the columns of each group's `[cig, h * w]` plane: no gathering.
+        let hw = ih * iw;
+        for img in 0..n {
+            for gi in 0..s.group {
+                let at = (img * c + gi * s.cig) * hw;
+                let shape = (s.cig, per_image).strides((hw, step));
+                if let Ok(xt) = ArrayView2::from_shape(shape, &a[at..]) {
+                    sums.add_columns(gi, xt);
+                }
+            }
+        }
+        return;
+    }
+    // One image and group at a time: `Xᵀ`, one row per patch value (input channel and tap), one
+    // column per position (at most IMAGE_POSITIONS). Without sampling, a tap's values along an
+    // output row are the input row read from one offset on the horizontal stride.
+    let mut xt = vec![0f32; cols * per_image];
+    let (pt, pl) = (s.pads[0], s.pads[1]);
+    for img in 0..n {
+        for gi in 0..s.group {
+            for ci in 0..s.cig {
+                let plane = &a[((img * c) + gi * s.cig + ci) * ih * iw..][..ih * iw];
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let row = &mut xt[((ci * kh + ky) * kw + kx) * per_image..][..per_image];
+                        if step == 1 {
+                            // Output columns whose input column is inside: ox*sx + kx*dx - pl in
+                            // 0..iw.
+                            let off = kx * dx;
+                            let lo = pl.saturating_sub(off).div_ceil(sx).min(ow);
+                            let hi = (iw + pl)
+                                .checked_sub(off)
+                                .map_or(0, |e| e.div_ceil(sx))
+                                .clamp(lo, ow);
+                            for (oy, out) in row.chunks_exact_mut(ow).enumerate() {
+                                let y = (oy * sy + ky * dy).checked_sub(pt).filter(|&y| y < ih);
+                                let Some(y) = y else {
+                                    out.fill(0.0);
+                                    continue;
+                                };
+                                out[..lo].fill(0.0);
+                                out[hi..].fill(0.0);
+                                if lo < hi {
+                                    let first = lo * sx + off - pl;
+                                    let src = plane[y * iw + first..].iter().step_by(sx);
+                                    for (o, &v) in out[lo..hi].iter_mut().zip(src) {
+                                        *o = v;
+                                    }
+                                }
+                            }
+                        } else {
+                            for (r, o) in row.iter_mut().enumerate() {
+                                let k = r * step;
+                                let (oy, ox) = (k / ow, k % ow);
+                                let y = (oy * sy + ky * dy).checked_sub(pt);
+                                let xx = (ox * sx + kx * dx).checked_sub(pl);
+                                *o = match (y, xx) {
+                                    (Some(y), Some(xx)) if y < ih && xx < iw => plane[y * iw + xx],
+                                    _ => 0.0,
+                                };
+                            }
                         }
                     }
                 }
             }
-            sums.add(gi, &x[..rows * cols], cols);
-            at += rows;
+            if let Ok(view) = ArrayView2::from_shape((cols, per_image), &xt[..]) {
+                sums.add_columns(gi, view);
+            }
         }
     }
 }
@@ -408,65 +500,50 @@ fn probe_inputs(
     }
     let mut plans: BTreeMap<usize, std::sync::Arc<TypedSimplePlan>> = BTreeMap::new();
     let image = images.image_len();
-    for (done, chunk) in images.data.chunks(batch * image).enumerate() {
-        if done > 0 {
+    let chunks: Vec<&[f32]> = images.data.chunks(batch * image).collect();
+    let mut done = 0;
+    // `threads` runs of the probe at once (one per thread), then their layers' sums in image
+    // order, each layer by the thread of its lane.
+    for wave in chunks.chunks(threads) {
+        for chunk in wave {
+            let n = chunk.len() / image;
+            if let std::collections::btree_map::Entry::Vacant(slot) = plans.entry(n) {
+                slot.insert(
+                    model
+                        .clone()
+                        .with_input_fact(0, f32::fact(images.batch_shape(n)).into())?
+                        .into_optimized()?
+                        .into_runnable()?,
+                );
+            }
+        }
+        let plans = &plans;
+        let run = |chunk: &&[f32]| -> TractResult<TVec<TValue>> {
+            let n = chunk.len() / image;
+            let input = tract_onnx::prelude::Tensor::from_shape(&images.batch_shape(n), chunk)?;
+            plans[&n].run(tvec!(input.into()))
+        };
+        let outputs: Vec<TractResult<TVec<TValue>>> = std::thread::scope(|s| {
+            let others: Vec<_> = wave[1..]
+                .iter()
+                .map(|chunk| s.spawn(move || run(chunk)))
+                .collect();
+            let mut all = vec![run(&wave[0])];
+            all.extend(
+                others
+                    .into_iter()
+                    .map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e))),
+            );
+            all
+        });
+        for out in outputs {
+            let out = out?;
+            add_outputs(&uses, &inputs, &lanes, &mut h, &out)?;
+            done += 1;
             progress(done);
         }
-        let n = chunk.len() / image;
-        let shape = images.batch_shape(n);
-        if let std::collections::btree_map::Entry::Vacant(slot) = plans.entry(n) {
-            slot.insert(
-                model
-                    .clone()
-                    .with_input_fact(0, f32::fact(shape).into())?
-                    .into_optimized()?
-                    .into_runnable()?,
-            );
-        }
-        let input = tract_onnx::prelude::Tensor::from_shape(&shape, chunk)?;
-        let out = plans[&n].run(tvec!(input.into()))?;
-        let views = out
-            .iter()
-            .map(|t| {
-                let a = t.to_plain_array_view::<f32>()?;
-                Ok((a.to_slice().unwrap_or(&[]), a.shape().to_vec()))
-            })
-            .collect::<TractResult<Vec<_>>>()?;
-        let mut slots: Vec<Option<&mut Sums>> = h.iter_mut().map(Some).collect();
-        let work: Vec<Vec<(usize, &mut Sums)>> = lanes
-            .iter()
-            .map(|(_, ks)| {
-                ks.iter()
-                    .map(|&k| (k, slots[k].take().expect("each layer in one lane")))
-                    .collect()
-            })
-            .collect();
-        let (uses, inputs, views) = (&uses, &inputs, &views);
-        let sum = move |jobs: Vec<(usize, &mut Sums)>| {
-            for (k, hu) in jobs {
-                let u = &uses[k];
-                let Ok(at) = inputs.binary_search(&u.input.as_str()) else {
-                    continue;
-                };
-                let (values, dims) = (&views[at].0, &views[at].1);
-                match &u.conv {
-                    Some(s) if dims.len() == 4 => add_patches_fast(s, values, dims, hu),
-                    None if dims.len() == 2 && dims[1] * dims[1] == hu.h[0].len() => {
-                        hu.add(0, values, dims[1]);
-                    }
-                    _ => {}
-                }
-            }
-        };
-        std::thread::scope(|s| {
-            let mut work = work.into_iter();
-            let first = work.next().unwrap_or_default();
-            for jobs in work {
-                s.spawn(move || sum(jobs));
-            }
-            sum(first);
-        });
     }
+    h.iter_mut().for_each(Sums::finish);
     let mut out = BTreeMap::new();
     for (u, hu) in uses.into_iter().zip(h) {
         let cols = match &u.conv {
@@ -493,4 +570,57 @@ fn probe_inputs(
         }
     }
     Ok(out)
+}
+
+/// Adds one probe run's layer inputs (`out`, in the order of `inputs`) to the layers' sums, each
+/// lane's layers on a thread of its own.
+fn add_outputs(
+    uses: &[WeightUse],
+    inputs: &[&str],
+    lanes: &[(usize, Vec<usize>)],
+    h: &mut [Sums],
+    out: &[TValue],
+) -> TractResult<()> {
+    let views = out
+        .iter()
+        .map(|t| {
+            let a = t.to_plain_array_view::<f32>()?;
+            Ok((a.to_slice().unwrap_or(&[]), a.shape().to_vec()))
+        })
+        .collect::<TractResult<Vec<_>>>()?;
+    let mut slots: Vec<Option<&mut Sums>> = h.iter_mut().map(Some).collect();
+    let work: Vec<Vec<(usize, &mut Sums)>> = lanes
+        .iter()
+        .map(|(_, ks)| {
+            ks.iter()
+                .map(|&k| (k, slots[k].take().expect("each layer in one lane")))
+                .collect()
+        })
+        .collect();
+    let views = &views;
+    let sum = move |jobs: Vec<(usize, &mut Sums)>| {
+        for (k, hu) in jobs {
+            let u = &uses[k];
+            let Ok(at) = inputs.binary_search(&u.input.as_str()) else {
+                continue;
+            };
+            let (values, dims) = (&views[at].0, &views[at].1);
+            match &u.conv {
+                Some(s) if dims.len() == 4 => add_patches_fast(s, values, dims, hu),
+                None if dims.len() == 2 && dims[1] * dims[1] == hu.h[0].len() => {
+                    hu.add(0, values, dims[1]);
+                }
+                _ => {}
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        let mut work = work.into_iter();
+        let first = work.next().unwrap_or_default();
+        for jobs in work {
+            s.spawn(move || sum(jobs));
+        }
+        sum(first);
+    });
+    Ok(())
 }

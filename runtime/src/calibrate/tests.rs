@@ -245,6 +245,7 @@ fn gathered_patches_give_the_sums_of_the_reference() {
     want.iter_mut().for_each(|m| mirror(m, k));
     let mut got = Sums::new(s.group, k);
     add_patches_fast(&s, &a, &shape, &mut got);
+    got.finish();
     for (g, (w, h)) in want.iter().zip(&got.h).enumerate() {
         let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
         for (x, y) in w.iter().zip(h) {
@@ -270,6 +271,64 @@ fn gathered_patches_give_the_sums_of_the_reference() {
         assert!((got.sum[g][0] - sum).abs() <= 1e-6 * sum.abs().max(1.0));
     }
     assert_eq!(got.vectors, (shape[0] * oh * ow) as f64);
+}
+
+#[test]
+fn large_outputs_are_sampled_on_a_regular_stride() {
+    // A 1x1 convolution on 70x70 inputs: 4,900 positions per image, more than IMAGE_POSITIONS,
+    // so every 5th position (980 per image) is summed; the patch is the input's channel vector
+    // (no gathering). With a pad of 1 (72x72 outputs, the border reading zeros, gathered like
+    // any convolution): every 6th of 5,184 positions.
+    use super::statistics::IMAGE_POSITIONS;
+    let shape = [2usize, 3, 70, 70];
+    let len: usize = shape.iter().product();
+    let a: Vec<f32> = (0..len)
+        .map(|i| ((i as f64 * 0.377).cos() * 1.5) as f32)
+        .collect();
+    for (pad, step, per_image) in [(0usize, 5usize, 980usize), (1, 6, 864)] {
+        let s = ConvShape {
+            group: 1,
+            cig: 3,
+            kernel: [1, 1],
+            stride: [1, 1],
+            dilation: [1, 1],
+            pads: [pad; 4],
+        };
+        let out = 70 + 2 * pad;
+        assert_eq!((out * out).div_ceil(IMAGE_POSITIONS), step);
+        let mut want = [0f64; 9];
+        let mut vectors = 0;
+        for img in 0..2 {
+            for pos in (0..out * out).step_by(step) {
+                let (y, x) = ((pos / out).checked_sub(pad), (pos % out).checked_sub(pad));
+                let v: Vec<f64> = (0..3)
+                    .map(|c| match (y, x) {
+                        (Some(y), Some(x)) if y < 70 && x < 70 => {
+                            f64::from(a[((img * 3 + c) * 70 + y) * 70 + x])
+                        }
+                        _ => 0.0,
+                    })
+                    .collect();
+                for r in 0..3 {
+                    for c in 0..3 {
+                        want[r * 3 + c] += v[r] * v[c];
+                    }
+                }
+                vectors += 1;
+            }
+        }
+        assert_eq!(vectors, 2 * per_image);
+        let mut got = Sums::new(1, 3);
+        add_patches_fast(&s, &a, &shape, &mut got);
+        got.finish();
+        assert_eq!(got.vectors, vectors as f64);
+        for (x, y) in want.iter().zip(&got.h[0]) {
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                "pad {pad}: {x} vs {y}"
+            );
+        }
+    }
 }
 
 #[test]

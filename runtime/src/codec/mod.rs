@@ -56,7 +56,7 @@ pub use sign::{sign_tensor, sign_tensor_scaled};
 #[cfg(feature = "alloc")]
 pub use sign_groups::{sign_groups, sign_groups_scaled};
 #[cfg(feature = "alloc")]
-pub use sign_planes::{sign_planes, sign_planes_scaled, PLANE_FIT_ROUNDS};
+pub use sign_planes::{sign_planes, sign_planes_multiplied, sign_planes_scaled, PLANE_FIT_ROUNDS};
 #[cfg(test)]
 pub(crate) use sparse_signs::random_entries;
 pub use sparse_signs::{max_entries, MAX_SPARSE_ENTRIES, SPARSE_BLOCK};

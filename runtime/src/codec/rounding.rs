@@ -60,12 +60,7 @@ impl OutputRounding {
             for i in 0..cols {
                 h[i * cols + i] += damp;
             }
-            let l = ldl_unit_lower(&invert(&h, cols)?, cols)?;
-            factors.push(
-                (0..cols * cols)
-                    .map(|k| l[(k % cols) * cols + k / cols])
-                    .collect(),
-            );
+            factors.push(inverse_ldl_rows(&h, cols)?);
         }
         Some(Self { cols, factors })
     }
@@ -76,64 +71,68 @@ impl OutputRounding {
     }
 }
 
-/// Inverse of a `k × k` matrix (Gauss-Jordan with partial pivoting), `None` when singular.
-pub(super) fn invert(a: &[f64], k: usize) -> Option<Vec<f64>> {
-    let w = 2 * k;
-    let mut m = vec![0f64; k * w];
-    for r in 0..k {
-        m[r * w..r * w + k].copy_from_slice(&a[r * k..(r + 1) * k]);
-        m[r * w + k + r] = 1.0;
+/// `Σ a_i b_i` with four running sums (so that it vectorises).
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0f64; 4];
+    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..4 {
+            acc[l] += x[l] * y[l];
+        }
     }
-    for c in 0..k {
-        let p = (c..k).max_by(|&x, &y| m[x * w + c].abs().total_cmp(&m[y * w + c].abs()))?;
-        let pivot = m[p * w + c];
-        if pivot == 0.0 || !pivot.is_finite() {
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+}
+
+/// The rows of `Lᵀ` for the unit lower-triangular `L` of `H⁻¹ = L D Lᵀ` (`h` symmetric positive
+/// definite, `k × k`, row-major), without forming `H⁻¹`: with `H = U Uᵀ` (`U` upper triangular,
+/// Cholesky from the last column), `H⁻¹ = U⁻ᵀ U⁻¹`, so `L = U⁻ᵀ diag(U)` and `Lᵀ = diag(U) U⁻¹`.
+/// `None` when a pivot is not positive.
+pub(super) fn inverse_ldl_rows(h: &[f64], k: usize) -> Option<Vec<f64>> {
+    // U, row-major: row i holds U_ij for j >= i.
+    let mut u = vec![0f64; k * k];
+    for j in (0..k).rev() {
+        let tail = j + 1..k;
+        let ujj2 = h[j * k + j] - dot(&u[j * k..][tail.clone()], &u[j * k..][tail.clone()]);
+        if !ujj2.is_finite() || ujj2 <= 0.0 {
             return None;
         }
-        if p != c {
-            for j in 0..w {
-                m.swap(c * w + j, p * w + j);
-            }
+        let ujj = ujj2.sqrt();
+        u[j * k + j] = ujj;
+        let (above, from_j) = u.split_at_mut(j * k);
+        let uj = &from_j[tail.clone()];
+        for i in 0..j {
+            above[i * k + j] = (h[i * k + j] - dot(&above[i * k..][tail.clone()], uj)) / ujj;
         }
-        for j in 0..w {
-            m[c * w + j] /= pivot;
-        }
-        for r in 0..k {
-            let f = m[r * w + c];
-            if r != c && f != 0.0 {
-                for j in 0..w {
-                    m[r * w + j] -= f * m[c * w + j];
+    }
+    // V = U⁻¹ (upper), row by row from the last: V_i = (e_i − Σ_{m>i} U_im V_m) / U_ii; then
+    // row i of Lᵀ is U_ii V_i = e_i − Σ_{m>i} U_im V_m.
+    let mut v = vec![0f64; k * k];
+    let mut lt = vec![0f64; k * k];
+    let mut row = vec![0f64; k];
+    for i in (0..k).rev() {
+        row.fill(0.0);
+        row[i] = 1.0;
+        for m in i + 1..k {
+            let f = u[i * k + m];
+            if f != 0.0 {
+                for (r, &x) in row[m..].iter_mut().zip(&v[m * k + m..(m + 1) * k]) {
+                    *r -= f * x;
                 }
             }
         }
-    }
-    Some((0..k * k).map(|i| m[(i / k) * w + k + i % k]).collect())
-}
-
-/// The unit lower-triangular `L` of `a = L D Lᵀ` (`a` symmetric positive definite, `k × k`),
-/// `None` when a pivot `D_j` is not positive.
-fn ldl_unit_lower(a: &[f64], k: usize) -> Option<Vec<f64>> {
-    let mut l = vec![0f64; k * k];
-    let mut d = vec![0f64; k];
-    for j in 0..k {
-        let dj = a[j * k + j]
-            - (0..j)
-                .map(|p| l[j * k + p] * l[j * k + p] * d[p])
-                .sum::<f64>();
-        if !dj.is_finite() || dj <= 0.0 {
-            return None;
+        let uii = u[i * k + i];
+        for (o, &r) in v[i * k + i..(i + 1) * k].iter_mut().zip(&row[i..]) {
+            *o = r / uii;
         }
-        d[j] = dj;
-        l[j * k + j] = 1.0;
-        for i in j + 1..k {
-            let s = a[i * k + j]
-                - (0..j)
-                    .map(|p| l[i * k + p] * l[j * k + p] * d[p])
-                    .sum::<f64>();
-            l[i * k + j] = s / dj;
-        }
+        lt[i * k + i..(i + 1) * k].copy_from_slice(&row[i..]);
     }
-    Some(l)
+    Some(lt)
 }
 
 /// Re-chooses the sign bits of a `sign`, `sign-groups` or `sign-planes` payload, keeping its

@@ -99,6 +99,24 @@ pub fn sign_planes_scaled(
     f16_scales: bool,
     multiplier: f64,
 ) -> Encoded {
+    let mut one = sign_planes_multiplied(base, fine, groups, planes, f16_scales, &[multiplier]);
+    one.pop().expect("one multiplier")
+}
+
+#[cfg(feature = "alloc")]
+/// [`sign_planes_scaled`] at each of `multipliers`, from one fit: the same encodings as one call
+/// per multiplier.
+///
+/// # Panics
+/// As [`sign_planes`].
+pub fn sign_planes_multiplied(
+    base: &[f32],
+    fine: &[f32],
+    groups: usize,
+    planes: usize,
+    f16_scales: bool,
+    multipliers: &[f64],
+) -> Vec<Encoded> {
     let g = group_len(base.len(), groups);
     assert!(
         (MIN_PLANES..=MAX_PLANES).contains(&planes),
@@ -119,7 +137,7 @@ pub fn sign_planes_scaled(
         }
         let s = fit_planes(&d, planes, &mut signs);
         for (j, &sj) in s.iter().enumerate() {
-            scales[j * groups + k] = multiplier * sj;
+            scales[j * groups + k] = sj;
         }
         for (e, &b) in signs.iter().enumerate() {
             let i = k * g + e;
@@ -128,11 +146,14 @@ pub fn sign_planes_scaled(
             }
         }
     }
-    Encoded::SignPlanes {
-        planes,
-        scales: scales_from(scales, f16_scales),
-        bits,
-    }
+    multipliers
+        .iter()
+        .map(|&m| Encoded::SignPlanes {
+            planes,
+            scales: scales_from(scales.iter().map(|&s| m * s).collect(), f16_scales),
+            bits: bits.clone(),
+        })
+        .collect()
 }
 
 #[cfg(feature = "alloc")]

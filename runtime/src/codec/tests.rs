@@ -1,6 +1,5 @@
 //! Tests of the encoders: each payload rebuilt through the device path.
 
-use super::rounding::invert;
 use super::*;
 use crate::compose::{self, Base};
 use crate::format::{
@@ -183,6 +182,22 @@ fn planes_layout_and_ties() {
 }
 
 #[test]
+fn sign_planes_multiplied_equals_one_fit_per_multiplier() {
+    let (base, fine) = pair(640, 9);
+    for (groups, planes, f16) in [(1, 2, true), (10, 3, true), (5, 2, false)] {
+        let ms = [1.0, 1.25, 1.5];
+        let each = sign_planes_multiplied(&base, &fine, groups, planes, f16, &ms);
+        assert_eq!(each.len(), ms.len());
+        for (&m, enc) in ms.iter().zip(&each) {
+            assert_eq!(
+                *enc,
+                sign_planes_scaled(&base, &fine, groups, planes, f16, m)
+            );
+        }
+    }
+}
+
+#[test]
 fn format_md_example() {
     // docs/FORMAT.md §8, "Sign planes": levels ±0.5 ± 0.125.
     let fine = [
@@ -246,6 +261,40 @@ fn output_err(base: &[f32], fine: &[f32], enc: &Encoded, h: &[f64], cols: usize)
         .sum()
 }
 
+/// Inverse of a `k × k` matrix (Gauss-Jordan with partial pivoting), `None` when singular.
+fn invert(a: &[f64], k: usize) -> Option<Vec<f64>> {
+    let w = 2 * k;
+    let mut m = vec![0f64; k * w];
+    for r in 0..k {
+        m[r * w..r * w + k].copy_from_slice(&a[r * k..(r + 1) * k]);
+        m[r * w + k + r] = 1.0;
+    }
+    for c in 0..k {
+        let p = (c..k).max_by(|&x, &y| m[x * w + c].abs().total_cmp(&m[y * w + c].abs()))?;
+        let pivot = m[p * w + c];
+        if pivot == 0.0 || !pivot.is_finite() {
+            return None;
+        }
+        if p != c {
+            for j in 0..w {
+                m.swap(c * w + j, p * w + j);
+            }
+        }
+        for j in 0..w {
+            m[c * w + j] /= pivot;
+        }
+        for r in 0..k {
+            let f = m[r * w + c];
+            if r != c && f != 0.0 {
+                for j in 0..w {
+                    m[r * w + j] -= f * m[c * w + j];
+                }
+            }
+        }
+    }
+    Some((0..k * k).map(|i| m[(i / k) * w + k + i % k]).collect())
+}
+
 /// GPTQ as optimal brain quantization states it, independently of the `L D Lᵀ` shortcut:
 /// keep `H⁻¹` of the columns not yet chosen; column `i` takes a level `q_i`, its error
 /// `(w_i − q_i) / H⁻¹_ii · H⁻¹_i·` moves onto the rest, and `i` leaves `H⁻¹`. Returns, per
@@ -283,6 +332,43 @@ fn obq_excess(d: &[f64], q: &[f64], levels: &[f64], h: &[f64], cols: usize) -> V
         }
     }
     excess
+}
+
+#[test]
+fn output_rounding_factors_diagonalise_the_inputs() {
+    // `H⁻¹ = L D Lᵀ` with `L` unit lower triangular holds exactly when `Lᵀ H L = D⁻¹` is
+    // diagonal; the factors are the rows of `Lᵀ`. Checked against `H` itself (no inverse).
+    for (cols, seed) in [(1, 1), (7, 2), (33, 3), (64, 4)] {
+        let (_, _, h) = layer(2, cols, seed);
+        let lt = super::rounding::inverse_ldl_rows(&h, cols).unwrap();
+        for i in 0..cols {
+            assert_eq!(lt[i * cols + i], 1.0);
+            assert!((0..i).all(|j| lt[i * cols + j] == 0.0));
+        }
+        // M = Lᵀ H L: M_ab = Σ_pq Lᵀ_ap H_pq Lᵀ_bq.
+        let m = |a: usize, b: usize| -> f64 {
+            (0..cols)
+                .map(|p| {
+                    (0..cols)
+                        .map(|q| lt[a * cols + p] * h[p * cols + q] * lt[b * cols + q])
+                        .sum::<f64>()
+                })
+                .sum()
+        };
+        for a in 0..cols {
+            let d = m(a, a);
+            assert!(d > 0.0, "{cols}: D^-1 at {a} is {d}");
+            for b in 0..a {
+                let off = m(a, b);
+                assert!(
+                    off.abs() <= 1e-9 * (d * m(b, b)).sqrt(),
+                    "{cols}: Lᵀ H L at ({a}, {b}) is {off}, diagonal {d}"
+                );
+            }
+        }
+    }
+    // Not positive definite: refused.
+    assert!(super::rounding::inverse_ldl_rows(&[1.0, 2.0, 2.0, 1.0], 2).is_none());
 }
 
 #[test]
