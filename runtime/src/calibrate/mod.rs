@@ -17,7 +17,7 @@
 //!    or 8 entries per 64-element block; 8-bit per tensor or per channel) are scored by their
 //!    layer's output error `Σ e H eᵀ` (`e` the weight error, `H` the inputs' second moments);
 //!    sign encodings choose their bits by that error (GPTQ with the codec's levels,
-//!    [`codec::OutputRounding`]). A layer's bias follows its weight: it corrects the weight's
+//!    [`codec::OutputRounding`]), and one-plane ones then refit each scale to those bits. A layer's bias follows its weight: it corrects the weight's
 //!    mean output error (8-bit). The layers' sums are freed here, before the model is built.
 //! 2. **Reference.** The fine-tuned model's softmax outputs on the calibration images.
 //! 3. **Sensitivity.** Two whole-model evaluations per tensor, with only that tensor at the

@@ -5,7 +5,7 @@ use alloc::vec::Vec;
 
 use super::sign_planes::sort_levels;
 use super::{deltas, widen};
-use crate::format::Encoded;
+use crate::format::{Encoded, OwnedScales};
 
 /// Relative damping of [`OutputRounding`]: `H + DAMP * mean(diag H) * I` (as in GPTQ).
 pub const OUTPUT_ROUNDING_DAMP: f64 = 0.01;
@@ -32,6 +32,8 @@ pub struct OutputRounding {
     /// how the error at column `i` spreads to the columns after it (the upper Cholesky factor's
     /// row `i` over its diagonal: the `D` cancels); held as a row so that it is read in order.
     factors: Vec<Vec<f64>>,
+    /// Per block: the damped `H` the factors come from (for refitting scales to the bits).
+    hessians: Vec<Vec<f64>>,
 }
 
 impl OutputRounding {
@@ -45,6 +47,7 @@ impl OutputRounding {
             return None;
         }
         let mut factors = Vec::with_capacity(hessians.len());
+        let mut damped = Vec::with_capacity(hessians.len());
         for h in hessians {
             if h.len() != cols * cols || h.iter().any(|x| !x.is_finite()) {
                 return None;
@@ -61,8 +64,13 @@ impl OutputRounding {
                 h[i * cols + i] += damp;
             }
             factors.push(inverse_ldl_rows(&h, cols)?);
+            damped.push(h);
         }
-        Some(Self { cols, factors })
+        Some(Self {
+            cols,
+            factors,
+            hessians: damped,
+        })
     }
 
     /// Columns of the tensor (inputs per output).
@@ -135,8 +143,10 @@ pub(super) fn inverse_ldl_rows(h: &[f64], k: usize) -> Option<Vec<f64>> {
     Some(lt)
 }
 
-/// Re-chooses the sign bits of a `sign`, `sign-groups` or `sign-planes` payload, keeping its
-/// scales, with output-aware rounding ([`OutputRounding`]) instead of element by element.
+/// Re-chooses the sign bits of a `sign`, `sign-groups` or `sign-planes` payload with output-aware
+/// rounding ([`OutputRounding`]) instead of element by element, on the payload's own levels. A
+/// one-plane payload (`sign`, `sign-groups`) then refits each group's scale to the bits chosen:
+/// the scale with the least output error for them (a `sign-planes` payload keeps its scales).
 ///
 /// The tensor is read as `n / r.cols()` rows of `r.cols()` elements. Returns `false` and leaves
 /// `enc` unchanged for another codec, or when the rows do not fit: `cols` must divide `n`, the
@@ -230,5 +240,91 @@ pub fn round_signs_to_outputs(
             }
         }
     }
+    if planes == 1 {
+        refit_sign_scales(enc, base, fine, r, per_block, gsize);
+    }
     true
+}
+
+/// With the bits chosen, each group's scale of a one-plane payload (`sign`, `sign-groups`) set
+/// to the one with the least output error for them: over the group's rows `r` (signs `b_r`,
+/// deltas `d_r`), `s = Σ b_r H d_rᵀ / Σ b_r H b_rᵀ`. A scale whose refit is not a positive value
+/// the payload can store (f16: a normal one) stays as it was.
+fn refit_sign_scales(
+    enc: &mut Encoded,
+    base: &[f32],
+    fine: &[f32],
+    r: &OutputRounding,
+    per_block: usize,
+    gsize: usize,
+) {
+    let cols = r.cols;
+    let bits = match enc {
+        Encoded::Sign { bits, .. } | Encoded::SignGroups { bits, .. } => &bits[..],
+        _ => return,
+    };
+    let groups = base.len() / gsize;
+    let mut num = vec![0f64; groups];
+    let mut den = vec![0f64; groups];
+    let mut b = vec![0f64; cols];
+    let mut hb = vec![0f64; cols];
+    for row in 0..base.len() / cols {
+        let h = &r.hessians[row / per_block];
+        for (i, o) in b.iter_mut().enumerate() {
+            let at = row * cols + i;
+            *o = if bits[at / 8] >> (at % 8) & 1 == 1 {
+                1.0
+            } else {
+                -1.0
+            };
+        }
+        for (o, hrow) in hb.iter_mut().zip(h.chunks_exact(cols)) {
+            *o = dot(hrow, &b);
+        }
+        let d: Vec<f64> =
+            deltas(&base[row * cols..][..cols], &fine[row * cols..][..cols]).collect();
+        let g = row * cols / gsize;
+        num[g] += dot(&hb, &d);
+        den[g] += dot(&hb, &b);
+    }
+    let refit = |old: f64, g: usize| {
+        let s = num[g] / den[g];
+        if s.is_finite() && s > 0.0 {
+            s
+        } else {
+            old
+        }
+    };
+    match enc {
+        Encoded::Sign { scale, .. } => {
+            let s = refit(f64::from(*scale), 0) as f32;
+            if s.is_finite() && s > 0.0 {
+                *scale = s;
+            }
+        }
+        Encoded::SignGroups {
+            scales: OwnedScales::F32(v),
+            ..
+        } => {
+            for (g, x) in v.iter_mut().enumerate() {
+                let s = refit(f64::from(*x), g) as f32;
+                if s.is_finite() && s > 0.0 {
+                    *x = s;
+                }
+            }
+        }
+        Encoded::SignGroups {
+            scales: OwnedScales::F16(v),
+            ..
+        } => {
+            for (g, x) in v.iter_mut().enumerate() {
+                // Through f32, as every f16 scale is written.
+                let s = half::f16::from_f32(refit(f64::from(x.to_f32()), g) as f32);
+                if s.is_normal() && s > half::f16::ZERO {
+                    *x = s;
+                }
+            }
+        }
+        _ => {}
+    }
 }

@@ -449,6 +449,55 @@ fn output_rounding_lowers_the_output_error() {
 }
 
 #[test]
+fn output_rounding_refits_one_plane_scales_to_the_chosen_bits() {
+    // After the bits, each group's scale is the least-output-error one for them under the damped
+    // H: s = Σ b H dᵀ / Σ b H bᵀ over the group's rows. Recomputed here from the rebuilt values.
+    let (rows, cols) = (6, 20);
+    let (base, fine, h) = layer(rows, cols, 21);
+    let mut hd = h.clone();
+    let damp = OUTPUT_ROUNDING_DAMP * (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols as f64;
+    (0..cols).for_each(|i| hd[i * cols + i] += damp);
+    let r = OutputRounding::new(cols, std::slice::from_ref(&h)).unwrap();
+    for (groups, mut enc) in [
+        (1, sign_tensor(&base, &fine)),
+        (rows, sign_groups(&base, &fine, rows, false)),
+    ] {
+        assert!(round_signs_to_outputs(&mut enc, &base, &fine, &r));
+        let rec = rebuild(&base, &enc);
+        let per = rows / groups;
+        for g in 0..groups {
+            let (mut num, mut den, mut scale) = (0f64, 0f64, 0f64);
+            for row in g * per..(g + 1) * per {
+                let at = row * cols..(row + 1) * cols;
+                let step: Vec<f64> = rec[at.clone()]
+                    .iter()
+                    .zip(&base[at.clone()])
+                    .map(|(&x, &b)| f64::from(x) - f64::from(b))
+                    .collect();
+                scale = step[0].abs();
+                let b: Vec<f64> = step.iter().map(|x| x.signum()).collect();
+                let d: Vec<f64> = fine[at.clone()]
+                    .iter()
+                    .zip(&base[at])
+                    .map(|(&f, &b)| f64::from(f) - f64::from(b))
+                    .collect();
+                for p in 0..cols {
+                    for q in 0..cols {
+                        num += b[p] * hd[p * cols + q] * d[q];
+                        den += b[p] * hd[p * cols + q] * b[q];
+                    }
+                }
+            }
+            let want = num / den;
+            assert!(
+                (scale - want).abs() <= 1e-4 * want,
+                "{groups} groups, group {g}: scale {scale}, least-error {want}"
+            );
+        }
+    }
+}
+
+#[test]
 fn output_rounding_with_uncorrelated_inputs_is_nearest() {
     // H = I: no error moves to other columns, so each element takes its nearest level,
     // which is what the plain encoders do.
