@@ -910,12 +910,8 @@ fn group_means(base: &[f32], fine: &[f32], groups: usize, multiplier: f64) -> Ve
 
 #[cfg(feature = "alloc")]
 fn scales_from(values: Vec<f64>, allow_f16: bool) -> OwnedScales {
-    let f16_ok = allow_f16
-        && values
-            .iter()
-            .all(|&v| v == 0.0 || (F16_MIN_NORMAL..=f64::from(f16::MAX.to_f32())).contains(&v));
+    let f16_ok = allow_f16 && values.iter().all(|&v| v == 0.0 || f16_scale(v).is_some());
     if f16_ok {
-        // Through f32, so every platform (F16C, FP16, software) rounds the same way.
         OwnedScales::F16(
             values
                 .into_iter()
@@ -925,6 +921,15 @@ fn scales_from(values: Vec<f64>, allow_f16: bool) -> OwnedScales {
     } else {
         OwnedScales::F32(values.into_iter().map(|v| v as f32).collect())
     }
+}
+
+#[cfg(feature = "alloc")]
+/// `v` as a stored f16 scale when it is a normal f16 value (rounded through f32, so every platform
+/// (F16C, FP16, software) rounds the same way), else `None`.
+fn f16_scale(v: f64) -> Option<f16> {
+    (F16_MIN_NORMAL..=f64::from(f16::MAX.to_f32()))
+        .contains(&v)
+        .then(|| f16::from_f32(v as f32))
 }
 
 #[cfg(feature = "alloc")]

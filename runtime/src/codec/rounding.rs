@@ -4,7 +4,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::sign_planes::sort_levels;
-use super::{deltas, widen};
+use super::{deltas, f16_scale, widen};
 use crate::format::{Encoded, OwnedScales};
 
 /// Relative damping of [`OutputRounding`]: `H + DAMP * mean(diag H) * I` (as in GPTQ).
@@ -266,8 +266,7 @@ fn refit_sign_scales(
     let groups = base.len() / gsize;
     let mut num = vec![0f64; groups];
     let mut den = vec![0f64; groups];
-    let mut b = vec![0f64; cols];
-    let mut hb = vec![0f64; cols];
+    let (mut b, mut hb, mut d) = (vec![0f64; cols], vec![0f64; cols], vec![0f64; cols]);
     for row in 0..base.len() / cols {
         let h = &r.hessians[row / per_block];
         for (i, o) in b.iter_mut().enumerate() {
@@ -281,24 +280,22 @@ fn refit_sign_scales(
         for (o, hrow) in hb.iter_mut().zip(h.chunks_exact(cols)) {
             *o = dot(hrow, &b);
         }
-        let d: Vec<f64> =
-            deltas(&base[row * cols..][..cols], &fine[row * cols..][..cols]).collect();
+        for (o, v) in d.iter_mut().zip(deltas(
+            &base[row * cols..][..cols],
+            &fine[row * cols..][..cols],
+        )) {
+            *o = v;
+        }
         let g = row * cols / gsize;
         num[g] += dot(&hb, &d);
         den[g] += dot(&hb, &b);
     }
-    let refit = |old: f64, g: usize| {
-        let s = num[g] / den[g];
-        if s.is_finite() && s > 0.0 {
-            s
-        } else {
-            old
-        }
-    };
+    // The refit of group `g`, when it is a positive value.
+    let fit = |g: usize| Some(num[g] / den[g]).filter(|s| s.is_finite() && *s > 0.0);
+    let fit_f32 = |g: usize| fit(g).map(|s| s as f32).filter(|s| s.is_finite());
     match enc {
         Encoded::Sign { scale, .. } => {
-            let s = refit(f64::from(*scale), 0) as f32;
-            if s.is_finite() && s > 0.0 {
+            if let Some(s) = fit_f32(0) {
                 *scale = s;
             }
         }
@@ -307,8 +304,7 @@ fn refit_sign_scales(
             ..
         } => {
             for (g, x) in v.iter_mut().enumerate() {
-                let s = refit(f64::from(*x), g) as f32;
-                if s.is_finite() && s > 0.0 {
+                if let Some(s) = fit_f32(g) {
                     *x = s;
                 }
             }
@@ -318,9 +314,7 @@ fn refit_sign_scales(
             ..
         } => {
             for (g, x) in v.iter_mut().enumerate() {
-                // Through f32, as every f16 scale is written.
-                let s = half::f16::from_f32(refit(f64::from(x.to_f32()), g) as f32);
-                if s.is_normal() && s > half::f16::ZERO {
+                if let Some(s) = fit(g).and_then(f16_scale) {
                     *x = s;
                 }
             }
