@@ -538,9 +538,10 @@ fn calibrated(
     }
     print_codec_counts(&plan.codec_counts());
     println!(
-        "sign bits rounded to the layer outputs (GPTQ) in {} of {} tensors",
+        "sign bits rounded to the layer outputs (GPTQ) in {} of {} tensors; {} rounded again in context (to the fine-tune's outputs from the inputs the layers before them give)",
         plan.output_rounded,
-        plan.choices.len()
+        plan.choices.len(),
+        plan.rerounded
     );
     let params = base.weights.params();
     println!(

@@ -30,6 +30,8 @@ pub(super) struct Evaluator<'i> {
     pub(super) reference_search: Vec<Vec<f64>>,
     pub(super) reference_all: Vec<Vec<f64>>,
     pub(super) evaluations: usize,
+    /// Mean KL divergence on the search images of the last evaluation on every image.
+    pub(super) search_divergence: f64,
     /// A run of each batch of the search images part way, with the current weights.
     cut: Option<Vec<Cut>>,
 }
@@ -82,6 +84,7 @@ impl<'i> Evaluator<'i> {
             reference_search: Vec::new(),
             reference_all: Vec::new(),
             evaluations: 0,
+            search_divergence: 0.0,
             cut: None,
         })
     }
@@ -264,9 +267,12 @@ impl<'i> Evaluator<'i> {
         } else {
             &self.reference_search
         };
-        let mut kl = 0.0;
+        let mut kl = 0f64;
         let mut agree = Top1::new();
-        for (r, q) in reference.iter().zip(&got) {
+        for (k, (r, q)) in reference.iter().zip(&got).enumerate() {
+            if k == self.search && all {
+                self.search_divergence = kl.max(0.0) / self.search.max(1) as f64;
+            }
             kl += r
                 .iter()
                 .zip(q)
@@ -274,6 +280,9 @@ impl<'i> Evaluator<'i> {
                 .sum::<f64>();
             // Top-1 agreement: the fine-tune's classes are the labels.
             agree.add(Some(argmax(q)), argmax(r) as i64);
+        }
+        if all && self.search >= n {
+            self.search_divergence = kl.max(0.0) / n as f64;
         }
         Ok((kl.max(0.0) / n as f64, agree.accuracy()))
     }

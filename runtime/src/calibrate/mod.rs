@@ -32,8 +32,20 @@
 //! 5. **Refine.** Divergences do not add up exactly, so the tensors with the largest predicted
 //!    divergence revisit their neighbours on the hull (in model order) with every other tensor
 //!    at its planned encoding, minimising divergence + lambda * bytes within the budget.
-//! 6. **Confirm.** The planned model on all images: top-1 agreement with the fine-tune and the
-//!    divergence, reported as the expected agreement.
+//! 6. **Re-round in context.** Each output-rounded layer's error was scored on the fine-tune's
+//!    inputs, but in the planned model it receives the inputs the encoded layers before it
+//!    give. In model order, every such layer is rounded again, with its chosen encoding (the
+//!    file size does not change), to the weights that best give the fine-tune's outputs from
+//!    the inputs it now receives: `W = W_f + W_f (Σ y xᵀ - Σ x xᵀ)(Σ x xᵀ)⁻¹` (`x` its inputs
+//!    in the planned model, `y` in the fine-tune; sequential GPTQ with an asymmetric target),
+//!    and its bias corrects the mean output error from those inputs. Both models run once over
+//!    the images side by side ([`crate::tract::Cut`]s advanced layer by layer; `context.rs`):
+//!    a few images from the first layer, more joining as the layers' inputs shrink (so that
+//!    the cuts' memory stays bounded), every image for the last ones. The plan keeps the
+//!    result when its divergence on the search images is lower than after refinement.
+//! 7. **Confirm.** The planned model on all images: top-1 agreement with the fine-tune and the
+//!    divergence, reported as the expected agreement. After stage 6 these are images the
+//!    rounding fit, so the agreement is optimistic for new images.
 //!
 //! Whole-model evaluations run on [`crate::tract::Tunable`]: the model is built once, shared by
 //! the threads, and its weights are rewritten in place. On the search images an evaluation runs
@@ -46,7 +58,7 @@
 //!
 //! The module is split by stage: [`plan`](plan()) runs the search (candidates, the knapsack and
 //! the refinement; `plan.rs`), `statistics.rs` measures the layers' inputs for output-aware
-//! rounding, `evaluation.rs` runs the model and compares its outputs with the reference (the
+//! rounding, `context.rs` runs the layers in context for stage 6, `evaluation.rs` runs the model and compares its outputs with the reference (the
 //! counts through [`crate::metrics`]). This file holds the public types.
 //!
 //! May depend on: `std`, `tract-onnx` and `prost` (running and reading the ONNX model),
@@ -62,6 +74,7 @@ use std::vec::Vec;
 
 use crate::format::{Codec, Encoded};
 
+mod context;
 mod evaluation;
 mod plan;
 mod statistics;
@@ -159,6 +172,8 @@ pub enum Stage {
     Target,
     /// Revisiting choices in the planned model.
     Refine,
+    /// Measuring the layers' inputs in the planned model and rounding again to them.
+    Reround,
     /// Measuring the plan on every image.
     Confirm,
 }
@@ -174,6 +189,7 @@ impl Stage {
             Self::Measure => "measure",
             Self::Target => "target",
             Self::Refine => "refine",
+            Self::Reround => "reround",
             Self::Confirm => "confirm",
         }
     }
@@ -222,6 +238,9 @@ pub struct Plan {
     /// Tensors whose sign encodings were rounded to their outputs (GPTQ): the weights a
     /// convolution or fully connected layer multiplies, when their inputs could be measured.
     pub output_rounded: usize,
+    /// Of those, the layers rounded again in context in the plan (see the module's stage 6); 0
+    /// when that did not lower the divergence on the search images.
+    pub rerounded: usize,
 }
 
 impl Plan {

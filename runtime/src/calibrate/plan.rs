@@ -6,6 +6,7 @@ use std::string::{String, ToString};
 use std::sync::Arc;
 use std::vec::Vec;
 
+use super::context::in_context;
 use super::evaluation::{stored, Evaluator};
 use super::statistics::{layer_inputs, LayerInputs};
 use super::{
@@ -52,6 +53,10 @@ pub(super) struct Tensor {
     pub(super) bias: Option<(usize, Vec<Vec<f64>>)>,
     /// For such a bias: the position of its weight.
     pub(super) corrects: Option<usize>,
+    /// For a layer's weight with such a bias, once re-rounded in context: per output channel,
+    /// what the fine-tune's outputs gain over the mean inputs (`W_f (μ_f - μ)`, with `μ` the
+    /// mean inputs in the planned model, which then stand in `bias`); empty before.
+    pub(super) bias_shift: Vec<f64>,
 }
 
 impl Tensor {
@@ -63,7 +68,8 @@ impl Tensor {
 
 /// The bias of tensor `i` (a layer's weight holding the values `w`) that corrects the mean
 /// output error of `w`: `b = b_fine - E μ` per output channel, with `E = w - w_fine` and `μ`
-/// the mean input of the channel's group, as an 8-bit delta (one f16 scale). Its position, the
+/// the mean input of the channel's group (plus the tensor's `bias_shift`), as an 8-bit delta
+/// (one f16 scale). Its position, the
 /// encoding and the values it holds.
 pub(super) fn corrected_bias(
     tensors: &[Tensor],
@@ -87,7 +93,7 @@ pub(super) fn corrected_bias(
                 .zip(&mean[r / per])
                 .map(|((&a, &f), &m)| (f64::from(a) - f64::from(f)) * m)
                 .sum();
-            (f64::from(b.fine[r]) - shift) as f32
+            (f64::from(b.fine[r]) - shift + t.bias_shift.get(r).copied().unwrap_or(0.0)) as f32
         })
         .collect();
     let enc = if target
@@ -132,11 +138,25 @@ fn candidates(
     fine: &[f32],
     rounding: Option<&codec::OutputRounding>,
 ) -> Vec<(String, Encoded)> {
+    candidates_where(dims, base, fine, rounding, |_| true)
+}
+
+/// [`candidates`] whose label (before ` GPTQ`) passes `keep`; the others are not encoded.
+fn candidates_where(
+    dims: &[u64],
+    base: &[f32],
+    fine: &[f32],
+    rounding: Option<&codec::OutputRounding>,
+    keep: impl Fn(&str) -> bool,
+) -> Vec<(String, Encoded)> {
     let unchanged = base
         .iter()
         .zip(fine)
         .all(|(a, b)| a.to_bits() == b.to_bits());
-    let mut out = vec![("unchanged".to_string(), Encoded::Unchanged)];
+    let mut out = Vec::new();
+    if keep("unchanged") {
+        out.push(("unchanged".to_string(), Encoded::Unchanged));
+    }
     if unchanged {
         return out;
     }
@@ -161,48 +181,53 @@ fn candidates(
         out.push((label, enc));
     };
     for m in SIGN_MULTIPLIERS {
-        signs(
-            format!("sign x{m}"),
-            codec::sign_tensor_scaled(base, fine, m),
-        );
+        let label = format!("sign x{m}");
+        if keep(&label) {
+            signs(label, codec::sign_tensor_scaled(base, fine, m));
+        }
     }
     if channels > 1 && n / channels >= MIN_SIGN_CHANNEL {
         for m in SIGN_MULTIPLIERS {
-            signs(
-                format!("sign-groups x{m} (G={channels})"),
-                codec::sign_groups_scaled(base, fine, channels as usize, true, m),
-            );
+            let label = format!("sign-groups x{m} (G={channels})");
+            if keep(&label) {
+                signs(
+                    label,
+                    codec::sign_groups_scaled(base, fine, channels as usize, true, m),
+                );
+            }
         }
     }
     // Sign planes: per output channel where channels are long enough, else per tensor.
     let g = groups(MIN_SIGN_CHANNEL);
     for k in SIGN_PLANES {
+        let labels = SIGN_MULTIPLIERS.map(|m| format!("sign-planes k={k} x{m} (G={g})"));
+        if !labels.iter().any(|l| keep(l)) {
+            continue;
+        }
         let each =
             codec::sign_planes_multiplied(base, fine, g as usize, k, true, &SIGN_MULTIPLIERS);
-        for (m, enc) in SIGN_MULTIPLIERS.into_iter().zip(each) {
-            signs(format!("sign-planes k={k} x{m} (G={g})"), enc);
+        for (label, enc) in labels.into_iter().zip(each) {
+            if keep(&label) {
+                signs(label, enc);
+            }
         }
     }
     // Sparse signs: the largest changes of each block, below one bit per element; one scale
     // per output channel where channels hold whole blocks, else per tensor.
     let sg = groups(codec::SPARSE_BLOCK as u64);
     for m in SPARSE_ENTRIES {
-        if m <= codec::max_entries(n) {
-            out.push((
-                format!("sparse-signs m={m} (G={sg})"),
-                codec::sparse_signs(base, fine, sg as usize, m, true),
-            ));
+        let label = format!("sparse-signs m={m} (G={sg})");
+        if m <= codec::max_entries(n) && keep(&label) {
+            out.push((label, codec::sparse_signs(base, fine, sg as usize, m, true)));
         }
     }
-    out.push((
-        "q8-groups (G=1)".to_string(),
-        codec::q8_groups(base, fine, 1, true),
-    ));
-    if channels > 1 {
-        out.push((
-            format!("q8-groups (G={channels})"),
-            codec::q8_groups(base, fine, channels as usize, true),
-        ));
+    let label = "q8-groups (G=1)".to_string();
+    if keep(&label) {
+        out.push((label, codec::q8_groups(base, fine, 1, true)));
+    }
+    let label = format!("q8-groups (G={channels})");
+    if channels > 1 && keep(&label) {
+        out.push((label, codec::q8_groups(base, fine, channels as usize, true)));
     }
     out
 }
@@ -427,6 +452,7 @@ pub fn plan(
             hull: Vec::new(),
             bias: None,
             corrects: None,
+            bias_shift: Vec::new(),
         });
     })
     .map_err(|e| match e {
@@ -541,15 +567,7 @@ pub fn plan(
         .unwrap_or_else(|| default_search_images(images))
         .clamp(1, images.count);
     progress(Stage::Reference, 0, 1);
-    let values: Vec<Vec<f32>> = tensors.iter().map(|t| t.fine.clone()).collect();
-    let mut ev = Evaluator::new(
-        fine,
-        Arc::new(fine_w.clone()),
-        values,
-        images,
-        search,
-        threads,
-    )?;
+    let mut ev = evaluator(fine, fine_w, &tensors, images, search, threads)?;
     ev.reference_all = ev.logits(images.count)?;
     ev.reference_search = ev.reference_all[..search].to_vec();
     progress(Stage::Reference, 1, 1);
@@ -692,6 +710,8 @@ pub fn plan(
     let per_round: usize = order.len() * 2;
     let mut done = 0;
     progress(Stage::Refine, 0, per_round * rounds);
+    // The plan's divergence on the search images.
+    let mut planned = None;
     for _ in 0..rounds {
         let (mut current, _) = ev.measure(&[], false)?;
         for &i in &order {
@@ -736,12 +756,56 @@ pub fn plan(
             chosen[i] = best.1;
             current = best.2;
         }
+        planned = Some(current);
     }
     progress(Stage::Refine, per_round * rounds, per_round * rounds);
 
-    // 7. Confirm on every image.
+    // 7. Re-round in context, kept when the divergence on the search images falls.
+    let planned = match planned {
+        Some(kl) => kl,
+        None => ev.measure(&[], false)?.0,
+    };
+    // Only the chosen candidates are read from here on; the evaluator is built again after.
+    for (t, &c) in tensors.iter_mut().zip(&chosen) {
+        for (k, cand) in t.candidates.iter_mut().enumerate() {
+            if k != c {
+                cand.encoded = Encoded::Unchanged;
+            }
+        }
+    }
+    let (reference_all, evaluations) = (std::mem::take(&mut ev.reference_all), ev.evaluations);
+    drop(ev);
+    let old = reround(
+        fine,
+        &Arc::new(fine_w.clone()),
+        images,
+        threads,
+        &mut tensors,
+        &chosen,
+        |d, t| progress(Stage::Reround, d, t),
+    )?;
+    let mut ev = evaluator(fine, fine_w, &tensors, images, search, threads)?;
+    ev.reference_all = reference_all;
+    ev.evaluations = evaluations;
+
+    // 8. Confirm on every image.
+    ev.set(&borrowed(&plan_changes(&tensors, &chosen)))?;
     progress(Stage::Confirm, 0, 1);
-    let (divergence, agreement) = ev.measure(&[], true)?;
+    let (mut divergence, mut agreement) = ev.measure(&[], true)?;
+    let mut rerounded = old.len();
+    if !old.is_empty() && ev.search_divergence >= planned {
+        rerounded = 0;
+        for (i, enc, bias, shift) in old {
+            let t = &mut tensors[i];
+            t.candidates[chosen[i]].encoded = enc;
+            if let (Some((_, m)), Some(mean)) = (&mut t.bias, bias) {
+                *m = mean;
+            }
+            t.bias_shift = shift;
+        }
+        ev.set(&borrowed(&plan_changes(&tensors, &chosen)))?;
+        (divergence, agreement) = ev.measure(&[], true)?;
+    }
     progress(Stage::Confirm, 1, 1);
 
     // Corrected biases, from their weights' final encodings.
@@ -783,7 +847,28 @@ pub fn plan(
         search_images: search,
         evaluations: ev.evaluations,
         output_rounded,
+        rerounded,
     })
+}
+
+/// The fine-tuned model for whole-model evaluations, holding the fine-tune's weights.
+fn evaluator<'i>(
+    fine: &[u8],
+    fine_w: &OnnxWeights,
+    tensors: &[Tensor],
+    images: &'i Images,
+    search: usize,
+    threads: usize,
+) -> Result<Evaluator<'i>, CalibError> {
+    let values: Vec<Vec<f32>> = tensors.iter().map(|t| t.fine.clone()).collect();
+    Evaluator::new(
+        fine,
+        Arc::new(fine_w.clone()),
+        values,
+        images,
+        search,
+        threads,
+    )
 }
 
 /// The weights of the plan `chosen` (index among the models' tensors, values), biases corrected.
@@ -797,6 +882,120 @@ fn plan_changes(tensors: &[Tensor], chosen: &[usize]) -> Vec<(usize, Vec<f32>)> 
         }
     }
     out.into_iter().collect()
+}
+
+/// What [`reround`] replaced in one tensor: its position, the encoding of its chosen
+/// candidate, its bias's mean inputs and its bias shift.
+type Replaced = (usize, Encoded, Option<Vec<Vec<f64>>>, Vec<f64>);
+
+/// Output-rounded weights of the plan `chosen` rounded again in context, in model order
+/// (`order`): each layer's inputs measured in the planned model with the layers before it
+/// already rounded again, paired with the fine-tune's ([`paired_inputs`]), and the weight
+/// rounded with the same encoding to the values that best give the fine-tune's outputs from
+/// them ([`LayerInputs::fine_outputs_target`]); a bias-corrected weight's bias follows. Changes
+/// `tensors` and returns what it replaced.
+#[allow(clippy::too_many_arguments)]
+fn reround(
+    fine: &[u8],
+    fine_w: &Arc<OnnxWeights>,
+    images: &Images,
+    threads: usize,
+    tensors: &mut [Tensor],
+    chosen: &[usize],
+    progress: impl FnMut(usize, usize),
+) -> Result<Vec<Replaced>, CalibError> {
+    let todo: Vec<usize> = (0..tensors.len())
+        .filter(|&i| tensors[i].candidates[chosen[i]].label.ends_with(" GPTQ"))
+        .map(|i| tensors[i].index)
+        .collect();
+    if todo.is_empty() {
+        return Ok(Vec::new());
+    }
+    let values: Vec<Vec<f32>> = tensors.iter().map(|t| t.fine.clone()).collect();
+    let mut planned = values.clone();
+    for (i, v) in plan_changes(tensors, chosen) {
+        planned[i] = v;
+    }
+    let position: BTreeMap<usize, usize> = tensors
+        .iter()
+        .enumerate()
+        .map(|(k, t)| (t.index, k))
+        .collect();
+    let mut replaced = Vec::new();
+    in_context(
+        fine,
+        fine_w,
+        planned,
+        values,
+        images,
+        threads,
+        &todo,
+        |w, li| {
+            let Some(&i) = position.get(&w) else {
+                return Vec::new();
+            };
+            let Some((enc, mean, shift)) = rounded_in_context(&tensors[i], chosen[i], Some(li))
+            else {
+                return Vec::new();
+            };
+            let t = &mut tensors[i];
+            let enc = std::mem::replace(&mut t.candidates[chosen[i]].encoded, enc);
+            let bias = match (&mut t.bias, mean) {
+                (Some((_, m)), Some(mean)) => Some(std::mem::replace(m, mean)),
+                _ => None,
+            };
+            replaced.push((i, enc, bias, std::mem::replace(&mut t.bias_shift, shift)));
+            changes(tensors, i, chosen[i])
+        },
+        progress,
+    )?;
+    Ok(replaced)
+}
+
+/// Tensor `t` at candidate `c` rounded again to the fine-tune's outputs from the paired inputs
+/// `li`: the encoding, and for a bias-corrected weight its bias's mean inputs and shift.
+#[allow(clippy::type_complexity)]
+fn rounded_in_context(
+    t: &Tensor,
+    c: usize,
+    li: Option<&LayerInputs>,
+) -> Option<(Encoded, Option<Vec<Vec<f64>>>, Vec<f64>)> {
+    let c = &t.candidates[c];
+    let li = li?;
+    let li = if t.bias.is_some() {
+        li.centered()
+    } else {
+        li.clone()
+    };
+    let r = li.rounding()?;
+    let target = li.fine_outputs_target(&t.fine, &r)?;
+    let dims: Vec<u64> = t.dims.iter().map(|&d| u64::from(d)).collect();
+    let label = c.label.strip_suffix(" GPTQ")?;
+    let (_, enc) = candidates_where(&dims, &t.base, &target, Some(&r), |l| l == label)
+        .pop()
+        .filter(|(l, _)| l == &c.label)?;
+    if aligned(enc.payload_len() as u64) != c.cost {
+        return None;
+    }
+    let p = li.paired.as_ref()?;
+    if t.bias.is_none() {
+        return Some((enc, None, Vec::new()));
+    }
+    let cols = li.cols;
+    let per = t.fine.len() / cols / li.mean.len();
+    let shift = t
+        .fine
+        .chunks_exact(cols)
+        .enumerate()
+        .map(|(r, w)| {
+            let g = r / per;
+            w.iter()
+                .zip(p.mean[g].iter().zip(&li.mean[g]))
+                .map(|(&w, (&mf, &mq))| f64::from(w) * (mf - mq))
+                .sum()
+        })
+        .collect();
+    Some((enc, Some(li.mean.clone()), shift))
 }
 
 /// Search images when the settings do not say: 64, fewer for large images (at least 16), so

@@ -197,6 +197,7 @@ fn add_outer(h: &mut [f64], p: &[f64]) {
 /// What one layer's weight multiplies in the fine-tuned model on the calibration images: the
 /// sums of `x xᵀ` over every input vector (a convolution's patches, a fully connected layer's
 /// rows), one symmetric `cols × cols` matrix per group of rows.
+#[derive(Clone, Debug)]
 pub(super) struct LayerInputs {
     pub(super) cols: usize,
     pub(super) h: Vec<Vec<f64>>,
@@ -206,6 +207,17 @@ pub(super) struct LayerInputs {
     pub(super) vectors: f64,
     /// The bias added to the layer's outputs, if it is a tensor of its own.
     pub(super) bias: Option<String>,
+    /// The same layer's inputs in the fine-tune, when these are another model's
+    /// ([`paired_inputs`]).
+    pub(super) paired: Option<Paired>,
+}
+
+/// A layer's inputs in the fine-tune `y`, beside its inputs `x` in another model on the same
+/// images: per group `Σ y xᵀ` and the mean of `y`.
+#[derive(Clone, Debug)]
+pub(super) struct Paired {
+    pub(super) cross: Vec<Vec<f64>>,
+    pub(super) mean: Vec<Vec<f64>>,
 }
 
 impl LayerInputs {
@@ -233,43 +245,92 @@ impl LayerInputs {
     }
 
     /// The same layer once its bias absorbs the mean of every output error (bias correction):
-    /// the second moments about the mean, `H - N μ μᵀ`, with `N` the input vectors summed.
+    /// the second moments about the mean, `H - N μ μᵀ`, with `N` the input vectors summed (and,
+    /// paired, `Σ y xᵀ - N μ_y μᵀ`).
     pub(super) fn centered(&self) -> Self {
         let count = self.vectors;
-        let h = self
-            .h
-            .iter()
-            .zip(&self.mean)
-            .map(|(h, m)| {
-                let mut c = h.clone();
-                for (r, &mr) in m.iter().enumerate() {
-                    for (x, &mc) in c[r * self.cols..(r + 1) * self.cols].iter_mut().zip(m) {
-                        *x -= count * mr * mc;
+        let cols = self.cols;
+        let center = |m: &[Vec<f64>], left: &[Vec<f64>], right: &[Vec<f64>]| -> Vec<Vec<f64>> {
+            m.iter()
+                .zip(left.iter().zip(right))
+                .map(|(h, (l, r))| {
+                    let mut c = h.clone();
+                    for (row, &lr) in c.chunks_exact_mut(cols).zip(l) {
+                        for (x, &rc) in row.iter_mut().zip(r) {
+                            *x -= count * lr * rc;
+                        }
                     }
-                }
-                c
-            })
-            .collect();
+                    c
+                })
+                .collect()
+        };
         Self {
-            cols: self.cols,
-            h,
+            cols,
+            h: center(&self.h, &self.mean, &self.mean),
             mean: self.mean.clone(),
             vectors: self.vectors,
             bias: self.bias.clone(),
+            paired: self.paired.as_ref().map(|p| Paired {
+                cross: center(&p.cross, &p.mean, &self.mean),
+                mean: p.mean.clone(),
+            }),
         }
+    }
+
+    /// For paired inputs (`x` here, `y` in the fine-tune): the weights `W` (rows of `cols`, the
+    /// groups' rows one after the other) that best give the fine-tune's outputs `W_f y` from
+    /// these inputs, `W = W_f + W_f (Σ y xᵀ - Σ x xᵀ) (Σ x xᵀ)⁻¹` with `Σ x xᵀ` damped as in
+    /// `rounding` (which must come from these sums). The error of any `Ŵ` is then
+    /// `(Ŵ - W) H (Ŵ - W)ᵀ` up to a constant, so rounding to `W` with `H` corrects what the
+    /// layers before left. `None` when not paired or the shapes do not fit.
+    pub(super) fn fine_outputs_target(
+        &self,
+        fine: &[f32],
+        rounding: &codec::OutputRounding,
+    ) -> Option<Vec<f32>> {
+        let p = self.paired.as_ref()?;
+        let (cols, groups) = (self.cols, self.h.len());
+        if cols == 0 || !fine.len().is_multiple_of(cols * groups) || rounding.cols() != cols {
+            return None;
+        }
+        let per = fine.len() / cols / groups;
+        let mut out = Vec::with_capacity(fine.len());
+        for (g, (h, cross)) in self.h.iter().zip(&p.cross).enumerate() {
+            let w: Vec<f64> = fine[g * per * cols..(g + 1) * per * cols]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let w = ArrayView2::from_shape((per, cols), &w[..]).ok()?;
+            let m: Vec<f64> = cross.iter().zip(h).map(|(c, h)| c - h).collect();
+            let m = ArrayView2::from_shape((cols, cols), &m[..]).ok()?;
+            let mut shift = w.dot(&m);
+            let rows = shift.as_slice_mut()?;
+            if !rounding.solve_rows(g, rows) {
+                return None;
+            }
+            out.extend(w.iter().zip(rows.iter()).map(|(&a, &b)| (a + b) as f32));
+        }
+        out.iter().all(|x| x.is_finite()).then_some(out)
     }
 }
 
-/// Running sums of one layer's input vectors, per group: `Σ x xᵀ`, `Σ x` and their count. The
-/// products `Σ x xᵀ` gather in f32 over at most [`PATCH_ROWS`] vectors, then go into the f64
-/// sums ([`Sums::finish`] adds the last ones).
+/// Running sums of one layer's input vectors, per group: `Σ x xᵀ`, `Σ x` and their count; when
+/// paired with the same layer's inputs in a second model (`x` from the model being encoded, `y`
+/// from the fine-tune on the same images), also `Σ y xᵀ` and `Σ y`. The products gather in f32
+/// over at most [`PATCH_ROWS`] vectors, then go into the f64 sums ([`Sums::finish`] adds the
+/// last ones).
 #[derive(Clone, Debug, Default)]
 pub(super) struct Sums {
     pub(super) h: Vec<Vec<f64>>,
     pub(super) sum: Vec<Vec<f64>>,
     pub(super) vectors: f64,
-    /// Per group: `Σ x xᵀ` (f32) of the vectors not yet in `h`, and their count.
-    pending: Vec<(Vec<f32>, usize)>,
+    /// Per group `Σ y xᵀ` (row-major, `y` along the rows); empty when not paired.
+    pub(super) cross: Vec<Vec<f64>>,
+    /// Per group `Σ y`; empty when not paired.
+    pub(super) sum_paired: Vec<Vec<f64>>,
+    /// Per group: `Σ x xᵀ` and `Σ y xᵀ` (f32) of the vectors not yet in the f64 sums, and their
+    /// count.
+    pending: Vec<(Vec<f32>, Vec<f32>, usize)>,
 }
 
 impl Sums {
@@ -278,31 +339,65 @@ impl Sums {
             h: vec![vec![0f64; cols * cols]; groups],
             sum: vec![vec![0f64; cols]; groups],
             vectors: 0.0,
-            pending: vec![(Vec::new(), 0); groups],
+            cross: Vec::new(),
+            sum_paired: Vec::new(),
+            pending: vec![(Vec::new(), Vec::new(), 0); groups],
         }
     }
 
-    /// Adds the rows of `cols` values in `x` to group `g`.
-    fn add(&mut self, g: usize, x: &[f32], cols: usize) {
-        if let Ok(x) = ArrayView2::from_shape((x.len() / cols, cols), x) {
-            self.add_columns(g, x.t());
+    /// Sums that also take each vector's pair ([`Sums::add_pairs`]).
+    pub(super) fn paired(groups: usize, cols: usize) -> Self {
+        Self {
+            cross: vec![vec![0f64; cols * cols]; groups],
+            sum_paired: vec![vec![0f64; cols]; groups],
+            ..Self::new(groups, cols)
         }
     }
 
-    /// Adds the columns of `xt` (one input vector per column) to group `g`.
-    fn add_columns(&mut self, g: usize, xt: ArrayView2<'_, f32>) {
-        let (cols, n) = xt.dim();
-        if self.h[g].len() != cols * cols || n == 0 {
+    /// Adds the rows of `cols` values in `x[0]` to group `g` (paired with the rows of `x[1]`).
+    fn add(&mut self, g: usize, x: &[&[f32]], cols: usize) {
+        let views: Option<Vec<ArrayView2<'_, f32>>> = x
+            .iter()
+            .map(|x| ArrayView2::from_shape((x.len() / cols, cols), x).ok())
+            .collect();
+        if let Some(v) = views {
+            let t: Vec<ArrayView2<'_, f32>> = v.iter().map(|v| v.t()).collect();
+            self.add_pairs(g, &t);
+        }
+    }
+
+    /// Adds the columns of `xt[0]` (one input vector per column) to group `g`; when paired,
+    /// `xt[1]` holds their pairs, column by column.
+    fn add_pairs(&mut self, g: usize, xt: &[ArrayView2<'_, f32>]) {
+        let Some(x) = xt.first() else { return };
+        let (cols, n) = x.dim();
+        let paired = !self.cross.is_empty();
+        if self.h[g].len() != cols * cols
+            || n == 0
+            || (paired && xt.get(1).is_none_or(|y| y.dim() != (cols, n)))
+        {
             return;
         }
-        let (acc, count) = &mut self.pending[g];
+        let (acc, cross, count) = &mut self.pending[g];
         if acc.is_empty() {
             *acc = vec![0f32; cols * cols];
         }
         let mut m = ArrayViewMut2::from_shape((cols, cols), &mut acc[..]).expect("cols x cols");
-        general_mat_mul(1.0, &xt, &xt.t(), 1.0, &mut m);
+        general_mat_mul(1.0, x, &x.t(), 1.0, &mut m);
+        if paired {
+            let y = &xt[1];
+            if cross.is_empty() {
+                *cross = vec![0f32; cols * cols];
+            }
+            let mut m =
+                ArrayViewMut2::from_shape((cols, cols), &mut cross[..]).expect("cols x cols");
+            general_mat_mul(1.0, y, &x.t(), 1.0, &mut m);
+            for (o, row) in self.sum_paired[g].iter_mut().zip(y.rows()) {
+                *o += row.iter().map(|&v| f64::from(v)).sum::<f64>();
+            }
+        }
         *count += n;
-        for (o, row) in self.sum[g].iter_mut().zip(xt.rows()) {
+        for (o, row) in self.sum[g].iter_mut().zip(x.rows()) {
             *o += row.iter().map(|&v| f64::from(v)).sum::<f64>();
         }
         if g == 0 {
@@ -314,10 +409,16 @@ impl Sums {
     }
 
     fn flush(&mut self, g: usize) {
-        let (acc, count) = &mut self.pending[g];
+        let (acc, cross, count) = &mut self.pending[g];
         for (o, v) in self.h[g].iter_mut().zip(acc.iter_mut()) {
             *o += f64::from(*v);
             *v = 0.0;
+        }
+        if let Some(c) = self.cross.get_mut(g) {
+            for (o, v) in c.iter_mut().zip(cross.iter_mut()) {
+                *o += f64::from(*v);
+                *v = 0.0;
+            }
         }
         *count = 0;
     }
@@ -325,10 +426,11 @@ impl Sums {
     /// Adds the vectors still pending to the f64 sums and frees their f32 sums.
     pub(super) fn finish(&mut self) {
         for g in 0..self.pending.len() {
-            if self.pending[g].1 > 0 {
+            if self.pending[g].2 > 0 {
                 self.flush(g);
             }
             self.pending[g].0 = Vec::new();
+            self.pending[g].1 = Vec::new();
         }
     }
 }
@@ -346,12 +448,20 @@ pub(super) const IMAGE_POSITIONS: usize = 1024;
 /// [`add_patches`] through matrix products, on at most [`IMAGE_POSITIONS`] positions of each
 /// image: the patches of each image and group are the columns of a matrix `Xᵀ`, and `Xᵀ X` is
 /// added to the group's sums ([`Sums`]).
+#[cfg(test)]
 pub(super) fn add_patches_fast(s: &ConvShape, a: &[f32], shape: &[usize], sums: &mut Sums) {
+    add_patch_pairs(s, &[a], shape, sums);
+}
+
+/// [`add_patches_fast`] on the activations `a[0]`, paired position by position with those of
+/// `a[1]` (the same layer's input in another model, of the same shape) when `sums` is paired.
+pub(super) fn add_patch_pairs(s: &ConvShape, a: &[&[f32]], shape: &[usize], sums: &mut Sums) {
     let [n, c, ih, iw] = [shape[0], shape[1], shape[2], shape[3]];
     let ([kh, kw], [sy, sx], [dy, dx]) = (s.kernel, s.stride, s.dilation);
     let (span_y, span_x) = (dy * (kh - 1) + 1, dx * (kw - 1) + 1);
     let (py, px) = (ih + s.pads[0] + s.pads[2], iw + s.pads[1] + s.pads[3]);
-    if c != s.cig * s.group || py < span_y || px < span_x {
+    let len = n * c * ih * iw;
+    if c != s.cig * s.group || py < span_y || px < span_x || a.iter().any(|a| a.len() < len) {
         return;
     }
     let (oh, ow) = ((py - span_y) / sy + 1, (px - span_x) / sx + 1);
@@ -366,8 +476,12 @@ pub(super) fn add_patches_fast(s: &ConvShape, a: &[f32], shape: &[usize], sums: 
             for gi in 0..s.group {
                 let at = (img * c + gi * s.cig) * hw;
                 let shape = (s.cig, per_image).strides((hw, step));
-                if let Ok(xt) = ArrayView2::from_shape(shape, &a[at..]) {
-                    sums.add_columns(gi, xt);
+                let views: Option<Vec<ArrayView2<'_, f32>>> = a
+                    .iter()
+                    .map(|a| ArrayView2::from_shape(shape, &a[at..]).ok())
+                    .collect();
+                if let Some(v) = views {
+                    sums.add_pairs(gi, &v);
                 }
             }
         }
@@ -376,57 +490,66 @@ pub(super) fn add_patches_fast(s: &ConvShape, a: &[f32], shape: &[usize], sums: 
     // One image and group at a time: `Xᵀ`, one row per patch value (input channel and tap), one
     // column per position (at most IMAGE_POSITIONS). Without sampling, a tap's values along an
     // output row are the input row read from one offset on the horizontal stride.
-    let mut xt = vec![0f32; cols * per_image];
+    let mut xt = vec![vec![0f32; cols * per_image]; a.len()];
     let (pt, pl) = (s.pads[0], s.pads[1]);
     for img in 0..n {
         for gi in 0..s.group {
-            for ci in 0..s.cig {
-                let plane = &a[((img * c) + gi * s.cig + ci) * ih * iw..][..ih * iw];
-                for ky in 0..kh {
-                    for kx in 0..kw {
-                        let row = &mut xt[((ci * kh + ky) * kw + kx) * per_image..][..per_image];
-                        if step == 1 {
-                            // Output columns whose input column is inside: ox*sx + kx*dx - pl in
-                            // 0..iw.
-                            let off = kx * dx;
-                            let lo = pl.saturating_sub(off).div_ceil(sx).min(ow);
-                            let hi = (iw + pl)
-                                .checked_sub(off)
-                                .map_or(0, |e| e.div_ceil(sx))
-                                .clamp(lo, ow);
-                            for (oy, out) in row.chunks_exact_mut(ow).enumerate() {
-                                let y = (oy * sy + ky * dy).checked_sub(pt).filter(|&y| y < ih);
-                                let Some(y) = y else {
-                                    out.fill(0.0);
-                                    continue;
-                                };
-                                out[..lo].fill(0.0);
-                                out[hi..].fill(0.0);
-                                if lo < hi {
-                                    let first = lo * sx + off - pl;
-                                    let src = plane[y * iw + first..].iter().step_by(sx);
-                                    for (o, &v) in out[lo..hi].iter_mut().zip(src) {
-                                        *o = v;
+            for (xt, a) in xt.iter_mut().zip(a) {
+                for ci in 0..s.cig {
+                    let plane = &a[((img * c) + gi * s.cig + ci) * ih * iw..][..ih * iw];
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let row =
+                                &mut xt[((ci * kh + ky) * kw + kx) * per_image..][..per_image];
+                            if step == 1 {
+                                // Output columns whose input column is inside: ox*sx + kx*dx -
+                                // pl in 0..iw.
+                                let off = kx * dx;
+                                let lo = pl.saturating_sub(off).div_ceil(sx).min(ow);
+                                let hi = (iw + pl)
+                                    .checked_sub(off)
+                                    .map_or(0, |e| e.div_ceil(sx))
+                                    .clamp(lo, ow);
+                                for (oy, out) in row.chunks_exact_mut(ow).enumerate() {
+                                    let y = (oy * sy + ky * dy).checked_sub(pt).filter(|&y| y < ih);
+                                    let Some(y) = y else {
+                                        out.fill(0.0);
+                                        continue;
+                                    };
+                                    out[..lo].fill(0.0);
+                                    out[hi..].fill(0.0);
+                                    if lo < hi {
+                                        let first = lo * sx + off - pl;
+                                        let src = plane[y * iw + first..].iter().step_by(sx);
+                                        for (o, &v) in out[lo..hi].iter_mut().zip(src) {
+                                            *o = v;
+                                        }
                                     }
                                 }
-                            }
-                        } else {
-                            for (r, o) in row.iter_mut().enumerate() {
-                                let k = r * step;
-                                let (oy, ox) = (k / ow, k % ow);
-                                let y = (oy * sy + ky * dy).checked_sub(pt);
-                                let xx = (ox * sx + kx * dx).checked_sub(pl);
-                                *o = match (y, xx) {
-                                    (Some(y), Some(xx)) if y < ih && xx < iw => plane[y * iw + xx],
-                                    _ => 0.0,
-                                };
+                            } else {
+                                for (r, o) in row.iter_mut().enumerate() {
+                                    let k = r * step;
+                                    let (oy, ox) = (k / ow, k % ow);
+                                    let y = (oy * sy + ky * dy).checked_sub(pt);
+                                    let xx = (ox * sx + kx * dx).checked_sub(pl);
+                                    *o = match (y, xx) {
+                                        (Some(y), Some(xx)) if y < ih && xx < iw => {
+                                            plane[y * iw + xx]
+                                        }
+                                        _ => 0.0,
+                                    };
+                                }
                             }
                         }
                     }
                 }
             }
-            if let Ok(view) = ArrayView2::from_shape((cols, per_image), &xt[..]) {
-                sums.add_columns(gi, view);
+            let views: Option<Vec<ArrayView2<'_, f32>>> = xt
+                .iter()
+                .map(|x| ArrayView2::from_shape((cols, per_image), &x[..]).ok())
+                .collect();
+            if let Some(v) = views {
+                sums.add_pairs(gi, &v);
             }
         }
     }
@@ -444,12 +567,36 @@ pub(super) fn layer_inputs(
     fine_w: &OnnxWeights,
     images: &Images,
     threads: usize,
+    progress: impl FnMut(usize, usize),
+) -> BTreeMap<String, LayerInputs> {
+    probed(&[fine], fine_w, images, threads, progress)
+}
+
+#[cfg(test)]
+/// [`layer_inputs`] of `model` (the fine-tune's graph holding other weights: the initializers
+/// of `fine_w` at the same places), paired with the fine-tune's (`fine`) on the same images,
+/// from whole runs of both: each layer's [`LayerInputs::paired`] holds the fine-tune's side.
+pub(super) fn paired_inputs(
+    model: &[u8],
+    fine: &[u8],
+    fine_w: &OnnxWeights,
+    images: &Images,
+    threads: usize,
+) -> BTreeMap<String, LayerInputs> {
+    probed(&[model, fine], fine_w, images, threads, |_, _| {})
+}
+
+fn probed(
+    models: &[&[u8]],
+    fine_w: &OnnxWeights,
+    images: &Images,
+    threads: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> BTreeMap<String, LayerInputs> {
     let batch = (PROBE_VALUES / images.image_len().max(1)).clamp(1, PROBE_BATCH);
     let total = images.count.div_ceil(batch);
     progress(0, total);
-    let out = probe_inputs(fine, fine_w, images, batch, threads.max(1), |done| {
+    let out = probe_inputs(models, fine_w, images, batch, threads.max(1), |done| {
         progress(done, total);
     })
     .unwrap_or_default();
@@ -460,8 +607,10 @@ pub(super) fn layer_inputs(
 /// Input values per probe run: the batch is this over the image size (at least one image).
 const PROBE_VALUES: usize = 1 << 16;
 
+/// The layers' inputs in `models[0]`, paired with those in `models[1]` when there are two
+/// (models of the same graph).
 fn probe_inputs(
-    fine: &[u8],
+    models: &[&[u8]],
     fine_w: &OnnxWeights,
     images: &Images,
     batch: usize,
@@ -469,8 +618,11 @@ fn probe_inputs(
     mut progress: impl FnMut(usize),
 ) -> TractResult<BTreeMap<String, LayerInputs>> {
     use prost::Message;
-    let proto = tract_onnx::pb::ModelProto::decode(fine)?;
-    let Some(graph) = proto.graph.as_ref() else {
+    let protos = models
+        .iter()
+        .map(|m| tract_onnx::pb::ModelProto::decode(*m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let Some(graph) = protos.first().and_then(|p| p.graph.as_ref()) else {
         return Ok(BTreeMap::new());
     };
     let uses = weight_uses(graph, fine_w);
@@ -480,15 +632,16 @@ fn probe_inputs(
     if inputs.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let mut model = tract_onnx::onnx().model_for_proto_model(&proto)?;
-    model.select_outputs_by_name(&inputs)?;
-    let mut h: Vec<Sums> = uses
+    let probes = protos
         .iter()
-        .map(|u| match &u.conv {
-            Some(s) => Sums::new(s.group, s.cols()),
-            None => Sums::new(1, fine_w.get(&u.weight).map_or(0, |w| w.dims[1] as usize)),
+        .map(|proto| {
+            let mut model = tract_onnx::onnx().model_for_proto_model(proto)?;
+            model.select_outputs_by_name(&inputs)?;
+            Ok(model)
         })
-        .collect();
+        .collect::<TractResult<Vec<_>>>()?;
+    let paired = probes.len() > 1;
+    let mut h: Vec<Sums> = uses.iter().map(|u| u.sums(fine_w, paired)).collect();
     // Each layer's cost (its matrices' size) decides its thread, largest first.
     let mut lanes: Vec<(usize, Vec<usize>)> = vec![(0, Vec::new()); threads];
     let mut order: Vec<usize> = (0..uses.len()).collect();
@@ -498,94 +651,167 @@ fn probe_inputs(
         lane.0 += h[k].h.iter().map(Vec::len).sum::<usize>();
         lane.1.push(k);
     }
-    let mut plans: BTreeMap<usize, std::sync::Arc<TypedSimplePlan>> = BTreeMap::new();
+    // Per model and batch size, its runnable plan.
+    let mut plans: BTreeMap<(usize, usize), std::sync::Arc<TypedSimplePlan>> = BTreeMap::new();
     let image = images.image_len();
     let chunks: Vec<&[f32]> = images.data.chunks(batch * image).collect();
     let mut done = 0;
-    // `threads` runs of the probe at once (one per thread), then their layers' sums in image
+    // `threads` runs of the probes at once (one per thread), then their layers' sums in image
     // order, each layer by the thread of its lane.
     for wave in chunks.chunks(threads) {
         for chunk in wave {
             let n = chunk.len() / image;
-            if let std::collections::btree_map::Entry::Vacant(slot) = plans.entry(n) {
-                slot.insert(
-                    model
-                        .clone()
-                        .with_input_fact(0, f32::fact(images.batch_shape(n)).into())?
-                        .into_optimized()?
-                        .into_runnable()?,
-                );
+            for (m, probe) in probes.iter().enumerate() {
+                if let std::collections::btree_map::Entry::Vacant(slot) = plans.entry((m, n)) {
+                    slot.insert(
+                        probe
+                            .clone()
+                            .with_input_fact(0, f32::fact(images.batch_shape(n)).into())?
+                            .into_optimized()?
+                            .into_runnable()?,
+                    );
+                }
             }
         }
         let plans = &plans;
-        let run = |chunk: &&[f32]| -> TractResult<TVec<TValue>> {
+        let run = |m: usize, chunk: &[f32]| -> TractResult<TVec<TValue>> {
             let n = chunk.len() / image;
             let input = tract_onnx::prelude::Tensor::from_shape(&images.batch_shape(n), chunk)?;
-            plans[&n].run(tvec!(input.into()))
+            plans[&(m, n)].run(tvec!(input.into()))
         };
+        let jobs: Vec<(usize, &[f32])> = wave
+            .iter()
+            .flat_map(|chunk| (0..probes.len()).map(move |m| (m, *chunk)))
+            .collect();
+        // Runs on `threads` threads, the results in job order.
         let outputs: Vec<TractResult<TVec<TValue>>> = std::thread::scope(|s| {
-            let others: Vec<_> = wave[1..]
-                .iter()
-                .map(|chunk| s.spawn(move || run(chunk)))
+            let per = jobs.len().div_ceil(threads);
+            let others: Vec<_> = jobs[per.min(jobs.len())..]
+                .chunks(per)
+                .map(|part| s.spawn(move || part.iter().map(|&(m, c)| run(m, c)).collect()))
                 .collect();
-            let mut all = vec![run(&wave[0])];
-            all.extend(
-                others
-                    .into_iter()
-                    .map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e))),
-            );
+            let mut all: Vec<TractResult<TVec<TValue>>> = jobs[..per.min(jobs.len())]
+                .iter()
+                .map(|&(m, c)| run(m, c))
+                .collect();
+            for t in others {
+                let part: Vec<_> = t.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+                all.extend(part);
+            }
             all
         });
-        for out in outputs {
-            let out = out?;
+        let mut outputs = outputs.into_iter();
+        for _ in wave {
+            let out = (0..probes.len())
+                .map(|_| outputs.next().expect("one output per job"))
+                .collect::<TractResult<Vec<_>>>()?;
             add_outputs(&uses, &inputs, &lanes, &mut h, &out)?;
             done += 1;
             progress(done);
         }
     }
-    h.iter_mut().for_each(Sums::finish);
     let mut out = BTreeMap::new();
     for (u, hu) in uses.into_iter().zip(h) {
-        let cols = match &u.conv {
-            Some(s) => s.cols(),
-            None => fine_w.get(&u.weight).map_or(0, |w| w.dims[1] as usize),
-        };
-        let finite = |m: &Vec<Vec<f64>>| m.iter().flatten().all(|x| x.is_finite());
-        if cols > 0 && hu.vectors > 0.0 && finite(&hu.h) && finite(&hu.sum) {
-            let mean = hu
-                .sum
-                .iter()
-                .map(|s| s.iter().map(|x| x / hu.vectors).collect())
-                .collect();
-            out.insert(
-                u.weight,
-                LayerInputs {
-                    cols,
-                    h: hu.h,
-                    mean,
-                    vectors: hu.vectors,
-                    bias: u.bias,
-                },
-            );
+        let cols = u.cols(fine_w);
+        if let Some(li) = hu.into_inputs(cols, u.bias.clone(), paired) {
+            out.insert(u.weight, li);
         }
     }
     Ok(out)
 }
 
-/// Adds one probe run's layer inputs (`out`, in the order of `inputs`) to the layers' sums, each
-/// lane's layers on a thread of its own.
+impl WeightUse {
+    /// Inputs per output of the weight.
+    pub(super) fn cols(&self, weights: &OnnxWeights) -> usize {
+        match &self.conv {
+            Some(s) => s.cols(),
+            None => weights.get(&self.weight).map_or(0, |w| w.dims[1] as usize),
+        }
+    }
+
+    /// Empty sums of the weight's inputs (`paired`: [`Sums::paired`]).
+    pub(super) fn sums(&self, weights: &OnnxWeights, paired: bool) -> Sums {
+        let groups = self.conv.as_ref().map_or(1, |s| s.group);
+        let cols = self.cols(weights);
+        if paired {
+            Sums::paired(groups, cols)
+        } else {
+            Sums::new(groups, cols)
+        }
+    }
+
+    /// Adds the weight's input vectors in the activations `values[0]` (of shape `dims`; paired
+    /// with `values[1]`) to `sums`.
+    pub(super) fn add(&self, values: &[&[f32]], dims: &[usize], sums: &mut Sums) {
+        match &self.conv {
+            Some(s) if dims.len() == 4 => add_patch_pairs(s, values, dims, sums),
+            None if dims.len() == 2 && dims[1] * dims[1] == sums.h[0].len() => {
+                sums.add(0, values, dims[1]);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Sums {
+    /// The layer's inputs (`cols` per vector, `bias` its bias) from these sums, when they hold a
+    /// vector and every sum is finite.
+    pub(super) fn into_inputs(
+        mut self,
+        cols: usize,
+        bias: Option<String>,
+        paired: bool,
+    ) -> Option<LayerInputs> {
+        self.finish();
+        let finite = |m: &Vec<Vec<f64>>| m.iter().flatten().all(|x| x.is_finite());
+        if cols == 0
+            || self.vectors <= 0.0
+            || !finite(&self.h)
+            || !finite(&self.sum)
+            || !finite(&self.cross)
+            || !finite(&self.sum_paired)
+        {
+            return None;
+        }
+        let n = self.vectors;
+        let mean = |sum: &[Vec<f64>]| -> Vec<Vec<f64>> {
+            sum.iter()
+                .map(|s| s.iter().map(|x| x / n).collect())
+                .collect()
+        };
+        let paired = paired.then(|| Paired {
+            cross: std::mem::take(&mut self.cross),
+            mean: mean(&self.sum_paired),
+        });
+        Some(LayerInputs {
+            cols,
+            mean: mean(&self.sum),
+            h: self.h,
+            vectors: n,
+            bias,
+            paired,
+        })
+    }
+}
+
+/// Adds one probe run's layer inputs (`out[m]`: model `m`'s, in the order of `inputs`) to the
+/// layers' sums, each lane's layers on a thread of its own.
 fn add_outputs(
     uses: &[WeightUse],
     inputs: &[&str],
     lanes: &[(usize, Vec<usize>)],
     h: &mut [Sums],
-    out: &[TValue],
+    out: &[TVec<TValue>],
 ) -> TractResult<()> {
     let views = out
         .iter()
-        .map(|t| {
-            let a = t.to_plain_array_view::<f32>()?;
-            Ok((a.to_slice().unwrap_or(&[]), a.shape().to_vec()))
+        .map(|o| {
+            o.iter()
+                .map(|t| {
+                    let a = t.to_plain_array_view::<f32>()?;
+                    Ok((a.to_slice().unwrap_or(&[]), a.shape().to_vec()))
+                })
+                .collect::<TractResult<Vec<_>>>()
         })
         .collect::<TractResult<Vec<_>>>()?;
     let mut slots: Vec<Option<&mut Sums>> = h.iter_mut().map(Some).collect();
@@ -604,14 +830,12 @@ fn add_outputs(
             let Ok(at) = inputs.binary_search(&u.input.as_str()) else {
                 continue;
             };
-            let (values, dims) = (&views[at].0, &views[at].1);
-            match &u.conv {
-                Some(s) if dims.len() == 4 => add_patches_fast(s, values, dims, hu),
-                None if dims.len() == 2 && dims[1] * dims[1] == hu.h[0].len() => {
-                    hu.add(0, values, dims[1]);
-                }
-                _ => {}
+            let dims = &views[0][at].1;
+            if views.iter().any(|v| &v[at].1 != dims) {
+                continue;
             }
+            let values: Vec<&[f32]> = views.iter().map(|v| v[at].0).collect();
+            u.add(&values, dims, hu);
         }
     };
     std::thread::scope(|s| {

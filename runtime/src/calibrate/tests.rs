@@ -1,9 +1,11 @@
 //! Unit tests of the calibration search.
 
+use super::context::in_context;
 use super::evaluation::{reconstruct_encoded, Evaluator};
 use super::plan::{corrected_bias, greedy, lower_hull, Candidate, Tensor};
 use super::statistics::{
-    add_patches, add_patches_fast, layer_inputs, mirror, weight_uses, ConvShape, LayerInputs, Sums,
+    add_patches, add_patches_fast, layer_inputs, mirror, paired_inputs, weight_uses, ConvShape,
+    LayerInputs, Paired, Sums,
 };
 use super::*;
 use crate::codec;
@@ -51,6 +53,7 @@ fn tensor(points: &[(u64, f64)]) -> Tensor {
         hull,
         bias: None,
         corrects: None,
+        bias_shift: Vec::new(),
     }
 }
 
@@ -339,6 +342,7 @@ fn output_error_is_the_quadratic_form_and_centering_removes_the_mean() {
         vec![1.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0],
     ];
     let li = LayerInputs {
+        paired: None,
         cols: 3,
         h: h.clone(),
         mean: vec![vec![0.5, -0.25, 1.0], vec![0.0, 1.0, 0.5]],
@@ -423,11 +427,12 @@ fn corrected_bias_cancels_the_mean_output_error() {
     assert_eq!(enc, Encoded::Unchanged);
 }
 
-#[test]
-fn an_evaluation_from_a_cut_equals_a_whole_run() {
-    // The search images are all the images, so each evaluation is made twice: from the kept
-    // cut (on the search images) and by whole runs (on every image). Weights in and out of
-    // model order, a kept change in between, batches of 2 threads with a padded last batch.
+/// The values of every weight of a model.
+type Values = Vec<Vec<f32>>;
+
+/// The species night model, its weights, and the values of every weight in the base and in
+/// night.
+fn species_night() -> (Vec<u8>, OnnxWeights, Values, Values) {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/species/");
     let fine = std::fs::read(format!("{dir}night.onnx")).unwrap();
     let base = std::fs::read(format!("{dir}species-base.onnx")).unwrap();
@@ -439,6 +444,15 @@ fn an_evaluation_from_a_cut_equals_a_whole_run() {
             .collect()
     };
     let (bv, fv) = (values(&base), values(&fine));
+    (fine, w, bv, fv)
+}
+
+#[test]
+fn an_evaluation_from_a_cut_equals_a_whole_run() {
+    // The search images are all the images, so each evaluation is made twice: from the kept
+    // cut (on the search images) and by whole runs (on every image). Weights in and out of
+    // model order, a kept change in between, batches of 2 threads with a padded last batch.
+    let (fine, w, bv, fv) = species_night();
     let images = species_images(11);
     let mut ev = Evaluator::new(
         &fine,
@@ -473,4 +487,120 @@ fn an_evaluation_from_a_cut_equals_a_whole_run() {
         ev.measure(&[], false).unwrap(),
         ev.measure(&[], true).unwrap()
     );
+}
+
+#[test]
+fn the_fine_outputs_target_solves_the_normal_equations() {
+    // With `H = Σ x xᵀ`, `C = Σ y xᵀ` and `H_d` the damped `H`: the target `W` satisfies
+    // `(W - W_f) H_d = W_f (C - H)`, row by row, in each group.
+    let cols = 3;
+    let h = vec![
+        vec![4.0, 1.0, 0.5, 1.0, 3.0, 0.2, 0.5, 0.2, 2.0],
+        vec![2.0, 0.3, 0.0, 0.3, 1.0, 0.1, 0.0, 0.1, 3.0],
+    ];
+    let cross = vec![
+        vec![3.5, 1.2, 0.4, 0.8, 3.1, 0.0, 0.6, 0.1, 2.2],
+        vec![2.1, 0.2, 0.1, 0.4, 0.9, 0.0, -0.1, 0.2, 2.7],
+    ];
+    let li = LayerInputs {
+        cols,
+        h: h.clone(),
+        mean: vec![vec![0.0; cols]; 2],
+        vectors: 10.0,
+        bias: None,
+        paired: Some(Paired {
+            cross: cross.clone(),
+            mean: vec![vec![0.0; cols]; 2],
+        }),
+    };
+    let fine: Vec<f32> = vec![
+        0.5, -1.0, 0.25, 1.5, 0.0, -0.75, -0.5, 2.0, 1.0, 0.125, -0.25, 0.5,
+    ];
+    let r = li.rounding().unwrap();
+    let target = li.fine_outputs_target(&fine, &r).unwrap();
+    for row in 0..4 {
+        let g = row / 2;
+        let hg = &h[g];
+        let damp = codec::OUTPUT_ROUNDING_DAMP * (0..cols).map(|i| hg[i * cols + i]).sum::<f64>()
+            / cols as f64;
+        let w = |c: usize| f64::from(fine[row * cols + c]);
+        let e = |c: usize| f64::from(target[row * cols + c]) - w(c);
+        for c in 0..cols {
+            let lhs: f64 = (0..cols)
+                .map(|a| e(a) * (hg[a * cols + c] + if a == c { damp } else { 0.0 }))
+                .sum();
+            let rhs: f64 = (0..cols)
+                .map(|a| w(a) * (cross[g][a * cols + c] - hg[a * cols + c]))
+                .sum();
+            assert!(
+                (lhs - rhs).abs() <= 1e-5,
+                "row {row}, column {c}: {lhs} vs {rhs}"
+            );
+        }
+    }
+    // Unpaired inputs have no such target.
+    let unpaired = LayerInputs { paired: None, ..li };
+    assert!(unpaired.fine_outputs_target(&fine, &r).is_none());
+}
+
+#[test]
+fn inputs_in_context_equal_whole_runs_of_the_model_so_far() {
+    // Each layer's weight goes to the base's as the pass reaches it. The inputs each layer then
+    // sees (paired with the fine-tune's) are those of whole runs of the probe model with the
+    // layers before it at the base. Two threads, a padded batch.
+    let (fine, w, bv, fv) = species_night();
+    let images = species_images(5);
+    let all: Vec<usize> = (0..w.initializers.len()).collect();
+    let mut seen: Vec<(usize, LayerInputs)> = Vec::new();
+    let mut steps = Vec::new();
+    let rounded = in_context(
+        &fine,
+        &std::sync::Arc::new(w.clone()),
+        fv.clone(),
+        fv.clone(),
+        &images,
+        2,
+        &all,
+        |i, li| {
+            seen.push((i, li.clone()));
+            vec![(i, bv[i].clone())]
+        },
+        |done, total| steps.push((done, total)),
+    )
+    .unwrap();
+    use prost::Message;
+    let proto = tract_onnx::pb::ModelProto::decode(&fine[..]).unwrap();
+    let layers = weight_uses(proto.graph.as_ref().unwrap(), &w).len();
+    assert_eq!(rounded, layers);
+    assert_eq!(seen.len(), layers);
+    assert_eq!(steps.last(), Some(&(layers, layers)));
+    for k in [1, layers - 1] {
+        let (i, got) = &seen[k];
+        let mut model = fine.clone();
+        for (j, _) in &seen[..k] {
+            let init = &w.initializers[*j];
+            crate::apply::store(init.dtype, &bv[*j], &mut model[init.data.clone()]);
+        }
+        let want = paired_inputs(&model, &fine, &w, &images, 2);
+        let want = &want[&w.initializers[*i].name];
+        assert_eq!(got.vectors, want.vectors, "layer {k}");
+        let close = |a: &[Vec<f64>], b: &[Vec<f64>], what: &str| {
+            for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+                let scale = b.iter().flatten().fold(1f64, |m, v| m.max(v.abs()));
+                assert!(
+                    (x - y).abs() <= 1e-5 * scale,
+                    "layer {k} {what}: {x} vs {y}"
+                );
+            }
+        };
+        close(&got.h, &want.h, "H");
+        close(&got.mean, &want.mean, "mean");
+        let (gp, wp) = (got.paired.as_ref().unwrap(), want.paired.as_ref().unwrap());
+        close(&gp.cross, &wp.cross, "cross");
+        close(&gp.mean, &wp.mean, "fine-tune's mean");
+        if k > 0 {
+            // The layers before moved its inputs away from the fine-tune's.
+            assert!(got.h != gp.cross, "layer {k}");
+        }
+    }
 }

@@ -77,6 +77,46 @@ impl OutputRounding {
     pub fn cols(&self) -> usize {
         self.cols
     }
+
+    /// Replaces each row `y` of `rows` (`cols` values each) with `y H⁻¹`, `H` the damped
+    /// matrix of block `block` (Cholesky `H = G Gᵀ`, then two triangular solves). `false`, with
+    /// `rows` unspecified, when there is no such block, the rows do not fit or a pivot is not
+    /// positive.
+    pub fn solve_rows(&self, block: usize, rows: &mut [f64]) -> bool {
+        let k = self.cols;
+        let Some(h) = self.hessians.get(block) else {
+            return false;
+        };
+        if !rows.len().is_multiple_of(k) {
+            return false;
+        }
+        // G, row-major lower triangular: G_ij for j <= i.
+        let mut g = vec![0f64; k * k];
+        for i in 0..k {
+            for j in 0..=i {
+                let s = h[i * k + j] - dot(&g[i * k..i * k + j], &g[j * k..j * k + j]);
+                if i == j {
+                    if !s.is_finite() || s <= 0.0 {
+                        return false;
+                    }
+                    g[i * k + i] = s.sqrt();
+                } else {
+                    g[i * k + j] = s / g[j * k + j];
+                }
+            }
+        }
+        for y in rows.chunks_exact_mut(k) {
+            // G z = y (forward), then Gᵀ e = z (backward), in place.
+            for i in 0..k {
+                y[i] = (y[i] - dot(&g[i * k..i * k + i], &y[..i])) / g[i * k + i];
+            }
+            for i in (0..k).rev() {
+                let s: f64 = (i + 1..k).map(|m| g[m * k + i] * y[m]).sum();
+                y[i] = (y[i] - s) / g[i * k + i];
+            }
+        }
+        true
+    }
 }
 
 /// `Σ a_i b_i` with four running sums (so that it vectorises).

@@ -918,3 +918,36 @@ proptest! {
         prop_assert!(sq_err(&fine, &got) <= unchanged * (1.0 + 1e-3) + 1e-12);
     }
 }
+
+#[test]
+fn solve_rows_multiplies_by_the_inverse_of_the_damped_inputs() {
+    // `y H⁻¹` against an explicit Gauss-Jordan inverse of `H + 0.01 mean(diag H) I`.
+    for (cols, seed) in [(1, 5), (6, 6), (31, 7)] {
+        let (_, _, h) = layer(1, cols, seed);
+        let r = OutputRounding::new(cols, &[h.clone(), h.clone()]).unwrap();
+        let damp =
+            OUTPUT_ROUNDING_DAMP * (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols as f64;
+        let mut damped = h.clone();
+        for i in 0..cols {
+            damped[i * cols + i] += damp;
+        }
+        let inv = invert(&damped, cols).unwrap();
+        let mut rng = Rng(seed);
+        let y: Vec<f64> = (0..3 * cols).map(|_| rng.unit()).collect();
+        let mut got = y.clone();
+        assert!(r.solve_rows(1, &mut got));
+        for (row, out) in y.chunks_exact(cols).zip(got.chunks_exact(cols)) {
+            for c in 0..cols {
+                let want: f64 = (0..cols).map(|a| row[a] * inv[a * cols + c]).sum();
+                assert!(
+                    (want - out[c]).abs() <= 1e-9 * want.abs().max(1.0),
+                    "cols {cols}: {want} vs {}",
+                    out[c]
+                );
+            }
+        }
+        // No third block; rows that do not fit.
+        assert!(!r.solve_rows(2, &mut got));
+        assert!(cols == 1 || !r.solve_rows(0, &mut vec![1.0; cols + 1]));
+    }
+}

@@ -47,11 +47,14 @@ pub struct Tunable {
     schedule: Schedule,
     sites: Sites,
     rebuilds: usize,
+    /// Values of the graph (by name) given as outputs after the model's own.
+    extra_outputs: Vec<String>,
 }
 
 /// A run of one input stopped before one step of the execution plan: the values of the steps
 /// before it (the input's included) that the steps from it on read. Valid while the weights read
 /// before the step keep their values.
+#[derive(Clone)]
 pub struct Cut {
     step: usize,
     values: Vec<(usize, TVec<TValue>)>,
@@ -70,6 +73,8 @@ impl Cut {
 struct Schedule {
     step: Vec<Option<usize>>,
     last_use: Vec<usize>,
+    /// The last step that reads each node's outputs, outputs of the model or not.
+    last_read: Vec<usize>,
 }
 
 impl Schedule {
@@ -84,10 +89,15 @@ impl Schedule {
                 last_use[i.node] = last_use[i.node].max(s);
             }
         }
+        let last_read = last_use.clone();
         for o in model.output_outlets()? {
             last_use[o.node] = usize::MAX;
         }
-        Ok(Self { step, last_use })
+        Ok(Self {
+            step,
+            last_use,
+            last_read,
+        })
     }
 }
 
@@ -136,6 +146,20 @@ impl Tunable {
         input_shape: &[usize],
         input_type: InputType,
     ) -> TractResult<Self> {
+        Self::with_outputs(onnx, weights, values, input_shape, input_type, &[])
+    }
+
+    /// [`Tunable::new`], with the values of the graph named `outputs` given as outputs after the
+    /// model's own (output `1 + k` is `outputs[k]`; [`Tunable::take_output`] reads them from a
+    /// [`Cut`]).
+    pub fn with_outputs(
+        onnx: &[u8],
+        weights: Arc<OnnxWeights>,
+        values: Vec<Vec<f32>>,
+        input_shape: &[usize],
+        input_type: InputType,
+        outputs: &[String],
+    ) -> TractResult<Self> {
         ensure!(
             values.len() == weights.initializers.len()
                 && values
@@ -155,6 +179,7 @@ impl Tunable {
             schedule: Schedule::default(),
             sites: Sites::default(),
             rebuilds: 0,
+            extra_outputs: outputs.to_vec(),
         };
         t.build()?;
         Ok(t)
@@ -211,8 +236,19 @@ impl Tunable {
             values: values.clone(),
             decoys: decoys.clone(),
         });
-        let parsed = onnx.parse(&proto, Some("/"))?;
+        let mut parsed = onnx.parse(&proto, Some("/"))?;
         drop(onnx);
+        if !self.extra_outputs.is_empty() {
+            let mut outlets = parsed.model.output_outlets()?.to_vec();
+            for name in &self.extra_outputs {
+                let o = parsed
+                    .outlets_by_name
+                    .get(name)
+                    .ok_or_else(|| format_err!("no value {name:?} in the graph"))?;
+                outlets.push(*o);
+            }
+            parsed.model.select_output_outlets(&outlets)?;
+        }
         let mut model = optimized(parsed, &self.input_shape)?;
         let shapes = site_shapes(&self.weights);
         let sites = Sites::find(
@@ -349,6 +385,39 @@ impl Tunable {
         Some(first)
     }
 
+    /// The step after which output `j` (`1 + k` for the `k`-th of the outputs given to
+    /// [`Tunable::with_outputs`]) has its value in a [`Cut`]: a cut at that step or later
+    /// holds it until [`Tunable::take_output`].
+    pub fn output_ready(&self, j: usize) -> Option<usize> {
+        let clf = self.classifier.as_ref()?;
+        let o = clf.model.output_outlets().ok()?.get(j)?;
+        Some(self.schedule.step[o.node]? + 1)
+    }
+
+    /// Elements of output `j` (for the input shape the model was built for).
+    pub fn output_len(&self, j: usize) -> Option<usize> {
+        let clf = self.classifier.as_ref()?;
+        let o = clf.model.output_outlets().ok()?.get(j)?;
+        let fact = clf.model.outlet_fact(*o).ok()?;
+        fact.shape.as_concrete().map(|d| d.iter().product())
+    }
+
+    /// The value of output `j` in `cut` (`None` when the cut is not past
+    /// [`Tunable::output_ready`]); the cut then drops it when no step from its own reads it and
+    /// no other output is the same node's.
+    pub fn take_output(&self, cut: &mut Cut, j: usize) -> Option<TValue> {
+        let clf = self.classifier.as_ref()?;
+        let outlets = clf.model.output_outlets().ok()?;
+        let o = outlets.get(j)?;
+        let at = cut.values.iter().position(|(n, _)| *n == o.node)?;
+        let v = cut.values[at].1.get(o.slot)?.clone();
+        let shared = outlets.iter().filter(|p| p.node == o.node).count() > 1;
+        if !shared && self.schedule.last_read[o.node] < cut.step {
+            cut.values.swap_remove(at);
+        }
+        Some(v)
+    }
+
     /// A run of `input` (of the model's input shape) before its first step.
     pub fn start(&self, input: &[f32]) -> TractResult<Cut> {
         let clf = self.classifier()?;
@@ -380,11 +449,7 @@ impl Tunable {
     pub fn finish(&self, cut: &Cut) -> TractResult<Vec<f32>> {
         let clf = self.classifier()?;
         let order = clf.plan.order_without_consts();
-        let copy = Cut {
-            step: cut.step,
-            values: cut.values.clone(),
-        };
-        let mut state = self.steps(clf, copy, order.len())?;
+        let mut state = self.steps(clf, cut.clone(), order.len())?;
         clf.output_values(&state.outputs()?)
     }
 
