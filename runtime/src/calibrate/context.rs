@@ -30,7 +30,7 @@ const MOST_IMAGES: usize = 50;
 const MIN_IMAGES: usize = 4;
 
 /// Values of one layer's inputs over the images that run (see [`MIN_IMAGES`]).
-const JOIN_VALUES: usize = 1 << 23;
+const JOIN_VALUES: usize = 1 << 22;
 
 fn model_error(e: impl std::fmt::Display) -> CalibError {
     CalibError::Model(format!("{e:#}"))
@@ -169,7 +169,7 @@ pub(super) fn in_context(
         let mut sums: Sums = u.sums(fine_w, true);
         for (b, (x, y)) in batches.iter().zip(inputs) {
             if let (Some(x), Some(y)) = (x, y) {
-                add(u, &x, &y, b.images, batch, &mut sums)?;
+                add(u, &x, &y, b.images, batch, &mut sums);
             }
         }
         let Some(inputs) = sums.into_inputs(u.cols(fine_w), u.bias.clone(), true) else {
@@ -286,25 +286,22 @@ fn advance(
 
 /// Adds the first `real` of the `batch` images of the layer inputs `x` (planned model) and `y`
 /// (fine-tune) to `sums`.
-fn add(
-    u: &WeightUse,
-    x: &TValue,
-    y: &TValue,
-    real: usize,
-    batch: usize,
-    sums: &mut Sums,
-) -> Result<(), CalibError> {
-    let x = x.to_plain_array_view::<f32>().map_err(model_error)?;
-    let y = y.to_plain_array_view::<f32>().map_err(model_error)?;
+fn add(u: &WeightUse, x: &TValue, y: &TValue, real: usize, batch: usize, sums: &mut Sums) {
+    // Inputs that are not f32 values are left out.
+    let (Ok(x), Ok(y)) = (
+        x.to_plain_array_view::<f32>(),
+        y.to_plain_array_view::<f32>(),
+    ) else {
+        return;
+    };
     if x.shape() != y.shape() || x.shape().first() != Some(&batch) {
-        return Ok(());
+        return;
     }
     let (Some(xs), Some(ys)) = (x.to_slice(), y.to_slice()) else {
-        return Ok(());
+        return;
     };
     let mut dims = x.shape().to_vec();
     let per = xs.len() / batch;
     dims[0] = real;
     u.add(&[&xs[..real * per], &ys[..real * per]], &dims, sums);
-    Ok(())
 }

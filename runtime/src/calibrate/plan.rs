@@ -783,7 +783,7 @@ pub fn plan(
         &mut tensors,
         &chosen,
         |d, t| progress(Stage::Reround, d, t),
-    )?;
+    );
     let mut ev = evaluator(fine, fine_w, &tensors, images, search, threads)?;
     ev.reference_all = reference_all;
     ev.evaluations = evaluations;
@@ -795,14 +795,7 @@ pub fn plan(
     let mut rerounded = old.len();
     if !old.is_empty() && ev.search_divergence >= planned {
         rerounded = 0;
-        for (i, enc, bias, shift) in old {
-            let t = &mut tensors[i];
-            t.candidates[chosen[i]].encoded = enc;
-            if let (Some((_, m)), Some(mean)) = (&mut t.bias, bias) {
-                *m = mean;
-            }
-            t.bias_shift = shift;
-        }
+        restore(&mut tensors, &chosen, old);
         ev.set(&borrowed(&plan_changes(&tensors, &chosen)))?;
         (divergence, agreement) = ev.measure(&[], true)?;
     }
@@ -903,13 +896,13 @@ fn reround(
     tensors: &mut [Tensor],
     chosen: &[usize],
     progress: impl FnMut(usize, usize),
-) -> Result<Vec<Replaced>, CalibError> {
+) -> Vec<Replaced> {
     let todo: Vec<usize> = (0..tensors.len())
         .filter(|&i| tensors[i].candidates[chosen[i]].label.ends_with(" GPTQ"))
         .map(|i| tensors[i].index)
         .collect();
     if todo.is_empty() {
-        return Ok(Vec::new());
+        return Vec::new();
     }
     let values: Vec<Vec<f32>> = tensors.iter().map(|t| t.fine.clone()).collect();
     let mut planned = values.clone();
@@ -922,7 +915,7 @@ fn reround(
         .map(|(k, t)| (t.index, k))
         .collect();
     let mut replaced = Vec::new();
-    in_context(
+    let done = in_context(
         fine,
         fine_w,
         planned,
@@ -948,8 +941,24 @@ fn reround(
             changes(tensors, i, chosen[i])
         },
         progress,
-    )?;
-    Ok(replaced)
+    );
+    // Rounding again only improves a plan: when the models could not run, the plan stays.
+    if done.is_err() {
+        restore(tensors, chosen, std::mem::take(&mut replaced));
+    }
+    replaced
+}
+
+/// Puts back what [`reround`] replaced.
+fn restore(tensors: &mut [Tensor], chosen: &[usize], replaced: Vec<Replaced>) {
+    for (i, enc, bias, shift) in replaced {
+        let t = &mut tensors[i];
+        t.candidates[chosen[i]].encoded = enc;
+        if let (Some((_, m)), Some(mean)) = (&mut t.bias, bias) {
+            *m = mean;
+        }
+        t.bias_shift = shift;
+    }
 }
 
 /// Tensor `t` at candidate `c` rounded again to the fine-tune's outputs from the paired inputs
