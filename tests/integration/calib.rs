@@ -43,6 +43,7 @@ fn calibrated(variant: &str, max_bits: &str, dir: &Path) -> (f64, f64, f64, Stri
             "sensitivity",
             "measure",
             "refine",
+            "reround",
             "confirm"
         ],
         "progress lines in a pipe: {err}"
