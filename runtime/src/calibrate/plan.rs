@@ -927,8 +927,7 @@ fn reround(
             let Some(&i) = position.get(&w) else {
                 return Vec::new();
             };
-            let Some((enc, mean, shift)) = rounded_in_context(&tensors[i], chosen[i], Some(li))
-            else {
+            let Some((enc, mean, shift)) = rounded_in_context(&tensors[i], chosen[i], li) else {
                 return Vec::new();
             };
             let t = &mut tensors[i];
@@ -967,10 +966,9 @@ fn restore(tensors: &mut [Tensor], chosen: &[usize], replaced: Vec<Replaced>) {
 fn rounded_in_context(
     t: &Tensor,
     c: usize,
-    li: Option<&LayerInputs>,
+    li: &LayerInputs,
 ) -> Option<(Encoded, Option<Vec<Vec<f64>>>, Vec<f64>)> {
     let c = &t.candidates[c];
-    let li = li?;
     let li = if t.bias.is_some() {
         li.centered()
     } else {

@@ -79,9 +79,9 @@ impl OutputRounding {
     }
 
     /// Replaces each row `y` of `rows` (`cols` values each) with `y H⁻¹`, `H` the damped
-    /// matrix of block `block` (Cholesky `H = G Gᵀ`, then two triangular solves). `false`, with
-    /// `rows` unspecified, when there is no such block, the rows do not fit or a pivot is not
-    /// positive.
+    /// matrix of block `block` (its Cholesky factor `H = U Uᵀ`, then two triangular solves).
+    /// `false`, with `rows` unspecified, when there is no such block, the rows do not fit or a
+    /// pivot is not positive.
     pub fn solve_rows(&self, block: usize, rows: &mut [f64]) -> bool {
         let k = self.cols;
         let Some(h) = self.hessians.get(block) else {
@@ -90,29 +90,18 @@ impl OutputRounding {
         if !rows.len().is_multiple_of(k) {
             return false;
         }
-        // G, row-major lower triangular: G_ij for j <= i.
-        let mut g = vec![0f64; k * k];
-        for i in 0..k {
-            for j in 0..=i {
-                let s = h[i * k + j] - dot(&g[i * k..i * k + j], &g[j * k..j * k + j]);
-                if i == j {
-                    if !s.is_finite() || s <= 0.0 {
-                        return false;
-                    }
-                    g[i * k + i] = s.sqrt();
-                } else {
-                    g[i * k + j] = s / g[j * k + j];
-                }
-            }
-        }
+        let Some(u) = cholesky_upper(h, k) else {
+            return false;
+        };
         for y in rows.chunks_exact_mut(k) {
-            // G z = y (forward), then Gᵀ e = z (backward), in place.
-            for i in 0..k {
-                y[i] = (y[i] - dot(&g[i * k..i * k + i], &y[..i])) / g[i * k + i];
-            }
+            // H e = y (H symmetric): U z = y (from the last), then Uᵀ e = z (from the first),
+            // in place.
             for i in (0..k).rev() {
-                let s: f64 = (i + 1..k).map(|m| g[m * k + i] * y[m]).sum();
-                y[i] = (y[i] - s) / g[i * k + i];
+                y[i] = (y[i] - dot(&u[i * k + i + 1..(i + 1) * k], &y[i + 1..])) / u[i * k + i];
+            }
+            for i in 0..k {
+                let s: f64 = (0..i).map(|m| u[m * k + i] * y[m]).sum();
+                y[i] = (y[i] - s) / u[i * k + i];
             }
         }
         true
@@ -137,12 +126,10 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
     (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
 
-/// The rows of `Lᵀ` for the unit lower-triangular `L` of `H⁻¹ = L D Lᵀ` (`h` symmetric positive
-/// definite, `k × k`, row-major), without forming `H⁻¹`: with `H = U Uᵀ` (`U` upper triangular,
-/// Cholesky from the last column), `H⁻¹ = U⁻ᵀ U⁻¹`, so `L = U⁻ᵀ diag(U)` and `Lᵀ = diag(U) U⁻¹`.
+/// The upper triangular `U` of `H = U Uᵀ` (`h` symmetric positive definite, `k × k`,
+/// row-major; row `i` of the result holds `U_ij` for `j >= i`), taken from the last column.
 /// `None` when a pivot is not positive.
-pub(super) fn inverse_ldl_rows(h: &[f64], k: usize) -> Option<Vec<f64>> {
-    // U, row-major: row i holds U_ij for j >= i.
+fn cholesky_upper(h: &[f64], k: usize) -> Option<Vec<f64>> {
     let mut u = vec![0f64; k * k];
     for j in (0..k).rev() {
         let tail = j + 1..k;
@@ -158,6 +145,15 @@ pub(super) fn inverse_ldl_rows(h: &[f64], k: usize) -> Option<Vec<f64>> {
             above[i * k + j] = (h[i * k + j] - dot(&above[i * k..][tail.clone()], uj)) / ujj;
         }
     }
+    Some(u)
+}
+
+/// The rows of `Lᵀ` for the unit lower-triangular `L` of `H⁻¹ = L D Lᵀ` (`h` symmetric positive
+/// definite, `k × k`, row-major), without forming `H⁻¹`: with `H = U Uᵀ` (`U` upper triangular,
+/// Cholesky from the last column), `H⁻¹ = U⁻ᵀ U⁻¹`, so `L = U⁻ᵀ diag(U)` and `Lᵀ = diag(U) U⁻¹`.
+/// `None` when a pivot is not positive.
+pub(super) fn inverse_ldl_rows(h: &[f64], k: usize) -> Option<Vec<f64>> {
+    let u = cholesky_upper(h, k)?;
     // V = U⁻¹ (upper), row by row from the last: V_i = (e_i − Σ_{m>i} U_im V_m) / U_ii; then
     // row i of Lᵀ is U_ii V_i = e_i − Σ_{m>i} U_im V_m.
     let mut v = vec![0f64; k * k];
