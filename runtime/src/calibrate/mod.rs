@@ -14,7 +14,8 @@
 //!    number of images.
 //! 1. **Score.** Every tensor's candidate encodings (unchanged; sign per tensor or per output
 //!    channel, and 2 or 3 sign planes, each with a few scale multipliers; sparse signs with 2, 4
-//!    or 8 entries per 64-element block; 8-bit per tensor or per channel) are scored by their
+//!    or 8 entries per 64-element block; 8-bit per tensor or per channel; for tensors of at
+//!    most 4096 elements the fine-tune's values in f16 and in f32) are scored by their
 //!    layer's output error `Σ e H eᵀ` (`e` the weight error, `H` the inputs' second moments);
 //!    sign encodings choose their bits by that error (GPTQ with the codec's levels,
 //!    [`codec::OutputRounding`]), and one-plane ones then refit each scale to those bits. A layer's bias follows its weight: it corrects the weight's

@@ -134,16 +134,18 @@ fn borrowed(changes: &[(usize, Vec<f32>)]) -> Vec<(usize, &[f32])> {
 /// choose their bits by their effect on the tensor's outputs ([`codec::round_signs_to_outputs`]).
 fn candidates(
     dims: &[u64],
+    dtype: DType,
     base: &[f32],
     fine: &[f32],
     rounding: Option<&codec::OutputRounding>,
 ) -> Vec<(String, Encoded)> {
-    candidates_where(dims, base, fine, rounding, |_| true)
+    candidates_where(dims, dtype, base, fine, rounding, |_| true)
 }
 
 /// [`candidates`] whose label (before ` GPTQ`) passes `keep`; the others are not encoded.
 fn candidates_where(
     dims: &[u64],
+    dtype: DType,
     base: &[f32],
     fine: &[f32],
     rounding: Option<&codec::OutputRounding>,
@@ -229,6 +231,17 @@ fn candidates_where(
     if channels > 1 && keep(&label) {
         out.push((label, codec::q8_groups(base, fine, channels as usize, true)));
     }
+    // The fine-tune's own values, for tensors no larger than those the data-free rule gives 8
+    // bits: a stem convolution's few hundred weights can cost more divergence at 8 bits than
+    // any large layer at one.
+    if n <= crate::compress::AUTO_Q8_MAX_ELEMENTS {
+        if keep("raw-f16") {
+            out.push(("raw-f16".to_string(), codec::raw_f16(fine)));
+        }
+        if dtype == DType::F32 && keep("raw-f32") {
+            out.push(("raw-f32".to_string(), codec::raw_f32(fine)));
+        }
+    }
     out
 }
 
@@ -278,7 +291,7 @@ fn scored(
     let rounding = inputs.and_then(LayerInputs::rounding);
     let mut best: BTreeMap<String, Candidate> = BTreeMap::new();
     let mut order = Vec::new();
-    for (label, encoded) in candidates(dims, base, fine, rounding.as_ref()) {
+    for (label, encoded) in candidates(dims, dtype, base, fine, rounding.as_ref()) {
         let v = stored(dtype, base, &encoded);
         let e: Vec<f64> = v
             .iter()
@@ -978,7 +991,7 @@ fn rounded_in_context(
     let target = li.fine_outputs_target(&t.fine, &r)?;
     let dims: Vec<u64> = t.dims.iter().map(|&d| u64::from(d)).collect();
     let label = c.label.strip_suffix(" GPTQ")?;
-    let (_, enc) = candidates_where(&dims, &t.base, &target, Some(&r), |l| l == label)
+    let (_, enc) = candidates_where(&dims, t.dtype, &t.base, &target, Some(&r), |l| l == label)
         .pop()
         .filter(|(l, _)| l == &c.label)?;
     if aligned(enc.payload_len() as u64) != c.cost {
