@@ -132,7 +132,7 @@ fn borrowed(changes: &[(usize, Vec<f32>)]) -> Vec<(usize, &[f32])> {
 
 /// The candidate encodings of one tensor, cheapest first. With `rounding`, the sign codecs
 /// choose their bits by their effect on the tensor's outputs ([`codec::round_signs_to_outputs`]).
-fn candidates(
+pub(super) fn candidates(
     dims: &[u64],
     dtype: DType,
     base: &[f32],

@@ -2,7 +2,7 @@
 
 use super::context::in_context;
 use super::evaluation::{reconstruct_encoded, Evaluator};
-use super::plan::{corrected_bias, greedy, lower_hull, Candidate, Tensor};
+use super::plan::{candidates, corrected_bias, greedy, lower_hull, Candidate, Tensor};
 use super::statistics::{
     add_patches, add_patches_fast, layer_inputs, mirror, paired_inputs, weight_uses, ConvShape,
     LayerInputs, Paired, Sums,
@@ -603,4 +603,37 @@ fn inputs_in_context_equal_whole_runs_of_the_model_so_far() {
             assert!(got.h != gp.cross, "layer {k}");
         }
     }
+}
+
+#[test]
+fn small_tensors_may_keep_the_fine_tunes_values() {
+    let dims = [8u64, 4, 3, 3];
+    let base: Vec<f32> = (0..288).map(|i| (i as f32 * 0.37).sin()).collect();
+    let fine: Vec<f32> = base
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b + ((i * 7 % 13) as f32 - 6.0) * 0.013)
+        .collect();
+    let rebuilt = |c: &[(String, Encoded)], label: &str| {
+        c.iter()
+            .find(|(l, _)| l == label)
+            .map(|(_, e)| reconstruct_encoded(&base, e))
+    };
+    let c = candidates(&dims, DType::F32, &base, &fine, None);
+    assert_eq!(rebuilt(&c, "raw-f32").unwrap(), fine);
+    let f16: Vec<f32> = fine
+        .iter()
+        .map(|&x| half::f16::from_f32(x).to_f32())
+        .collect();
+    assert_eq!(rebuilt(&c, "raw-f16").unwrap(), f16);
+    // An f16 tensor's f16 values are exact: no f32 copy.
+    let c = candidates(&dims, DType::F16, &base, &fine, None);
+    assert!(rebuilt(&c, "raw-f16").is_some());
+    assert!(rebuilt(&c, "raw-f32").is_none());
+    // Above the data-free rule's 8-bit limit: no copy at all.
+    let n = crate::compress::AUTO_Q8_MAX_ELEMENTS as usize + 1;
+    let (base, fine): (Vec<f32>, Vec<f32>) = (vec![0.5; n], vec![0.25; n]);
+    let c = candidates(&[n as u64], DType::F32, &base, &fine, None);
+    assert!(c.iter().any(|(l, _)| l.starts_with("q8-groups")));
+    assert!(!c.iter().any(|(l, _)| l.starts_with("raw")));
 }
