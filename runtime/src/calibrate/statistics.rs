@@ -392,14 +392,10 @@ impl Sums {
             let mut m =
                 ArrayViewMut2::from_shape((cols, cols), &mut cross[..]).expect("cols x cols");
             general_mat_mul(1.0, y, &x.t(), 1.0, &mut m);
-            for (o, row) in self.sum_paired[g].iter_mut().zip(y.rows()) {
-                *o += row.iter().map(|&v| f64::from(v)).sum::<f64>();
-            }
+            add_row_sums(&mut self.sum_paired[g], y);
         }
         *count += n;
-        for (o, row) in self.sum[g].iter_mut().zip(x.rows()) {
-            *o += row.iter().map(|&v| f64::from(v)).sum::<f64>();
-        }
+        add_row_sums(&mut self.sum[g], x);
         if g == 0 {
             self.vectors += n as f64;
         }
@@ -432,6 +428,42 @@ impl Sums {
             self.pending[g].0 = Vec::new();
             self.pending[g].1 = Vec::new();
         }
+    }
+}
+
+/// `out[r] += Σ_j x[r, j]` (each row summed in f64 from its first column to its last), a few
+/// rows at a time: each row's sum is a chain of dependent additions, and the rows' chains
+/// interleaved keep the adder busy.
+fn add_row_sums(out: &mut [f64], x: &ArrayView2<'_, f32>) {
+    const LANES: usize = 8;
+    let n = x.ncols();
+    let rows = out.len().min(x.nrows());
+    let mut first = 0;
+    for o in out[..rows].chunks_mut(LANES) {
+        let views: Vec<_> = (first..first + o.len()).map(|r| x.row(r)).collect();
+        let slices: Option<Vec<&[f32]>> = views.iter().map(|v| v.as_slice()).collect();
+        let mut acc = [-0.0f64; LANES];
+        match slices.as_deref() {
+            Some(&[a, b, c, d, e, f, g, h]) => {
+                let rows = [a, b, c, d, e, f, g, h].map(|r| &r[..n]);
+                for j in 0..n {
+                    for (s, r) in acc.iter_mut().zip(&rows) {
+                        *s += f64::from(r[j]);
+                    }
+                }
+            }
+            _ => {
+                for j in 0..n {
+                    for (s, row) in acc.iter_mut().zip(&views) {
+                        *s += f64::from(row[j]);
+                    }
+                }
+            }
+        }
+        for (o, a) in o.iter_mut().zip(acc) {
+            *o += a;
+        }
+        first += o.len();
     }
 }
 
@@ -492,6 +524,17 @@ pub(super) fn add_patch_pairs(s: &ConvShape, a: &[&[f32]], shape: &[usize], sums
     // output row are the input row read from one offset on the horizontal stride.
     let mut xt = vec![vec![0f32; cols * per_image]; a.len()];
     let (pt, pl) = (s.pads[0], s.pads[1]);
+    // The sampled output positions' top-left input corner (before padding), when sampled.
+    let sampled: Vec<(usize, usize)> = if step > 1 {
+        (0..per_image)
+            .map(|r| {
+                let k = r * step;
+                ((k / ow) * sy, (k % ow) * sx)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     for img in 0..n {
         for gi in 0..s.group {
             for (xt, a) in xt.iter_mut().zip(a) {
@@ -520,18 +563,22 @@ pub(super) fn add_patch_pairs(s: &ConvShape, a: &[&[f32]], shape: &[usize], sums
                                     out[hi..].fill(0.0);
                                     if lo < hi {
                                         let first = lo * sx + off - pl;
-                                        let src = plane[y * iw + first..].iter().step_by(sx);
-                                        for (o, &v) in out[lo..hi].iter_mut().zip(src) {
-                                            *o = v;
+                                        let src = &plane[y * iw + first..];
+                                        if sx == 1 {
+                                            out[lo..hi].copy_from_slice(&src[..hi - lo]);
+                                        } else {
+                                            let src = src.iter().step_by(sx);
+                                            for (o, &v) in out[lo..hi].iter_mut().zip(src) {
+                                                *o = v;
+                                            }
                                         }
                                     }
                                 }
                             } else {
-                                for (r, o) in row.iter_mut().enumerate() {
-                                    let k = r * step;
-                                    let (oy, ox) = (k / ow, k % ow);
-                                    let y = (oy * sy + ky * dy).checked_sub(pt);
-                                    let xx = (ox * sx + kx * dx).checked_sub(pl);
+                                let (oy_k, ox_k) = (ky * dy, kx * dx);
+                                for (o, &(y0, x0)) in row.iter_mut().zip(&sampled) {
+                                    let y = (y0 + oy_k).checked_sub(pt);
+                                    let xx = (x0 + ox_k).checked_sub(pl);
                                     *o = match (y, xx) {
                                         (Some(y), Some(xx)) if y < ih && xx < iw => {
                                             plane[y * iw + xx]

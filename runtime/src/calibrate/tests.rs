@@ -224,6 +224,34 @@ fn multiplier_one_is_the_plain_encoder() {
     );
 }
 
+/// Activations of `shape` (`amp * sin(i * freq)`) and their sums through the matrix-product path,
+/// checked against `add_patches` (f64, patch by patch).
+fn gathered_against_reference(
+    s: &ConvShape,
+    shape: [usize; 4],
+    freq: f64,
+    amp: f64,
+) -> (Vec<f32>, Sums) {
+    let len: usize = shape.iter().product();
+    let a: Vec<f32> = (0..len)
+        .map(|i| ((i as f64 * freq).sin() * amp) as f32)
+        .collect();
+    let k = s.cols();
+    let mut want = vec![vec![0f64; k * k]; s.group];
+    add_patches(s, &a, &shape, &mut want);
+    want.iter_mut().for_each(|m| mirror(m, k));
+    let mut got = Sums::new(s.group, k);
+    add_patches_fast(s, &a, &shape, &mut got);
+    got.finish();
+    for (g, (w, h)) in want.iter().zip(&got.h).enumerate() {
+        let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
+        for (x, y) in w.iter().zip(h) {
+            assert!((x - y).abs() <= 1e-5 * scale, "group {g}: {x} vs {y}");
+        }
+    }
+    (a, got)
+}
+
 #[test]
 fn gathered_patches_give_the_sums_of_the_reference() {
     // The matrix-product path against `add_patches` (f64, patch by patch), on a grouped
@@ -238,23 +266,7 @@ fn gathered_patches_give_the_sums_of_the_reference() {
         pads: [2, 1, 0, 2],
     };
     let shape = [3usize, 6, 48, 40];
-    let len: usize = shape.iter().product();
-    let a: Vec<f32> = (0..len)
-        .map(|i| ((i as f64 * 0.731).sin() * 2.0) as f32)
-        .collect();
-    let k = s.cols();
-    let mut want = vec![vec![0f64; k * k]; s.group];
-    add_patches(&s, &a, &shape, &mut want);
-    want.iter_mut().for_each(|m| mirror(m, k));
-    let mut got = Sums::new(s.group, k);
-    add_patches_fast(&s, &a, &shape, &mut got);
-    got.finish();
-    for (g, (w, h)) in want.iter().zip(&got.h).enumerate() {
-        let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
-        for (x, y) in w.iter().zip(h) {
-            assert!((x - y).abs() <= 1e-5 * scale, "group {g}: {x} vs {y}");
-        }
-    }
+    let (a, got) = gathered_against_reference(&s, shape, 0.731, 2.0);
     // The sums of the patches: the first column of each group is tap (0, 0) of its first input
     // channel, i.e. the input at (oy * 1 + 0 - 2, ox * 2 + 0 - 1) where that is inside.
     let (oh, ow) = ((48 + 2 - 5) + 1, (40 + 3 - 3) / 2 + 1);
@@ -274,6 +286,44 @@ fn gathered_patches_give_the_sums_of_the_reference() {
         assert!((got.sum[g][0] - sum).abs() <= 1e-6 * sum.abs().max(1.0));
     }
     assert_eq!(got.vectors, (shape[0] * oh * ow) as f64);
+}
+
+#[test]
+fn gathered_patches_of_a_unit_stride_convolution() {
+    // A 3x3 "same" convolution (stride 1: the taps' rows are copied whole) against
+    // `add_patches`, and the sums of the patches against the inputs they read.
+    let s = ConvShape {
+        group: 1,
+        cig: 2,
+        kernel: [3, 3],
+        stride: [1, 1],
+        dilation: [1, 1],
+        pads: [1, 1, 1, 1],
+    };
+    let (a, got) = gathered_against_reference(&s, [2, 2, 20, 30], 0.419, 1.7);
+    for ci in 0..2 {
+        for ky in 0..3 {
+            for kx in 0..3 {
+                let mut sum = 0f64;
+                for img in 0..2 {
+                    for oy in 0..20 {
+                        for ox in 0..30 {
+                            let (y, x) = ((oy + ky) as i64 - 1, (ox + kx) as i64 - 1);
+                            if (0..20).contains(&y) && (0..30).contains(&x) {
+                                let at = ((img * 2 + ci) * 20 + y as usize) * 30 + x as usize;
+                                sum += f64::from(a[at]);
+                            }
+                        }
+                    }
+                }
+                let got = got.sum[0][(ci * 3 + ky) * 3 + kx];
+                assert!(
+                    (got - sum).abs() <= 1e-9 * sum.abs().max(1.0),
+                    "{got} vs {sum}"
+                );
+            }
+        }
+    }
 }
 
 #[test]

@@ -2,6 +2,7 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use core::ops::Range;
 
 use super::sign_planes::sort_levels;
 use super::{deltas, f16_scale, widen};
@@ -98,19 +99,50 @@ impl OutputRounding {
         let Some(u) = cholesky_upper(h, k) else {
             return false;
         };
-        for y in rows.chunks_exact_mut(k) {
-            // H e = y (H symmetric): U z = y (from the last), then Uᵀ e = z (from the first),
-            // in place.
+        // Column `i` of `U` as row `i`, for the second solve.
+        let mut ut = vec![0f64; k * k];
+        for (i, row) in u.chunks_exact(k).enumerate() {
+            for (m, &x) in row.iter().enumerate() {
+                ut[m * k + i] = x;
+            }
+        }
+        // H e = y (H symmetric): U z = y (from the last), then Uᵀ e = z (from the first), in
+        // place; a block of rows at a time, each row of `U` read once per block.
+        for ys in rows.chunks_mut(ROW_BLOCK * k) {
             for i in (0..k).rev() {
-                y[i] = (y[i] - dot(&u[i * k + i + 1..(i + 1) * k], &y[i + 1..])) / u[i * k + i];
+                let (tail, pivot) = (&u[i * k + i + 1..(i + 1) * k], u[i * k + i]);
+                for y in ys.chunks_exact_mut(k) {
+                    y[i] = (y[i] - dot(tail, &y[i + 1..])) / pivot;
+                }
             }
             for i in 0..k {
-                let s: f64 = (0..i).map(|m| u[m * k + i] * y[m]).sum();
-                y[i] = (y[i] - s) / u[i * k + i];
+                let (head, pivot) = (&ut[i * k..i * k + i], u[i * k + i]);
+                for y in ys.chunks_exact_mut(k) {
+                    let s: f64 = head.iter().zip(&y[..i]).map(|(a, b)| a * b).sum();
+                    y[i] = (y[i] - s) / pivot;
+                }
             }
         }
         true
     }
+}
+
+/// Rows rounded together by [`round_signs_to_outputs`] and refitted together by
+/// `refit_sign_scales`: each row of a `cols × cols` matrix they read is read once per this many
+/// rows (from cache for the others).
+const ROW_BLOCK: usize = 16;
+
+/// The blocks of at most [`ROW_BLOCK`] of `rows` rows, none across a multiple of `per_block`
+/// (the rows of one matrix of an [`OutputRounding`]).
+fn row_blocks(rows: usize, per_block: usize) -> impl Iterator<Item = Range<usize>> {
+    let mut end = 0;
+    core::iter::from_fn(move || {
+        let first = end;
+        end = (first + ROW_BLOCK)
+            .min(rows)
+            .min((first / per_block + 1) * per_block);
+        (first < rows).then_some(first..end)
+    })
 }
 
 /// `Σ a_i b_i` with four running sums (so that it vectorises).
@@ -248,36 +280,44 @@ pub fn round_signs_to_outputs(
         })
         .collect();
     bits.fill(0);
-    let mut w = vec![0f64; cols];
-    for row in 0..rows {
-        let lt = &r.factors[row / per_block];
-        let lv = &levels[row * cols / gsize];
-        for (o, d) in w.iter_mut().zip(deltas(
-            &base[row * cols..][..cols],
-            &fine[row * cols..][..cols],
-        )) {
-            *o = d;
+    // Rows are independent: a block of them goes column by column, so that each row of the
+    // factor is read once per block (a row's own arithmetic is the same as alone).
+    let mut w = vec![0f64; ROW_BLOCK * cols];
+    let mut err = [0f64; ROW_BLOCK];
+    for Range { start: first, end } in row_blocks(rows, per_block) {
+        let lt = &r.factors[first / per_block];
+        let w = &mut w[..(end - first) * cols];
+        for (wr, row) in w.chunks_exact_mut(cols).zip(first..end) {
+            for (o, d) in wr.iter_mut().zip(deltas(
+                &base[row * cols..][..cols],
+                &fine[row * cols..][..cols],
+            )) {
+                *o = d;
+            }
         }
         for i in 0..cols {
-            let x = w[i];
-            // Nearest level; a tie goes to the larger one.
-            let hi = lv.partition_point(|v| v.0 < x).min(lv.len() - 1);
-            let (q, code) = if hi > 0 && x - lv[hi - 1].0 < lv[hi].0 - x {
-                lv[hi - 1]
-            } else {
-                lv[hi]
-            };
-            let e = x - q;
-            for (wj, &lji) in w[i + 1..]
-                .iter_mut()
-                .zip(&lt[i * cols + i + 1..(i + 1) * cols])
-            {
-                *wj -= e * lji;
+            for ((wr, e), row) in w.chunks_exact(cols).zip(&mut err).zip(first..end) {
+                let lv = &levels[row * cols / gsize];
+                let x = wr[i];
+                // Nearest level; a tie goes to the larger one.
+                let hi = lv.partition_point(|v| v.0 < x).min(lv.len() - 1);
+                let (q, code) = if hi > 0 && x - lv[hi - 1].0 < lv[hi].0 - x {
+                    lv[hi - 1]
+                } else {
+                    lv[hi]
+                };
+                *e = x - q;
+                let at = row * cols + i;
+                // One plane (`sign`, `sign-groups`) is plain packing: plane_byte(1, i, 0) = i / 8.
+                for j in 0..planes {
+                    bits[plane_byte(planes, at, j)] |= (code >> j & 1) << (at % 8);
+                }
             }
-            let at = row * cols + i;
-            // One plane (`sign`, `sign-groups`) is plain packing: plane_byte(1, i, 0) = i / 8.
-            for j in 0..planes {
-                bits[plane_byte(planes, at, j)] |= (code >> j & 1) << (at % 8);
+            let l = &lt[i * cols + i + 1..(i + 1) * cols];
+            for (wr, &e) in w.chunks_exact_mut(cols).zip(&err) {
+                for (wj, &lji) in wr[i + 1..].iter_mut().zip(l) {
+                    *wj -= e * lji;
+                }
             }
         }
     }
@@ -307,29 +347,43 @@ fn refit_sign_scales(
     let groups = base.len() / gsize;
     let mut num = vec![0f64; groups];
     let mut den = vec![0f64; groups];
-    let (mut b, mut hb, mut d) = (vec![0f64; cols], vec![0f64; cols], vec![0f64; cols]);
-    for row in 0..base.len() / cols {
-        let h = &r.hessians[row / per_block];
-        for (i, o) in b.iter_mut().enumerate() {
-            let at = row * cols + i;
+    // A block of rows at a time, each row of `H` read once per block.
+    let block = ROW_BLOCK * cols;
+    let (mut b, mut hb, mut d) = (vec![0f64; block], vec![0f64; block], vec![0f64; block]);
+    let rows = base.len() / cols;
+    for Range { start: first, end } in row_blocks(rows, per_block) {
+        let h = &r.hessians[first / per_block];
+        let n = (end - first) * cols;
+        let (b, hb, d) = (&mut b[..n], &mut hb[..n], &mut d[..n]);
+        for (k, o) in b.iter_mut().enumerate() {
+            let at = first * cols + k;
             *o = if bits[at / 8] >> (at % 8) & 1 == 1 {
                 1.0
             } else {
                 -1.0
             };
         }
-        for (o, hrow) in hb.iter_mut().zip(h.chunks_exact(cols)) {
-            *o = dot(hrow, &b);
-        }
         for (o, v) in d.iter_mut().zip(deltas(
-            &base[row * cols..][..cols],
-            &fine[row * cols..][..cols],
+            &base[first * cols..end * cols],
+            &fine[first * cols..end * cols],
         )) {
             *o = v;
         }
-        let g = row * cols / gsize;
-        num[g] += dot(&hb, &d);
-        den[g] += dot(&hb, &b);
+        for (i, hrow) in h.chunks_exact(cols).enumerate() {
+            for (br, hbr) in b.chunks_exact(cols).zip(hb.chunks_exact_mut(cols)) {
+                hbr[i] = dot(hrow, br);
+            }
+        }
+        for (((br, hbr), dr), row) in b
+            .chunks_exact(cols)
+            .zip(hb.chunks_exact(cols))
+            .zip(d.chunks_exact(cols))
+            .zip(first..end)
+        {
+            let g = row * cols / gsize;
+            num[g] += dot(hbr, dr);
+            den[g] += dot(hbr, br);
+        }
     }
     // The refit of group `g`, when it is a positive value.
     let fit = |g: usize| Some(num[g] / den[g]).filter(|s| s.is_finite() && *s > 0.0);

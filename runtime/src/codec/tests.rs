@@ -455,7 +455,8 @@ fn output_rounding_lowers_the_output_error() {
 fn output_rounding_refits_one_plane_scales_to_the_chosen_bits() {
     // After the bits, each group's scale is the least-output-error one for them under the damped
     // H: s = Σ b H dᵀ / Σ b H bᵀ over the group's rows. Recomputed here from the rebuilt values.
-    let (rows, cols) = (6, 20);
+    // More rows than are refitted together, so that the groups span blocks of them.
+    let (rows, cols) = (40, 20);
     let (base, fine, h) = layer(rows, cols, 21);
     let mut hd = h.clone();
     let damp = OUTPUT_ROUNDING_DAMP * (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols as f64;
@@ -495,6 +496,39 @@ fn output_rounding_refits_one_plane_scales_to_the_chosen_bits() {
             assert!(
                 (scale - want).abs() <= 1e-4 * want,
                 "{groups} groups, group {g}: scale {scale}, least-error {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn output_rounding_gives_each_row_what_it_gives_it_alone() {
+    // Rows are rounded a block at a time, across the blocks of `H` (39 rows in 3 blocks of 13):
+    // each row must come out as when it is the whole tensor, with its own `H`.
+    let (rows, cols) = (39, 20);
+    let (base, fine, _) = layer(rows, cols, 31);
+    let hs: Vec<Vec<f64>> = (0..3).map(|k| layer(1, cols, 32 + k).2).collect();
+    let r = OutputRounding::new(cols, &hs).unwrap();
+    for planes in [1, 2, 3] {
+        let encode = |b: &[f32], f: &[f32], groups: usize| match planes {
+            1 => sign_groups(b, f, groups, false),
+            k => sign_planes(b, f, groups, k, false),
+        };
+        let mut whole = encode(&base, &fine, rows);
+        assert!(round_signs_to_outputs(&mut whole, &base, &fine, &r));
+        let rec = rebuild(&base, &whole);
+        for row in 0..rows {
+            let at = row * cols..(row + 1) * cols;
+            let (b, f) = (&base[at.clone()], &fine[at.clone()]);
+            let alone_r = OutputRounding::new(cols, std::slice::from_ref(&hs[row / 13])).unwrap();
+            let mut alone = encode(b, f, 1);
+            assert!(round_signs_to_outputs(&mut alone, b, f, &alone_r));
+            let want = rebuild(b, &alone);
+            assert!(
+                want.iter()
+                    .zip(&rec[at])
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{planes} plane(s), row {row}"
             );
         }
     }
@@ -936,7 +970,8 @@ fn solve_rows_multiplies_by_the_inverse_of_the_damped_inputs() {
         }
         let inv = invert(&damped, cols).unwrap();
         let mut rng = Rng(seed);
-        let y: Vec<f64> = (0..3 * cols).map(|_| rng.unit()).collect();
+        // More rows than are solved together.
+        let y: Vec<f64> = (0..40 * cols).map(|_| rng.unit()).collect();
         let mut got = y.clone();
         assert!(r.solve_rows(1, &mut got));
         for (row, out) in y.chunks_exact(cols).zip(got.chunks_exact(cols)) {
