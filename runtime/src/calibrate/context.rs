@@ -6,8 +6,11 @@
 //! rewritten as layers are rounded again, [`Tunable`]) and the fine-tune, each giving the
 //! layers' inputs as extra outputs. Each image batch is kept as a [`Cut`] of each model,
 //! advanced to the next layer's first step, so that every step of both models runs once per
-//! image over the whole pass; a layer's inputs are summed as they pass and dropped.
+//! image over the whole pass; a layer's inputs are summed as they pass and dropped. The batches
+//! advance on all threads; a grouped layer's sums share its groups among them, and a large
+//! single group's two products (`Σ x xᵀ`, `Σ y xᵀ`) run side by side.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::vec::Vec;
 
@@ -170,12 +173,12 @@ pub(super) fn in_context(
             batches.extend(more);
         }
         taken.push(j);
-        let mut sums: Sums = u.sums(fine_w, true);
-        for (b, (x, y)) in batches.iter().zip(inputs) {
-            if let (Some(x), Some(y)) = (x, y) {
-                add(u, &x, &y, b.images, batch, &mut sums);
-            }
-        }
+        let pairs: Vec<(TValue, TValue, usize)> = batches
+            .iter()
+            .zip(inputs)
+            .filter_map(|(b, (x, y))| Some((x?, y?, b.images)))
+            .collect();
+        let sums = layer_sums(u, fine_w, &pairs, batch, threads);
         let Some(inputs) = sums.into_inputs(u.cols(fine_w), u.bias.clone(), true) else {
             continue;
         };
@@ -288,9 +291,57 @@ fn advance(
     Ok(inputs)
 }
 
+/// The paired sums of layer `u`'s inputs `pairs` (per batch: planned model, fine-tune, real
+/// images), batch after batch. The groups of a grouped convolution are shared out among
+/// `threads` threads, and a single group's two products run side by side; each group is summed
+/// in image order either way, so the sums do not depend on `threads`.
+fn layer_sums(
+    u: &WeightUse,
+    fine_w: &OnnxWeights,
+    pairs: &[(TValue, TValue, usize)],
+    batch: usize,
+    threads: usize,
+) -> Sums {
+    let groups = u.groups();
+    let parts = threads.min(groups).max(1);
+    let sum = |range: Range<usize>, mut sums: Sums| {
+        for (x, y, real) in pairs {
+            add(u, x, y, *real, batch, range.clone(), &mut sums);
+        }
+        sums
+    };
+    if parts == 1 {
+        return sum(0..groups, u.sums(fine_w, true).with_threads(threads));
+    }
+    let cols = u.cols(fine_w);
+    let per = groups.div_ceil(parts);
+    let ranges: Vec<Range<usize>> = (0..groups)
+        .step_by(per)
+        .map(|g| g..(g + per).min(groups))
+        .collect();
+    let sum = &sum;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ranges
+            .into_iter()
+            .map(|r| s.spawn(move || sum(r.clone(), Sums::paired(r.len(), cols))))
+            .collect();
+        let parts: Option<Vec<Sums>> = handles.into_iter().map(|h| h.join().ok()).collect();
+        // Sums of no vector: the layer is left out (a thread panicked).
+        parts.map(Sums::concat).unwrap_or_default()
+    })
+}
+
 /// Adds the first `real` of the `batch` images of the layer inputs `x` (planned model) and `y`
-/// (fine-tune) to `sums`.
-fn add(u: &WeightUse, x: &TValue, y: &TValue, real: usize, batch: usize, sums: &mut Sums) {
+/// (fine-tune) to `sums`, for the groups `groups` of the layer.
+fn add(
+    u: &WeightUse,
+    x: &TValue,
+    y: &TValue,
+    real: usize,
+    batch: usize,
+    groups: Range<usize>,
+    sums: &mut Sums,
+) {
     // Inputs that are not f32 values are left out.
     let (Ok(x), Ok(y)) = (
         x.to_plain_array_view::<f32>(),
@@ -307,5 +358,5 @@ fn add(u: &WeightUse, x: &TValue, y: &TValue, real: usize, batch: usize, sums: &
     let mut dims = x.shape().to_vec();
     let per = xs.len() / batch;
     dims[0] = real;
-    u.add(&[&xs[..real * per], &ys[..real * per]], &dims, sums);
+    u.add_groups(&[&xs[..real * per], &ys[..real * per]], &dims, groups, sums);
 }

@@ -3,6 +3,7 @@
 //! for output-aware rounding ([`codec::OutputRounding`]).
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::string::String;
 use std::vec;
 use std::vec::Vec;
@@ -331,6 +332,8 @@ pub(super) struct Sums {
     /// Per group: `Σ x xᵀ` and `Σ y xᵀ` (f32) of the vectors not yet in the f64 sums, and their
     /// count.
     pending: Vec<(Vec<f32>, Vec<f32>, usize)>,
+    /// With 2 or more, a large paired product runs `Σ y xᵀ` on a second thread, beside `Σ x xᵀ`.
+    threads: usize,
 }
 
 impl Sums {
@@ -342,7 +345,33 @@ impl Sums {
             cross: Vec::new(),
             sum_paired: Vec::new(),
             pending: vec![(Vec::new(), Vec::new(), 0); groups],
+            threads: 1,
         }
+    }
+
+    /// These sums with `threads` threads for a large paired product (the sums do not depend on
+    /// it).
+    pub(super) fn with_threads(self, threads: usize) -> Self {
+        Self { threads, ..self }
+    }
+
+    /// The sums of consecutive groups, `parts[0]`'s first, as one: the sums of a grouped layer
+    /// whose groups were summed apart (each in image order, so the sums are the same as when
+    /// summed together).
+    pub(super) fn concat(parts: Vec<Sums>) -> Sums {
+        let mut out = Sums {
+            vectors: parts.first().map_or(0.0, |p| p.vectors),
+            threads: 1,
+            ..Sums::default()
+        };
+        for p in parts {
+            out.h.extend(p.h);
+            out.sum.extend(p.sum);
+            out.cross.extend(p.cross);
+            out.sum_paired.extend(p.sum_paired);
+            out.pending.extend(p.pending);
+        }
+        out
     }
 
     /// Sums that also take each vector's pair ([`Sums::add_pairs`]).
@@ -382,20 +411,35 @@ impl Sums {
         if acc.is_empty() {
             *acc = vec![0f32; cols * cols];
         }
-        let mut m = ArrayViewMut2::from_shape((cols, cols), &mut acc[..]).expect("cols x cols");
-        general_mat_mul(1.0, x, &x.t(), 1.0, &mut m);
+        let own = |acc: &mut [f32], sum: &mut [f64]| {
+            let mut m = ArrayViewMut2::from_shape((cols, cols), acc).expect("cols x cols");
+            general_mat_mul(1.0, x, &x.t(), 1.0, &mut m);
+            add_row_sums(sum, x);
+        };
         if paired {
             let y = &xt[1];
             if cross.is_empty() {
                 *cross = vec![0f32; cols * cols];
             }
-            let mut m =
-                ArrayViewMut2::from_shape((cols, cols), &mut cross[..]).expect("cols x cols");
-            general_mat_mul(1.0, y, &x.t(), 1.0, &mut m);
-            add_row_sums(&mut self.sum_paired[g], y);
+            let pair = |cross: &mut [f32], sum: &mut [f64]| {
+                let mut m = ArrayViewMut2::from_shape((cols, cols), cross).expect("cols x cols");
+                general_mat_mul(1.0, y, &x.t(), 1.0, &mut m);
+                add_row_sums(sum, y);
+            };
+            let (sum, sum_paired) = (&mut self.sum[g], &mut self.sum_paired[g]);
+            if self.threads > 1 && cols * cols * n >= SPLIT_PRODUCT {
+                std::thread::scope(|s| {
+                    s.spawn(|| pair(cross, sum_paired));
+                    own(acc, sum);
+                });
+            } else {
+                pair(cross, sum_paired);
+                own(acc, sum);
+            }
+        } else {
+            own(acc, &mut self.sum[g]);
         }
         *count += n;
-        add_row_sums(&mut self.sum[g], x);
         if g == 0 {
             self.vectors += n as f64;
         }
@@ -430,6 +474,10 @@ impl Sums {
         }
     }
 }
+
+/// Multiply-adds of one product `Σ x xᵀ` from which [`Sums::add_pairs`] runs the paired one on
+/// a thread of its own (when it may use two).
+const SPLIT_PRODUCT: usize = 1 << 20;
 
 /// `out[r] += Σ_j x[r, j]` (each row summed in f64 from its first column to its last), a few
 /// rows at a time: each row's sum is a chain of dependent additions, and the rows' chains
@@ -482,18 +530,31 @@ pub(super) const IMAGE_POSITIONS: usize = 1024;
 /// added to the group's sums ([`Sums`]).
 #[cfg(test)]
 pub(super) fn add_patches_fast(s: &ConvShape, a: &[f32], shape: &[usize], sums: &mut Sums) {
-    add_patch_pairs(s, &[a], shape, sums);
+    add_patch_pairs(s, &[a], shape, 0..s.group, sums);
 }
 
 /// [`add_patches_fast`] on the activations `a[0]`, paired position by position with those of
 /// `a[1]` (the same layer's input in another model, of the same shape) when `sums` is paired.
-pub(super) fn add_patch_pairs(s: &ConvShape, a: &[&[f32]], shape: &[usize], sums: &mut Sums) {
+/// Only the groups `groups` of the convolution are summed, group `g` into group
+/// `g - groups.start` of `sums`.
+fn add_patch_pairs(
+    s: &ConvShape,
+    a: &[&[f32]],
+    shape: &[usize],
+    groups: Range<usize>,
+    sums: &mut Sums,
+) {
     let [n, c, ih, iw] = [shape[0], shape[1], shape[2], shape[3]];
     let ([kh, kw], [sy, sx], [dy, dx]) = (s.kernel, s.stride, s.dilation);
     let (span_y, span_x) = (dy * (kh - 1) + 1, dx * (kw - 1) + 1);
     let (py, px) = (ih + s.pads[0] + s.pads[2], iw + s.pads[1] + s.pads[3]);
     let len = n * c * ih * iw;
-    if c != s.cig * s.group || py < span_y || px < span_x || a.iter().any(|a| a.len() < len) {
+    if c != s.cig * s.group
+        || py < span_y
+        || px < span_x
+        || a.iter().any(|a| a.len() < len)
+        || groups.end > s.group
+    {
         return;
     }
     let (oh, ow) = ((py - span_y) / sy + 1, (px - span_x) / sx + 1);
@@ -505,7 +566,7 @@ pub(super) fn add_patch_pairs(s: &ConvShape, a: &[&[f32]], shape: &[usize], sums
         // The patches are the columns of each group's `[cig, h * w]` plane: no gathering.
         let hw = ih * iw;
         for img in 0..n {
-            for gi in 0..s.group {
+            for gi in groups.clone() {
                 let at = (img * c + gi * s.cig) * hw;
                 let shape = (s.cig, per_image).strides((hw, step));
                 let views: Option<Vec<ArrayView2<'_, f32>>> = a
@@ -513,7 +574,7 @@ pub(super) fn add_patch_pairs(s: &ConvShape, a: &[&[f32]], shape: &[usize], sums
                     .map(|a| ArrayView2::from_shape(shape, &a[at..]).ok())
                     .collect();
                 if let Some(v) = views {
-                    sums.add_pairs(gi, &v);
+                    sums.add_pairs(gi - groups.start, &v);
                 }
             }
         }
@@ -536,7 +597,7 @@ pub(super) fn add_patch_pairs(s: &ConvShape, a: &[&[f32]], shape: &[usize], sums
         Vec::new()
     };
     for img in 0..n {
-        for gi in 0..s.group {
+        for gi in groups.clone() {
             for (xt, a) in xt.iter_mut().zip(a) {
                 for ci in 0..s.cig {
                     let plane = &a[((img * c) + gi * s.cig + ci) * ih * iw..][..ih * iw];
@@ -596,7 +657,7 @@ pub(super) fn add_patch_pairs(s: &ConvShape, a: &[&[f32]], shape: &[usize], sums
                 .map(|x| ArrayView2::from_shape((cols, per_image), &x[..]).ok())
                 .collect();
             if let Some(v) = views {
-                sums.add_pairs(gi, &v);
+                sums.add_pairs(gi - groups.start, &v);
             }
         }
     }
@@ -778,7 +839,7 @@ impl WeightUse {
 
     /// Empty sums of the weight's inputs (`paired`: [`Sums::paired`]).
     pub(super) fn sums(&self, weights: &OnnxWeights, paired: bool) -> Sums {
-        let groups = self.conv.as_ref().map_or(1, |s| s.group);
+        let groups = self.groups();
         let cols = self.cols(weights);
         if paired {
             Sums::paired(groups, cols)
@@ -790,9 +851,26 @@ impl WeightUse {
     /// Adds the weight's input vectors in the activations `values[0]` (of shape `dims`; paired
     /// with `values[1]`) to `sums`.
     pub(super) fn add(&self, values: &[&[f32]], dims: &[usize], sums: &mut Sums) {
+        self.add_groups(values, dims, 0..self.groups(), sums);
+    }
+
+    /// Groups of the weight's inputs (of a grouped convolution; else 1).
+    pub(super) fn groups(&self) -> usize {
+        self.conv.as_ref().map_or(1, |s| s.group)
+    }
+
+    /// [`WeightUse::add`] for the groups `groups` only, into sums of that many groups (the first
+    /// one `groups.start`).
+    pub(super) fn add_groups(
+        &self,
+        values: &[&[f32]],
+        dims: &[usize],
+        groups: Range<usize>,
+        sums: &mut Sums,
+    ) {
         match &self.conv {
-            Some(s) if dims.len() == 4 => add_patch_pairs(s, values, dims, sums),
-            None if dims.len() == 2 && dims[1] * dims[1] == sums.h[0].len() => {
+            Some(s) if dims.len() == 4 => add_patch_pairs(s, values, dims, groups, sums),
+            None if dims.len() == 2 && groups == (0..1) && dims[1] * dims[1] == sums.h[0].len() => {
                 sums.add(0, values, dims[1]);
             }
             _ => {}

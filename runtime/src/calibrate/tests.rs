@@ -5,7 +5,7 @@ use super::evaluation::{reconstruct_encoded, Evaluator};
 use super::plan::{candidates, corrected_bias, greedy, lower_hull, Candidate, Tensor};
 use super::statistics::{
     add_patches, add_patches_fast, layer_inputs, mirror, paired_inputs, weight_uses, ConvShape,
-    LayerInputs, Paired, Sums,
+    LayerInputs, Paired, Sums, WeightUse,
 };
 use super::*;
 use crate::codec;
@@ -381,6 +381,76 @@ fn large_outputs_are_sampled_on_a_regular_stride() {
                 "pad {pad}: {x} vs {y}"
             );
         }
+    }
+}
+
+#[test]
+fn paired_sums_in_parts_are_the_sums_at_once() {
+    // The re-round sums a grouped layer's groups apart (one part per thread) and runs a large
+    // single group's two products side by side: both must give the sums of one pass over every
+    // group, bit for bit. A grouped 3x3 convolution with pads (4 groups, split 1 + 3) and a 1x1
+    // one whose product (64 x 64 x 1024 per image) is above the split threshold.
+    let conv = |group, cig, k: usize, pad| ConvShape {
+        group,
+        cig,
+        kernel: [k, k],
+        stride: [1, 1],
+        dilation: [1, 1],
+        pads: [pad; 4],
+    };
+    for (s, shape) in [
+        (conv(4, 2, 3, 1), [2, 8, 12, 12]),
+        (conv(1, 64, 1, 0), [2, 64, 32, 32]),
+    ] {
+        let u = WeightUse {
+            weight: "w".into(),
+            input: "x".into(),
+            conv: Some(s),
+            bias: None,
+        };
+        let len: usize = shape.iter().product();
+        let x: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin()).collect();
+        let y: Vec<f32> = (0..len).map(|i| (i as f32 * 0.11).cos() * 1.5).collect();
+        let k = s.cols();
+        // Two batches, as the re-round adds them.
+        let half = len / 2;
+        let batches = [[&x[..half], &y[..half]], [&x[half..], &y[half..]]];
+        let dims = [1, shape[1], shape[2], shape[3]];
+        let mut whole = Sums::paired(s.group, k);
+        for b in &batches {
+            u.add_groups(b, &dims, 0..s.group, &mut whole);
+        }
+        let parts = if s.group > 1 {
+            let parts = [0..1, 1..s.group].map(|r| {
+                let mut p = Sums::paired(r.len(), k);
+                for b in &batches {
+                    u.add_groups(b, &dims, r.clone(), &mut p);
+                }
+                p
+            });
+            Sums::concat(parts.into())
+        } else {
+            let mut p = Sums::paired(1, k).with_threads(2);
+            for b in &batches {
+                u.add_groups(b, &dims, 0..1, &mut p);
+            }
+            p
+        };
+        let bits =
+            |m: &[Vec<f64>]| -> Vec<u64> { m.iter().flatten().map(|v| v.to_bits()).collect() };
+        let (w, p) = (
+            whole.into_inputs(k, None, true).unwrap(),
+            parts.into_inputs(k, None, true).unwrap(),
+        );
+        let (wp, pp) = (w.paired.unwrap(), p.paired.unwrap());
+        assert_eq!(w.h.len(), s.group);
+        assert_eq!(bits(&w.h), bits(&p.h), "groups {}", s.group);
+        assert_eq!(bits(&w.mean), bits(&p.mean));
+        assert_eq!(bits(&wp.cross), bits(&pp.cross));
+        assert_eq!(bits(&wp.mean), bits(&pp.mean));
+        assert_eq!(w.vectors, p.vectors);
+        // Not vacuous: the two models' inputs differ, and so do their products.
+        assert_ne!(bits(&w.h), bits(&wp.cross));
     }
 }
 
