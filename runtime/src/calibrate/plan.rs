@@ -940,7 +940,8 @@ fn reround(
             let Some(&i) = position.get(&w) else {
                 return Vec::new();
             };
-            let Some((enc, mean, shift)) = rounded_in_context(&tensors[i], chosen[i], li) else {
+            let Some((enc, mean, shift)) = rounded_in_context(&tensors[i], chosen[i], li, threads)
+            else {
                 return Vec::new();
             };
             let t = &mut tensors[i];
@@ -974,12 +975,14 @@ fn restore(tensors: &mut [Tensor], chosen: &[usize], replaced: Vec<Replaced>) {
 }
 
 /// Tensor `t` at candidate `c` rounded again to the fine-tune's outputs from the paired inputs
-/// `li`: the encoding, and for a bias-corrected weight its bias's mean inputs and shift.
+/// `li` (the target solved on `threads` threads): the encoding, and for a bias-corrected weight
+/// its bias's mean inputs and shift.
 #[allow(clippy::type_complexity)]
 fn rounded_in_context(
     t: &Tensor,
     c: usize,
     li: &LayerInputs,
+    threads: usize,
 ) -> Option<(Encoded, Option<Vec<Vec<f64>>>, Vec<f64>)> {
     let c = &t.candidates[c];
     let li = if t.bias.is_some() {
@@ -988,7 +991,7 @@ fn rounded_in_context(
         li.clone()
     };
     let r = li.rounding()?;
-    let target = li.fine_outputs_target(&t.fine, &r)?;
+    let target = li.fine_outputs_target(&t.fine, &r, threads)?;
     let dims: Vec<u64> = t.dims.iter().map(|&d| u64::from(d)).collect();
     let label = c.label.strip_suffix(" GPTQ")?;
     let (_, enc) = candidates_where(&dims, t.dtype, &t.base, &target, Some(&r), |l| l == label)

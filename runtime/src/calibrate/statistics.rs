@@ -283,11 +283,13 @@ impl LayerInputs {
     /// these inputs, `W = W_f + W_f (Σ y xᵀ - Σ x xᵀ) (Σ x xᵀ)⁻¹` with `Σ x xᵀ` damped as in
     /// `rounding` (which must come from these sums). The error of any `Ŵ` is then
     /// `(Ŵ - W) H (Ŵ - W)ᵀ` up to a constant, so rounding to `W` with `H` corrects what the
-    /// layers before left. `None` when not paired or the shapes do not fit.
+    /// layers before left. The rows are solved on up to `threads` threads (each row's result is
+    /// the same). `None` when not paired or the shapes do not fit.
     pub(super) fn fine_outputs_target(
         &self,
         fine: &[f32],
         rounding: &codec::OutputRounding,
+        threads: usize,
     ) -> Option<Vec<f32>> {
         let p = self.paired.as_ref()?;
         let (cols, groups) = (self.cols, self.h.len());
@@ -306,7 +308,17 @@ impl LayerInputs {
             let m = ArrayView2::from_shape((cols, cols), &m[..]).ok()?;
             let mut shift = w.dot(&m);
             let rows = shift.as_slice_mut()?;
-            if !rounding.solve_rows(g, rows) {
+            let chunk = per.div_ceil(threads.max(1)).max(1) * cols;
+            let solved = std::thread::scope(|s| {
+                let mut parts = rows.chunks_mut(chunk);
+                let first = parts.next();
+                let others: Vec<_> = parts
+                    .map(|part| s.spawn(move || rounding.solve_rows(g, part)))
+                    .collect();
+                let ok = first.is_none_or(|part| rounding.solve_rows(g, part));
+                others.into_iter().all(|h| h.join().unwrap_or(false)) && ok
+            });
+            if !solved {
                 return None;
             }
             out.extend(w.iter().zip(rows.iter()).map(|(&a, &b)| (a + b) as f32));

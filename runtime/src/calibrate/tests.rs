@@ -637,7 +637,13 @@ fn the_fine_outputs_target_solves_the_normal_equations() {
         0.5, -1.0, 0.25, 1.5, 0.0, -0.75, -0.5, 2.0, 1.0, 0.125, -0.25, 0.5,
     ];
     let r = li.rounding().unwrap();
-    let target = li.fine_outputs_target(&fine, &r).unwrap();
+    let target = li.fine_outputs_target(&fine, &r, 1).unwrap();
+    // Rows solved apart on more threads (one row each with 3) give the same bits.
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for threads in [2, 3] {
+        let apart = li.fine_outputs_target(&fine, &r, threads).unwrap();
+        assert_eq!(bits(&apart), bits(&target), "{threads} threads");
+    }
     for row in 0..4 {
         let g = row / 2;
         let hg = &h[g];
@@ -660,7 +666,7 @@ fn the_fine_outputs_target_solves_the_normal_equations() {
     }
     // Unpaired inputs have no such target.
     let unpaired = LayerInputs { paired: None, ..li };
-    assert!(unpaired.fine_outputs_target(&fine, &r).is_none());
+    assert!(unpaired.fine_outputs_target(&fine, &r, 2).is_none());
 }
 
 #[test]

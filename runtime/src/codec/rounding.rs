@@ -40,6 +40,8 @@ pub struct OutputRounding {
     factors: Vec<Vec<f64>>,
     /// Per block: the damped `H` the factors come from (for refitting scales to the bits).
     hessians: Vec<Vec<f64>>,
+    /// Per block: the upper triangular `U` of the damped `H = U Uᵀ` (for [`Self::solve_rows`]).
+    uppers: Vec<Vec<f64>>,
 }
 
 impl OutputRounding {
@@ -54,6 +56,7 @@ impl OutputRounding {
         }
         let mut factors = Vec::with_capacity(hessians.len());
         let mut damped = Vec::with_capacity(hessians.len());
+        let mut uppers = Vec::with_capacity(hessians.len());
         for h in hessians {
             if h.len() != cols * cols || h.iter().any(|x| !x.is_finite()) {
                 return None;
@@ -69,13 +72,16 @@ impl OutputRounding {
             for i in 0..cols {
                 h[i * cols + i] += damp;
             }
-            factors.push(inverse_ldl_rows(&h, cols)?);
+            let u = cholesky_upper(&h, cols)?;
+            factors.push(ldl_rows_of_upper(&u, cols));
+            uppers.push(u);
             damped.push(h);
         }
         Some(Self {
             cols,
             factors,
             hessians: damped,
+            uppers,
         })
     }
 
@@ -85,20 +91,17 @@ impl OutputRounding {
     }
 
     /// Replaces each row `y` of `rows` (`cols` values each) with `y H⁻¹`, `H` the damped
-    /// matrix of block `block` (its Cholesky factor `H = U Uᵀ`, then two triangular solves).
-    /// `false`, with `rows` unspecified, when there is no such block, the rows do not fit or a
-    /// pivot is not positive.
+    /// matrix of block `block` (two triangular solves with its Cholesky factor `H = U Uᵀ`).
+    /// Each row's result is the same whatever other rows it comes with. `false`, with `rows`
+    /// unchanged, when there is no such block or the rows do not fit.
     pub fn solve_rows(&self, block: usize, rows: &mut [f64]) -> bool {
         let k = self.cols;
-        let Some(h) = self.hessians.get(block) else {
+        let Some(u) = self.uppers.get(block) else {
             return false;
         };
         if !rows.len().is_multiple_of(k) {
             return false;
         }
-        let Some(u) = cholesky_upper(h, k) else {
-            return false;
-        };
         // Column `i` of `U` as row `i`, for the second solve.
         let mut ut = vec![0f64; k * k];
         for (i, row) in u.chunks_exact(k).enumerate() {
@@ -189,8 +192,13 @@ fn cholesky_upper(h: &[f64], k: usize) -> Option<Vec<f64>> {
 /// definite, `k × k`, row-major), without forming `H⁻¹`: with `H = U Uᵀ` (`U` upper triangular,
 /// Cholesky from the last column), `H⁻¹ = U⁻ᵀ U⁻¹`, so `L = U⁻ᵀ diag(U)` and `Lᵀ = diag(U) U⁻¹`.
 /// `None` when a pivot is not positive.
+#[cfg(test)]
 pub(super) fn inverse_ldl_rows(h: &[f64], k: usize) -> Option<Vec<f64>> {
-    let u = cholesky_upper(h, k)?;
+    cholesky_upper(h, k).map(|u| ldl_rows_of_upper(&u, k))
+}
+
+/// [`inverse_ldl_rows`] from the upper triangular `U` of `H = U Uᵀ` ([`cholesky_upper`]).
+fn ldl_rows_of_upper(u: &[f64], k: usize) -> Vec<f64> {
     // V = U⁻¹ (upper), row by row from the last: V_i = (e_i − Σ_{m>i} U_im V_m) / U_ii; then
     // row i of Lᵀ is U_ii V_i = e_i − Σ_{m>i} U_im V_m.
     let mut v = vec![0f64; k * k];
@@ -213,7 +221,7 @@ pub(super) fn inverse_ldl_rows(h: &[f64], k: usize) -> Option<Vec<f64>> {
         }
         lt[i * k + i..(i + 1) * k].copy_from_slice(&row[i..]);
     }
-    Some(lt)
+    lt
 }
 
 /// Re-chooses the sign bits of a `sign`, `sign-groups` or `sign-planes` payload with output-aware
