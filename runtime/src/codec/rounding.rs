@@ -40,7 +40,9 @@ pub struct OutputRounding {
     factors: Vec<Vec<f64>>,
     /// Per block: the damped `H` the factors come from (for refitting scales to the bits).
     hessians: Vec<Vec<f64>>,
-    /// Per block: the upper triangular `U` of the damped `H = U Uᵀ` (for [`Self::solve_rows`]).
+    /// Per block: the upper triangular `U` of the damped `H = U Uᵀ` on and above the diagonal,
+    /// and `Uᵀ` below it (row `i` left of the diagonal is column `i` of `U` above it), so that
+    /// both of [`Self::solve_rows`]'s triangular solves read rows in order.
     uppers: Vec<Vec<f64>>,
 }
 
@@ -72,8 +74,13 @@ impl OutputRounding {
             for i in 0..cols {
                 h[i * cols + i] += damp;
             }
-            let u = cholesky_upper(&h, cols)?;
+            let mut u = cholesky_upper(&h, cols)?;
             factors.push(ldl_rows_of_upper(&u, cols));
+            for i in 0..cols {
+                for m in 0..i {
+                    u[i * cols + m] = u[m * cols + i];
+                }
+            }
             uppers.push(u);
             damped.push(h);
         }
@@ -102,13 +109,6 @@ impl OutputRounding {
         if !rows.len().is_multiple_of(k) {
             return false;
         }
-        // Column `i` of `U` as row `i`, for the second solve.
-        let mut ut = vec![0f64; k * k];
-        for (i, row) in u.chunks_exact(k).enumerate() {
-            for (m, &x) in row.iter().enumerate() {
-                ut[m * k + i] = x;
-            }
-        }
         // H e = y (H symmetric): U z = y (from the last), then Uᵀ e = z (from the first), in
         // place; a block of rows at a time, each row of `U` read once per block.
         for ys in rows.chunks_mut(ROW_BLOCK * k) {
@@ -119,7 +119,7 @@ impl OutputRounding {
                 }
             }
             for i in 0..k {
-                let (head, pivot) = (&ut[i * k..i * k + i], u[i * k + i]);
+                let (head, pivot) = (&u[i * k..i * k + i], u[i * k + i]);
                 for y in ys.chunks_exact_mut(k) {
                     let s: f64 = head.iter().zip(&y[..i]).map(|(a, b)| a * b).sum();
                     y[i] = (y[i] - s) / pivot;
