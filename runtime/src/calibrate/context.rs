@@ -18,7 +18,7 @@ use prost::Message;
 use tract_onnx::prelude::TValue;
 
 use super::statistics::{weight_uses, LayerInputs, Sums, WeightUse};
-use super::{CalibError, Images};
+use super::{parallel, CalibError, Images};
 use crate::onnx::OnnxWeights;
 use crate::tract::{Cut, InputType, Tunable};
 
@@ -315,20 +315,16 @@ fn layer_sums(
     }
     let cols = u.cols(fine_w);
     let per = groups.div_ceil(parts);
-    let ranges: Vec<Range<usize>> = (0..groups)
-        .step_by(per)
-        .map(|g| g..(g + per).min(groups))
-        .collect();
-    let sum = &sum;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = ranges
-            .into_iter()
-            .map(|r| s.spawn(move || sum(r.clone(), Sums::paired(r.len(), cols))))
-            .collect();
-        let parts: Option<Vec<Sums>> = handles.into_iter().map(|h| h.join().ok()).collect();
-        // Sums of no vector: the layer is left out (a thread panicked).
-        parts.map(Sums::concat).unwrap_or_default()
-    })
+    let sums = parallel(
+        groups.div_ceil(per),
+        threads,
+        |k| {
+            let range = k * per..groups.min((k + 1) * per);
+            sum(range.clone(), Sums::paired(range.len(), cols))
+        },
+        |_| {},
+    );
+    Sums::concat(sums)
 }
 
 /// Adds the first `real` of the `batch` images of the layer inputs `x` (planned model) and `y`

@@ -60,7 +60,8 @@
 //! The module is split by stage: [`plan`](plan()) runs the search (candidates, the knapsack and
 //! the refinement; `plan.rs`), `statistics.rs` measures the layers' inputs for output-aware
 //! rounding, `context.rs` runs the layers in context for stage 6, `evaluation.rs` runs the model and compares its outputs with the reference (the
-//! counts through [`crate::metrics`]). This file holds the public types.
+//! counts through [`crate::metrics`]). This file holds the public types and the stages' thread
+//! pool ([`parallel`]).
 //!
 //! May depend on: `std`, `tract-onnx` and `prost` (running and reading the ONNX model),
 //! [`crate::codec`] (the encoders and output-aware rounding), [`crate::format`] (the file size),
@@ -319,3 +320,37 @@ impl fmt::Display for CalibError {
 }
 
 impl std::error::Error for CalibError {}
+
+/// Runs `f(i)` for `i` in `0..n` on `threads` threads (each taking the next index), calls
+/// `done(count)` on this thread as results come in, and returns the results in index order.
+fn parallel<T: Send>(
+    n: usize,
+    threads: usize,
+    f: impl Fn(usize) -> T + Sync,
+    mut done: impl FnMut(usize),
+) -> Vec<T> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        for _ in 0..threads.clamp(1, n.max(1)) {
+            let tx = tx.clone();
+            let (next, f) = (&next, &f);
+            s.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n || tx.send((i, f(i))).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+        for (k, (i, t)) in rx.iter().enumerate() {
+            out[i] = Some(t);
+            done(k + 1);
+        }
+        out.into_iter()
+            .map(|t| t.expect("every index ran"))
+            .collect()
+    })
+}

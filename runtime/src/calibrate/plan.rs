@@ -10,7 +10,7 @@ use super::context::in_context;
 use super::evaluation::{stored, Evaluator};
 use super::statistics::{layer_inputs, LayerInputs};
 use super::{
-    CalibError, Choice, Images, Plan, Settings, Stage, MEASURE_ROUNDS, MIN_SIGN_CHANNEL,
+    parallel, CalibError, Choice, Images, Plan, Settings, Stage, MEASURE_ROUNDS, MIN_SIGN_CHANNEL,
     SIGN_MULTIPLIERS, SIGN_PLANES, SPARSE_ENTRIES,
 };
 use crate::codec;
@@ -325,40 +325,6 @@ fn scored(
         }
     }
     order.into_iter().filter_map(|f| best.remove(&f)).collect()
-}
-
-/// Runs `f(i)` for `i` in `0..n` on `threads` threads (each taking the next index), calls
-/// `done(count)` on this thread as results come in, and returns the results in index order.
-fn parallel<T: Send>(
-    n: usize,
-    threads: usize,
-    f: impl Fn(usize) -> T + Sync,
-    mut done: impl FnMut(usize),
-) -> Vec<T> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let next = AtomicUsize::new(0);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::scope(|s| {
-        for _ in 0..threads.clamp(1, n.max(1)) {
-            let tx = tx.clone();
-            let (next, f) = (&next, &f);
-            s.spawn(move || loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n || tx.send((i, f(i))).is_err() {
-                    break;
-                }
-            });
-        }
-        drop(tx);
-        let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
-        for (k, (i, t)) in rx.iter().enumerate() {
-            out[i] = Some(t);
-            done(k + 1);
-        }
-        out.into_iter()
-            .map(|t| t.expect("every index ran"))
-            .collect()
-    })
 }
 
 /// Predicts the divergence of each unmeasured candidate of `t` from its layer error: scaled
