@@ -38,7 +38,7 @@ use crate::format::Scales;
 
 mod q8_groups;
 mod raw;
-#[cfg(feature = "alloc")]
+#[cfg(feature = "std")]
 mod rounding;
 mod sign;
 mod sign_groups;
@@ -49,7 +49,7 @@ mod sparse_signs;
 pub use q8_groups::q8_groups;
 #[cfg(feature = "alloc")]
 pub use raw::{raw_f16, raw_f32};
-#[cfg(feature = "alloc")]
+#[cfg(feature = "std")]
 pub use rounding::{round_signs_to_outputs, OutputRounding, OUTPUT_ROUNDING_DAMP};
 #[cfg(feature = "alloc")]
 pub use sign::{sign_tensor, sign_tensor_scaled};
@@ -940,7 +940,7 @@ fn scale_values(s: &OwnedScales) -> Vec<f32> {
     }
 }
 
-#[cfg(feature = "alloc")]
+#[cfg(feature = "std")]
 fn widen(s: &OwnedScales) -> Vec<f64> {
     scale_values(s).into_iter().map(f64::from).collect()
 }

@@ -135,6 +135,50 @@ impl OutputRounding {
 /// rows (from cache for the others).
 const ROW_BLOCK: usize = 16;
 
+/// `c += alpha a b` for row-major matrices given as (values, row stride): `a` is `m × k`, `b`
+/// is `k × n` and `c` is `m × n`; one matrix product (matrixmultiply's kernels). Panics when a
+/// slice is too short for its matrix.
+#[allow(unsafe_code)]
+fn add_product(
+    alpha: f64,
+    [m, k, n]: [usize; 3],
+    a: (&[f64], usize),
+    b: (&[f64], usize),
+    c: (&mut [f64], usize),
+) {
+    if m == 0 || k == 0 || n == 0 {
+        return;
+    }
+    let fits = |len: usize, rows: usize, cols: usize, stride: usize| {
+        cols <= stride && len >= (rows - 1) * stride + cols
+    };
+    assert!(fits(a.0.len(), m, k, a.1) && fits(b.0.len(), k, n, b.1) && fits(c.0.len(), m, n, c.1));
+    // SAFETY: by the assert, every element the product reads or writes lies in its slice; `c`
+    // is borrowed mutably, so it overlaps neither `a` nor `b`.
+    unsafe {
+        matrixmultiply::dgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.0.as_ptr(),
+            a.1 as isize,
+            1,
+            b.0.as_ptr(),
+            b.1 as isize,
+            1,
+            1.0,
+            c.0.as_mut_ptr(),
+            c.1 as isize,
+            1,
+        );
+    }
+}
+
+/// Columns whose rounding errors [`round_signs_to_outputs`] moves onto the later columns in one
+/// matrix product.
+const COLUMN_BLOCK: usize = 64;
+
 /// The blocks of at most [`ROW_BLOCK`] of `rows` rows, none across a multiple of `per_block`
 /// (the rows of one matrix of an [`OutputRounding`]).
 fn row_blocks(rows: usize, per_block: usize) -> impl Iterator<Item = Range<usize>> {
@@ -289,9 +333,12 @@ pub fn round_signs_to_outputs(
         .collect();
     bits.fill(0);
     // Rows are independent: a block of them goes column by column, so that each row of the
-    // factor is read once per block (a row's own arithmetic is the same as alone).
+    // factor is read once per block (a row's own arithmetic is the same as alone). Within a
+    // block of COLUMN_BLOCK columns the errors move on one column at a time; at its end, all of
+    // them move onto the columns after it at once, as one matrix product (GPTQ's lazy batch).
     let mut w = vec![0f64; ROW_BLOCK * cols];
     let mut err = [0f64; ROW_BLOCK];
+    let mut errors = vec![0f64; ROW_BLOCK * COLUMN_BLOCK];
     for Range { start: first, end } in row_blocks(rows, per_block) {
         let lt = &r.factors[first / per_block];
         let w = &mut w[..(end - first) * cols];
@@ -304,6 +351,10 @@ pub fn round_signs_to_outputs(
             }
         }
         for i in 0..cols {
+            let (start, stop) = (
+                i - i % COLUMN_BLOCK,
+                (i - i % COLUMN_BLOCK + COLUMN_BLOCK).min(cols),
+            );
             for ((wr, e), row) in w.chunks_exact(cols).zip(&mut err).zip(first..end) {
                 let lv = &levels[row * cols / gsize];
                 let x = wr[i];
@@ -321,11 +372,27 @@ pub fn round_signs_to_outputs(
                     bits[plane_byte(planes, at, j)] |= (code >> j & 1) << (at % 8);
                 }
             }
-            let l = &lt[i * cols + i + 1..(i + 1) * cols];
-            for (wr, &e) in w.chunks_exact_mut(cols).zip(&err) {
-                for (wj, &lji) in wr[i + 1..].iter_mut().zip(l) {
+            let l = &lt[i * cols + i + 1..i * cols + stop];
+            for ((wr, &e), es) in w
+                .chunks_exact_mut(cols)
+                .zip(&err)
+                .zip(errors.chunks_exact_mut(COLUMN_BLOCK))
+            {
+                es[i - start] = e;
+                for (wj, &lji) in wr[i + 1..stop].iter_mut().zip(l) {
                     *wj -= e * lji;
                 }
+            }
+            if i + 1 == stop && stop < cols {
+                // The block's errors onto the columns after it: w[.., stop..] -= errors ·
+                // Lᵀ[start..stop, stop..].
+                add_product(
+                    -1.0,
+                    [end - first, stop - start, cols - stop],
+                    (&errors, COLUMN_BLOCK),
+                    (&lt[start * cols + stop..], cols),
+                    (&mut w[stop..], cols),
+                );
             }
         }
     }
@@ -355,7 +422,7 @@ fn refit_sign_scales(
     let groups = base.len() / gsize;
     let mut num = vec![0f64; groups];
     let mut den = vec![0f64; groups];
-    // A block of rows at a time, each row of `H` read once per block.
+    // A block of rows at a time, `H` read once per block.
     let block = ROW_BLOCK * cols;
     let (mut b, mut hb, mut d) = (vec![0f64; block], vec![0f64; block], vec![0f64; block]);
     let rows = base.len() / cols;
@@ -377,11 +444,15 @@ fn refit_sign_scales(
         )) {
             *o = v;
         }
-        for (i, hrow) in h.chunks_exact(cols).enumerate() {
-            for (br, hbr) in b.chunks_exact(cols).zip(hb.chunks_exact_mut(cols)) {
-                hbr[i] = dot(hrow, br);
-            }
-        }
+        // H is symmetric: each row of `hb` is `b H`.
+        hb.fill(0.0);
+        add_product(
+            1.0,
+            [end - first, cols, cols],
+            (b, cols),
+            (h, cols),
+            (hb, cols),
+        );
         for (((br, hbr), dr), row) in b
             .chunks_exact(cols)
             .zip(hb.chunks_exact(cols))

@@ -373,8 +373,14 @@ fn output_rounding_factors_diagonalise_the_inputs() {
 
 #[test]
 fn output_rounding_matches_optimal_brain_quantization() {
-    let (rows, cols) = (6, 12);
-    let (base, fine, h) = layer(rows, cols, 11);
+    // 150 columns: errors move on in three column blocks, the last one short.
+    for (rows, cols, seed) in [(6, 12, 11), (5, 150, 13)] {
+        output_rounding_is_optimal_brain_quantization(rows, cols, seed);
+    }
+}
+
+fn output_rounding_is_optimal_brain_quantization(rows: usize, cols: usize, seed: u64) {
+    let (base, fine, h) = layer(rows, cols, seed);
     let r = OutputRounding::new(cols, std::slice::from_ref(&h)).unwrap();
     let mut enc = sign_planes(&base, &fine, rows, 2, false);
     assert!(round_signs_to_outputs(&mut enc, &base, &fine, &r));
@@ -504,8 +510,15 @@ fn output_rounding_refits_one_plane_scales_to_the_chosen_bits() {
 #[test]
 fn output_rounding_gives_each_row_what_it_gives_it_alone() {
     // Rows are rounded a block at a time, across the blocks of `H` (39 rows in 3 blocks of 13):
-    // each row must come out as when it is the whole tensor, with its own `H`.
-    let (rows, cols) = (39, 20);
+    // each row must come out as when it is the whole tensor, with its own `H`. With 150 columns,
+    // errors move on a block of columns at a time too.
+    for cols in [20, 150] {
+        each_row_is_rounded_as_alone(cols);
+    }
+}
+
+fn each_row_is_rounded_as_alone(cols: usize) {
+    let rows = 39;
     let (base, fine, _) = layer(rows, cols, 31);
     let hs: Vec<Vec<f64>> = (0..3).map(|k| layer(1, cols, 32 + k).2).collect();
     let r = OutputRounding::new(cols, &hs).unwrap();
