@@ -82,9 +82,10 @@ pub(crate) struct Args {
     #[arg(long, requires = "calib")]
     pub(super) card: Option<PathBuf>,
     /// With --calib: calibration images the search measures its candidates on (the first N in
-    /// file-name order; all of them confirm the plan). Default: 64, fewer for large inputs (16
-    /// at 224x224 RGB), so that one model evaluation costs about the same on every model. More
-    /// images give a steadier choice and take proportionally longer.
+    /// file-name order; all of them confirm the plan). Default: 64, fewer for large inputs (at
+    /// 224x224 RGB: each candidate alone on 8, the plan refined on 16), so that one model
+    /// evaluation costs about the same on every model. More images give a steadier choice and
+    /// take proportionally longer.
     #[arg(long, value_name = "N", requires = "calib")]
     pub(super) search_images: Option<std::num::NonZeroUsize>,
     /// With --calib: threads to use (default: every core). The delta does not depend on it.
@@ -555,13 +556,20 @@ fn calibrated(
         plan.meta_bytes,
         plan.meta_bytes as f64 * 8.0 / params as f64
     );
+    let on = if plan.screen_images == plan.search_images {
+        plan.search_images.to_string()
+    } else {
+        format!(
+            "{} (candidates alone) and {} (the plan)",
+            plan.screen_images, plan.search_images
+        )
+    };
     println!(
-        "expected agreement with the fine-tuned model on {} calibration images: {:.3} (mean KL {:.5}); {} model evaluations on the first {} in {:.1} s",
+        "expected agreement with the fine-tuned model on {} calibration images: {:.3} (mean KL {:.5}); {} model evaluations on the first {on} in {:.1} s",
         plan.images,
         plan.agreement,
         plan.divergence,
         plan.evaluations,
-        plan.search_images,
         started.elapsed().as_secs_f64()
     );
     Ok(onnx_written(a, base, &bytes))

@@ -87,6 +87,17 @@ impl<'i> Evaluator<'i> {
         })
     }
 
+    /// Searches on the first `n` images from here on (the reference outputs are those of every
+    /// image).
+    pub(super) fn search_on(&mut self, n: usize) {
+        let n = n.min(self.reference_all.len());
+        if n != self.search {
+            self.search = n;
+            self.reference_search = self.reference_all[..n].to_vec();
+            self.cut = None;
+        }
+    }
+
     /// The current values of weight `i`.
     pub(super) fn values(&self, i: usize) -> &[f32] {
         self.model.values(i)

@@ -26,13 +26,15 @@
 //!    error costs; every candidate's divergence is predicted from it. Then, for a few rounds
 //!    (**Measure**), the candidates the greedy plan (4.) would choose and their next upgrades
 //!    are measured alone in the model, replacing their predictions and rescaling their
-//!    neighbours'.
+//!    neighbours'. On large images these evaluations use half the search images (8 of 16 at
+//!    224x224 RGB).
 //! 4. **Budget.** A greedy multiple-choice knapsack on those divergences: starting from the
 //!    cheapest encoding of every tensor, take the upgrade with the largest divergence reduction
 //!    per byte (on each tensor's lower convex hull) while the whole file fits the budget.
 //! 5. **Refine.** Divergences do not add up exactly, so the tensors with the largest predicted
 //!    divergence revisit their neighbours on the hull (in model order) with every other tensor
-//!    at its planned encoding, minimising divergence + lambda * bytes within the budget.
+//!    at its planned encoding, minimising divergence + lambda * bytes within the budget, on
+//!    every search image.
 //! 6. **Re-round in context.** Each output-rounded layer's error was scored on the fine-tune's
 //!    inputs, but in the planned model it receives the inputs the encoded layers before it
 //!    give. In model order, every such layer is rounded again, with its chosen encoding (the
@@ -133,7 +135,9 @@ pub struct Settings {
     /// fraction of the calibration images; `None` spends the whole budget.
     pub target_retention: Option<f64>,
     /// Images used while searching (the first ones; all are used to confirm). `None`: 64, fewer
-    /// for large images (at least 16), so that an evaluation costs about the same on every model.
+    /// for large images (at least 16), so that an evaluation costs about the same on every model;
+    /// then the candidates alone in the model are measured on half as many for the largest
+    /// images (at least 8).
     pub search_images: Option<usize>,
     /// Passes of in-context refinement.
     pub refine_rounds: usize,
@@ -233,8 +237,10 @@ pub struct Plan {
     pub divergence: f64,
     /// Number of calibration images.
     pub images: usize,
-    /// Images the search measured its candidates on (the first ones).
+    /// Images the search refined the plan on (the first ones).
     pub search_images: usize,
+    /// Images each candidate was measured alone on (the first ones; at most `search_images`).
+    pub screen_images: usize,
     /// Model evaluations the search ran.
     pub evaluations: usize,
     /// Tensors whose sign encodings were rounded to their outputs (GPTQ): the weights a

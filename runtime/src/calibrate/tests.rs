@@ -610,6 +610,54 @@ fn an_evaluation_from_a_cut_equals_a_whole_run() {
 }
 
 #[test]
+fn a_wider_search_measures_on_more_images() {
+    // Candidates alone on the first 3 images, then the plan on the first 7 (`search_on`): each
+    // measure is the mean KL divergence over its images, computed here from whole runs.
+    let (fine, w, bv, fv) = species_night();
+    let images = species_images(11);
+    let mut ev = Evaluator::new(
+        &fine,
+        std::sync::Arc::new(w.clone()),
+        fv.clone(),
+        &images,
+        3,
+        2,
+    )
+    .unwrap();
+    ev.reference_all = ev.logits(images.count).unwrap();
+    ev.reference_search = ev.reference_all[..3].to_vec();
+    let i = (0..w.initializers.len())
+        .max_by_key(|&i| bv[i].len())
+        .unwrap();
+    let change = [(i, &bv[i][..])];
+    let whole_runs = |ev: &mut Evaluator<'_>, n: usize| -> f64 {
+        ev.set(&change).unwrap();
+        let rows = ev.logits(n).unwrap();
+        ev.set(&[(i, &fv[i][..])]).unwrap();
+        let kl: f64 = rows
+            .iter()
+            .zip(&ev.reference_all)
+            .map(|(q, r)| {
+                r.iter()
+                    .zip(q)
+                    .map(|(&lp, &lq)| lp.exp() * (lp - lq))
+                    .sum::<f64>()
+            })
+            .sum();
+        kl / n as f64
+    };
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * a.abs().max(b.abs());
+    let narrow = ev.measure(&change, false).unwrap().0;
+    let want = whole_runs(&mut ev, 3);
+    assert!(close(narrow, want), "3 images: {narrow} against {want}");
+    ev.search_on(7);
+    let wide = ev.measure(&change, false).unwrap().0;
+    let want = whole_runs(&mut ev, 7);
+    assert!(close(wide, want), "7 images: {wide} against {want}");
+    assert!(!close(narrow, wide), "the 4 more images changed nothing");
+}
+
+#[test]
 fn the_fine_outputs_target_solves_the_normal_equations() {
     // With `H = Σ x xᵀ`, `C = Σ y xᵀ` and `H_d` the damped `H`: the target `W` satisfies
     // `(W - W_f) H_d = W_f (C - H)`, row by row, in each group.
