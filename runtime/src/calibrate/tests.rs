@@ -567,6 +567,29 @@ fn species_night() -> (Vec<u8>, OnnxWeights, Values, Values) {
     (fine, w, bv, fv)
 }
 
+/// An evaluator of the fine-tune `fine` (weights `w`, values `fv`) on 2 threads, searching on the
+/// first `search` of `images`, with its reference outputs.
+fn referenced<'i>(
+    fine: &[u8],
+    w: &OnnxWeights,
+    fv: &Values,
+    images: &'i Images,
+    search: usize,
+) -> Evaluator<'i> {
+    let mut ev = Evaluator::new(
+        fine,
+        std::sync::Arc::new(w.clone()),
+        fv.clone(),
+        images,
+        search,
+        2,
+    )
+    .unwrap();
+    ev.reference_all = ev.logits(images.count).unwrap();
+    ev.reference_search = ev.reference_all[..search].to_vec();
+    ev
+}
+
 #[test]
 fn an_evaluation_from_a_cut_equals_a_whole_run() {
     // The search images are all the images, so each evaluation is made twice: from the kept
@@ -574,17 +597,7 @@ fn an_evaluation_from_a_cut_equals_a_whole_run() {
     // model order, a kept change in between, batches of 2 threads with a padded last batch.
     let (fine, w, bv, fv) = species_night();
     let images = species_images(11);
-    let mut ev = Evaluator::new(
-        &fine,
-        std::sync::Arc::new(w.clone()),
-        fv.clone(),
-        &images,
-        images.count,
-        2,
-    )
-    .unwrap();
-    ev.reference_all = ev.logits(images.count).unwrap();
-    ev.reference_search = ev.reference_all.clone();
+    let mut ev = referenced(&fine, &w, &fv, &images, images.count);
     let n = w.initializers.len();
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by_key(|&i| ev.first_step(&[i]));
@@ -615,17 +628,7 @@ fn a_wider_search_measures_on_more_images() {
     // measure is the mean KL divergence over its images, computed here from whole runs.
     let (fine, w, bv, fv) = species_night();
     let images = species_images(11);
-    let mut ev = Evaluator::new(
-        &fine,
-        std::sync::Arc::new(w.clone()),
-        fv.clone(),
-        &images,
-        3,
-        2,
-    )
-    .unwrap();
-    ev.reference_all = ev.logits(images.count).unwrap();
-    ev.reference_search = ev.reference_all[..3].to_vec();
+    let mut ev = referenced(&fine, &w, &fv, &images, 3);
     let i = (0..w.initializers.len())
         .max_by_key(|&i| bv[i].len())
         .unwrap();
