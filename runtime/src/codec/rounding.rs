@@ -337,7 +337,7 @@ pub fn round_signs_to_outputs(
     // block of COLUMN_BLOCK columns the errors move on one column at a time; at its end, all of
     // them move onto the columns after it at once, as one matrix product (GPTQ's lazy batch).
     let mut w = vec![0f64; ROW_BLOCK * cols];
-    let mut err = [0f64; ROW_BLOCK];
+    // Per row of the block, the errors of the current column block.
     let mut errors = vec![0f64; ROW_BLOCK * COLUMN_BLOCK];
     for Range { start: first, end } in row_blocks(rows, per_block) {
         let lt = &r.factors[first / per_block];
@@ -350,40 +350,38 @@ pub fn round_signs_to_outputs(
                 *o = d;
             }
         }
-        for i in 0..cols {
-            let (start, stop) = (
-                i - i % COLUMN_BLOCK,
-                (i - i % COLUMN_BLOCK + COLUMN_BLOCK).min(cols),
-            );
-            for ((wr, e), row) in w.chunks_exact(cols).zip(&mut err).zip(first..end) {
-                let lv = &levels[row * cols / gsize];
-                let x = wr[i];
-                // Nearest level; a tie goes to the larger one.
-                let hi = lv.partition_point(|v| v.0 < x).min(lv.len() - 1);
-                let (q, code) = if hi > 0 && x - lv[hi - 1].0 < lv[hi].0 - x {
-                    lv[hi - 1]
-                } else {
-                    lv[hi]
-                };
-                *e = x - q;
-                let at = row * cols + i;
-                // One plane (`sign`, `sign-groups`) is plain packing: plane_byte(1, i, 0) = i / 8.
-                for j in 0..planes {
-                    bits[plane_byte(planes, at, j)] |= (code >> j & 1) << (at % 8);
+        for start in (0..cols).step_by(COLUMN_BLOCK) {
+            let stop = (start + COLUMN_BLOCK).min(cols);
+            for i in start..stop {
+                let l = &lt[i * cols + i + 1..i * cols + stop];
+                for ((wr, es), row) in w
+                    .chunks_exact_mut(cols)
+                    .zip(errors.chunks_exact_mut(COLUMN_BLOCK))
+                    .zip(first..end)
+                {
+                    let lv = &levels[row * cols / gsize];
+                    let x = wr[i];
+                    // Nearest level; a tie goes to the larger one.
+                    let hi = lv.partition_point(|v| v.0 < x).min(lv.len() - 1);
+                    let (q, code) = if hi > 0 && x - lv[hi - 1].0 < lv[hi].0 - x {
+                        lv[hi - 1]
+                    } else {
+                        lv[hi]
+                    };
+                    let e = x - q;
+                    es[i - start] = e;
+                    let at = row * cols + i;
+                    // One plane (`sign`, `sign-groups`) is plain packing: plane_byte(1, i, 0) =
+                    // i / 8.
+                    for j in 0..planes {
+                        bits[plane_byte(planes, at, j)] |= (code >> j & 1) << (at % 8);
+                    }
+                    for (wj, &lji) in wr[i + 1..stop].iter_mut().zip(l) {
+                        *wj -= e * lji;
+                    }
                 }
             }
-            let l = &lt[i * cols + i + 1..i * cols + stop];
-            for ((wr, &e), es) in w
-                .chunks_exact_mut(cols)
-                .zip(&err)
-                .zip(errors.chunks_exact_mut(COLUMN_BLOCK))
-            {
-                es[i - start] = e;
-                for (wj, &lji) in wr[i + 1..stop].iter_mut().zip(l) {
-                    *wj -= e * lji;
-                }
-            }
-            if i + 1 == stop && stop < cols {
+            if stop < cols {
                 // The block's errors onto the columns after it: w[.., stop..] -= errors ·
                 // Lᵀ[start..stop, stop..].
                 add_product(
